@@ -1,0 +1,16 @@
+//! Image classifier architectures for finelens: the ResNet family with torchvision's parameter
+//! names, differentiable pooling and batch norm (candle's own have gaps, see shared/CANDLE-NOTES.md),
+//! named activation hooks, and safetensors checkpoints with metadata.
+
+pub mod checkpoint;
+pub mod error;
+pub mod nn;
+pub mod params;
+pub mod pool;
+pub mod resnet;
+
+pub use checkpoint::{Checkpoint, Metadata};
+pub use error::{ModelError, Result};
+pub use nn::Mode;
+pub use params::{ParamKind, ParamSpec, ParamStore};
+pub use resnet::{Arch, Classifier, Head, ModelConfig, ResNet};

@@ -1,0 +1,268 @@
+//! The layers a ResNet is made of, built from a [`ParamStore`] by state-dict prefix.
+
+use candle_core::{DType, Tensor};
+
+use crate::error::{ModelError, Result};
+use crate::params::{Init, ParamSpec, ParamStore};
+
+/// Train mode uses batch statistics and updates the running ones; eval mode uses the running ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Train,
+    Eval,
+}
+
+/// torchvision's `BatchNorm2d` defaults.
+pub const BN_EPS: f64 = 1e-5;
+pub const BN_MOMENTUM: f64 = 0.1;
+
+pub fn conv_specs(specs: &mut Vec<ParamSpec>, prefix: &str, out: usize, inp: usize, k: usize) {
+    specs.push(ParamSpec::weight(
+        format!("{prefix}.weight"),
+        &[out, inp, k, k],
+        Init::KaimingNormalFanOut,
+    ));
+}
+
+pub fn bn_specs(specs: &mut Vec<ParamSpec>, prefix: &str, c: usize) {
+    specs.push(ParamSpec::weight(
+        format!("{prefix}.weight"),
+        &[c],
+        Init::Ones,
+    ));
+    specs.push(ParamSpec::weight(
+        format!("{prefix}.bias"),
+        &[c],
+        Init::Zeros,
+    ));
+    specs.push(ParamSpec::buffer(
+        format!("{prefix}.running_mean"),
+        &[c],
+        DType::F32,
+        Init::Zeros,
+    ));
+    specs.push(ParamSpec::buffer(
+        format!("{prefix}.running_var"),
+        &[c],
+        DType::F32,
+        Init::Ones,
+    ));
+    specs.push(ParamSpec::buffer(
+        format!("{prefix}.num_batches_tracked"),
+        &[],
+        DType::I64,
+        Init::Zeros,
+    ));
+}
+
+pub fn linear_specs(specs: &mut Vec<ParamSpec>, prefix: &str, out: usize, inp: usize) {
+    let init = Init::LinearUniform { fan_in: inp };
+    specs.push(ParamSpec::weight(
+        format!("{prefix}.weight"),
+        &[out, inp],
+        init,
+    ));
+    specs.push(ParamSpec::weight(format!("{prefix}.bias"), &[out], init));
+}
+
+/// A bias-free 2-D convolution (ResNet convolutions carry no bias; batch norm follows).
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv2d {
+    pub fn load(store: &ParamStore, prefix: &str, stride: usize, padding: usize) -> Result<Self> {
+        Ok(Self {
+            weight: store.tensor(&format!("{prefix}.weight"))?,
+            stride,
+            padding,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?)
+    }
+}
+
+/// `nn.Linear`: y = x Wᵀ + b.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    pub fn load(store: &ParamStore, prefix: &str) -> Result<Self> {
+        Ok(Self {
+            weight: store.tensor(&format!("{prefix}.weight"))?,
+            bias: store.tensor(&format!("{prefix}.bias"))?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?)
+    }
+}
+
+/// `nn.BatchNorm2d` written with differentiable candle ops (no fused kernel without backward).
+///
+/// Train mode normalises by the batch mean and *biased* variance and updates the running
+/// statistics with the *unbiased* variance, `r ← (1 − m)·r + m·batch`, m = 0.1, exactly as
+/// PyTorch does. A batch-norm layer whose weight is frozen runs in eval mode even while the rest
+/// of the model trains, so a frozen layer's statistics stay bit-identical too.
+#[derive(Debug, Clone)]
+pub struct BatchNorm2d {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: candle_core::Var,
+    running_var: candle_core::Var,
+    num_batches_tracked: candle_core::Var,
+    frozen: bool,
+    name: String,
+}
+
+impl BatchNorm2d {
+    pub fn load(store: &ParamStore, prefix: &str) -> Result<Self> {
+        let w = format!("{prefix}.weight");
+        Ok(Self {
+            weight: store.tensor(&w)?,
+            bias: store.tensor(&format!("{prefix}.bias"))?,
+            running_mean: store.var(&format!("{prefix}.running_mean"))?.clone(),
+            running_var: store.var(&format!("{prefix}.running_var"))?.clone(),
+            num_batches_tracked: store.var(&format!("{prefix}.num_batches_tracked"))?.clone(),
+            frozen: !store.is_trainable(&w),
+            name: prefix.to_owned(),
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let c = x.dim(1)?;
+        let per_channel = |t: &Tensor| t.reshape((1, c, 1, 1));
+        if mode == Mode::Eval || self.frozen {
+            // y = x·s + (b − μ·s), s = γ/√(σ² + ε): one scale and one shift per channel.
+            let scale = (self.weight.clone()
+                / (self.running_var.as_detached_tensor() + BN_EPS)?.sqrt()?)?;
+            let shift = (&self.bias - (self.running_mean.as_detached_tensor() * &scale)?)?;
+            return Ok(x
+                .broadcast_mul(&per_channel(&scale)?)?
+                .broadcast_add(&per_channel(&shift)?)?);
+        }
+        let (n, _, h, w) = x.dims4()?;
+        let count = n * h * w;
+        if count < 2 {
+            return Err(ModelError::Config(format!(
+                "{}: batch norm in train mode needs more than one value per channel (batch {n}, {h}×{w})",
+                self.name
+            )));
+        }
+        let mean = x.mean_keepdim((0, 2, 3))?;
+        let centred = x.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim((0, 2, 3))?;
+        let y = centred.broadcast_div(&(&var + BN_EPS)?.sqrt()?)?;
+        let y = y
+            .broadcast_mul(&per_channel(&self.weight)?)?
+            .broadcast_add(&per_channel(&self.bias)?)?;
+
+        let m = BN_MOMENTUM;
+        let batch_mean = mean.detach().flatten_all()?;
+        let unbiased = (var.detach().flatten_all()? * (count as f64 / (count - 1) as f64))?;
+        let rm = ((self.running_mean.as_detached_tensor() * (1.0 - m))? + (batch_mean * m)?)?;
+        let rv = ((self.running_var.as_detached_tensor() * (1.0 - m))? + (unbiased * m)?)?;
+        self.running_mean.set(&rm)?;
+        self.running_var.set(&rv)?;
+        let nbt = (self.num_batches_tracked.as_detached_tensor()
+            + Tensor::ones((), DType::I64, x.device())?)?;
+        self.num_batches_tracked.set(&nbt)?;
+        Ok(y)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn store(c: usize) -> ParamStore {
+        let mut specs = Vec::new();
+        bn_specs(&mut specs, "bn", c);
+        ParamStore::init(&specs, 0, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn train_mode_normalises_and_updates_running_stats_like_torch() {
+        let s = store(2);
+        let bn = BatchNorm2d::load(&s, "bn").unwrap();
+        // Channel 0 holds 1..=8, channel 1 holds 10·(1..=8), batch of 2 × 2×2.
+        let mut v = Vec::new();
+        for n in 0..2 {
+            for c in 0..2 {
+                for i in 0..4 {
+                    v.push(((n * 4 + i + 1) * if c == 0 { 1 } else { 10 }) as f32);
+                }
+            }
+        }
+        let x = Tensor::from_vec(v, (2, 2, 2, 2), &Device::Cpu).unwrap();
+        let y = bn.forward(&x, Mode::Train).unwrap();
+        let mean_y: Vec<f32> = y
+            .mean_keepdim((0, 2, 3))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(mean_y.iter().all(|m| m.abs() < 1e-5));
+        // Mean 4.5, unbiased variance of 1..=8 is 6; running = 0.9·init + 0.1·batch.
+        let rm: Vec<f32> = s.var("bn.running_mean").unwrap().to_vec1().unwrap();
+        let rv: Vec<f32> = s.var("bn.running_var").unwrap().to_vec1().unwrap();
+        assert!(
+            (rm[0] - 0.45).abs() < 1e-6 && (rm[1] - 4.5).abs() < 1e-5,
+            "{rm:?}"
+        );
+        assert!(
+            (rv[0] - (0.9 + 0.6)).abs() < 1e-5 && (rv[1] - (0.9 + 60.0)).abs() < 1e-3,
+            "{rv:?}"
+        );
+        let nbt: i64 = s
+            .var("bn.num_batches_tracked")
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert_eq!(nbt, 1);
+
+        // Eval mode uses the running statistics and changes nothing.
+        let before: Vec<f32> = s.var("bn.running_mean").unwrap().to_vec1().unwrap();
+        let y_eval = bn.forward(&x, Mode::Eval).unwrap();
+        let after: Vec<f32> = s.var("bn.running_mean").unwrap().to_vec1().unwrap();
+        assert_eq!(before, after);
+        let first: f32 = y_eval
+            .flatten_all()
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!((first - (1.0 - 0.45) / (1.5f32 + 1e-5).sqrt()).abs() < 1e-5);
+    }
+
+    #[test]
+    fn frozen_batch_norm_stays_in_eval_mode() {
+        let mut s = store(2);
+        s.set_trainable(|_| false);
+        let bn = BatchNorm2d::load(&s, "bn").unwrap();
+        let x = Tensor::randn(0f32, 1.0, (4, 2, 3, 3), &Device::Cpu).unwrap();
+        bn.forward(&x, Mode::Train).unwrap();
+        let rm: Vec<f32> = s.var("bn.running_mean").unwrap().to_vec1().unwrap();
+        assert_eq!(rm, vec![0.0, 0.0]);
+    }
+
+    #[test]
+    fn single_value_per_channel_is_an_error() {
+        let bn = BatchNorm2d::load(&store(3), "bn").unwrap();
+        let x = Tensor::zeros((1, 3, 1, 1), DType::F32, &Device::Cpu).unwrap();
+        assert!(bn.forward(&x, Mode::Train).is_err());
+        assert!(bn.forward(&x, Mode::Eval).is_ok());
+    }
+}

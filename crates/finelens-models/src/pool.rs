@@ -1,0 +1,584 @@
+//! 2-D max and average pooling with correct gradients.
+//!
+//! candle 0.11's `max_pool2d`/`avg_pool2d` have no backward when kernel ≠ stride (the ResNet stem's
+//! 3×3/2 pool with padding 1), and where they do, the max-pool gradient is divided by k² and both
+//! are wrong on sizes that don't divide evenly (see shared/CANDLE-NOTES.md). These are our own CPU
+//! kernels, registered as candle custom ops so that autograd routes through them. Semantics follow
+//! PyTorch's `F.max_pool2d` / `F.avg_pool2d` with `ceil_mode=False`:
+//! max pool pads with −∞ and sends each output's gradient to the *first* maximum of its window
+//! (row-major scan; a NaN counts as a maximum, so NaNs propagate); average pool divides by the
+//! window size clipped to the padded input (`count_include_pad=True`) or by the number of real
+//! input cells it covers (`count_include_pad=False`).
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType};
+use num_traits::Float;
+use rayon::prelude::*;
+
+/// Kernel, stride and padding of a square 2-D pooling window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pool2d {
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl Pool2d {
+    pub fn new(kernel: usize, stride: usize, padding: usize) -> Self {
+        Self {
+            kernel,
+            stride,
+            padding,
+        }
+    }
+
+    /// Output length along one axis (floor mode), or an error for an impossible window.
+    pub fn out_len(&self, len: usize) -> candle_core::Result<usize> {
+        let Pool2d {
+            kernel,
+            stride,
+            padding,
+        } = *self;
+        if kernel == 0 || stride == 0 {
+            candle_core::bail!(
+                "pool2d: kernel and stride must be positive, got k={kernel} s={stride}"
+            );
+        }
+        // PyTorch rejects padding over half the kernel: a window could then hold only padding.
+        if 2 * padding > kernel {
+            candle_core::bail!("pool2d: padding {padding} must be at most half of kernel {kernel}");
+        }
+        if len + 2 * padding < kernel {
+            candle_core::bail!(
+                "pool2d: input length {len} (+2×{padding} padding) is smaller than kernel {kernel}"
+            );
+        }
+        Ok((len + 2 * padding - kernel) / stride + 1)
+    }
+
+    /// Input rows (or columns) `[start, end)` covered by output index `o`, clipped to the input,
+    /// and the window size clipped to the *padded* input (PyTorch's `count_include_pad` divisor).
+    fn window(&self, o: usize, len: usize) -> (usize, usize, usize) {
+        let start = (o * self.stride) as isize - self.padding as isize;
+        let end_padded = (start + self.kernel as isize).min((len + self.padding) as isize);
+        let padded_count = (end_padded - start) as usize;
+        let lo = start.max(0) as usize;
+        let hi = (end_padded.min(len as isize)).max(0) as usize;
+        (lo, hi, padded_count)
+    }
+}
+
+fn dims4(layout: &Layout, op: &str) -> candle_core::Result<(usize, usize, usize, usize)> {
+    match layout.shape().dims() {
+        &[n, c, h, w] => Ok((n, c, h, w)),
+        d => candle_core::bail!("{op}: expected an N×C×H×W tensor, got shape {d:?}"),
+    }
+}
+
+fn contiguous<'a, T>(data: &'a [T], layout: &Layout, op: &str) -> candle_core::Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{op}: input must be contiguous"),
+    }
+}
+
+/// Index (within the plane) of the first maximum of output cell (oy, ox), or None for an empty window.
+fn argmax<T: Float>(
+    plane: &[T],
+    w: usize,
+    (y0, y1): (usize, usize),
+    (x0, x1): (usize, usize),
+) -> Option<usize> {
+    let mut best: Option<(usize, T)> = None;
+    for y in y0..y1 {
+        for x in x0..x1 {
+            let v = plane[y * w + x];
+            match best {
+                None => best = Some((y * w + x, v)),
+                Some((_, b)) if v > b || (v.is_nan() && !b.is_nan()) => best = Some((y * w + x, v)),
+                _ => {}
+            }
+        }
+    }
+    best.map(|(i, _)| i)
+}
+
+struct MaxPool2d(Pool2d);
+
+impl MaxPool2d {
+    fn fwd<T: Float + WithDType>(
+        &self,
+        x: &[T],
+        n: usize,
+        c: usize,
+        h: usize,
+        w: usize,
+    ) -> candle_core::Result<(Vec<T>, Shape)> {
+        let p = self.0;
+        let (oh, ow) = (p.out_len(h)?, p.out_len(w)?);
+        let mut out = vec![T::zero(); n * c * oh * ow];
+        out.par_chunks_mut(oh * ow)
+            .zip(x.par_chunks(h * w))
+            .for_each(|(o, plane)| {
+                for oy in 0..oh {
+                    let (y0, y1, _) = p.window(oy, h);
+                    for ox in 0..ow {
+                        let (x0, x1, _) = p.window(ox, w);
+                        o[oy * ow + ox] = match argmax(plane, w, (y0, y1), (x0, x1)) {
+                            Some(i) => plane[i],
+                            None => T::neg_infinity(),
+                        };
+                    }
+                }
+            });
+        Ok((out, Shape::from((n, c, oh, ow))))
+    }
+}
+
+impl CustomOp1 for MaxPool2d {
+    fn name(&self) -> &'static str {
+        "finelens-max-pool2d"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = dims4(l, self.name())?;
+        match s {
+            CpuStorage::F32(v) => {
+                let (o, sh) = self.fwd(contiguous(v, l, self.name())?, n, c, h, w)?;
+                Ok((CpuStorage::F32(o), sh))
+            }
+            CpuStorage::F64(v) => {
+                let (o, sh) = self.fwd(contiguous(v, l, self.name())?, n, c, h, w)?;
+                Ok((CpuStorage::F64(o), sh))
+            }
+            _ => candle_core::bail!(
+                "{}: only f32 and f64 are supported, got {:?}",
+                self.name(),
+                s.dtype()
+            ),
+        }
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let grad_res = grad_res.contiguous()?;
+        Ok(Some(
+            arg.apply_op2_no_bwd(&grad_res, &MaxPool2dBackward(self.0))?,
+        ))
+    }
+}
+
+/// Scatters each output gradient to its window's first maximum in the (saved) input.
+struct MaxPool2dBackward(Pool2d);
+
+impl MaxPool2dBackward {
+    fn bwd<T: Float + WithDType>(
+        &self,
+        x: &[T],
+        g: &[T],
+        n: usize,
+        c: usize,
+        h: usize,
+        w: usize,
+    ) -> candle_core::Result<Vec<T>> {
+        let p = self.0;
+        let (oh, ow) = (p.out_len(h)?, p.out_len(w)?);
+        if g.len() != n * c * oh * ow {
+            candle_core::bail!(
+                "max-pool2d backward: gradient has {} elements, expected {}",
+                g.len(),
+                n * c * oh * ow
+            );
+        }
+        let mut dx = vec![T::zero(); n * c * h * w];
+        dx.par_chunks_mut(h * w)
+            .zip(x.par_chunks(h * w).zip(g.par_chunks(oh * ow)))
+            .for_each(|(d, (plane, gp))| {
+                for oy in 0..oh {
+                    let (y0, y1, _) = p.window(oy, h);
+                    for ox in 0..ow {
+                        let (x0, x1, _) = p.window(ox, w);
+                        if let Some(i) = argmax(plane, w, (y0, y1), (x0, x1)) {
+                            d[i] = d[i] + gp[oy * ow + ox];
+                        }
+                    }
+                }
+            });
+        Ok(dx)
+    }
+}
+
+impl CustomOp2 for MaxPool2dBackward {
+    fn name(&self) -> &'static str {
+        "finelens-max-pool2d-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = dims4(l1, self.name())?;
+        let out = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(self.bwd(
+                contiguous(x, l1, self.name())?,
+                contiguous(g, l2, self.name())?,
+                n,
+                c,
+                h,
+                w,
+            )?),
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(self.bwd(
+                contiguous(x, l1, self.name())?,
+                contiguous(g, l2, self.name())?,
+                n,
+                c,
+                h,
+                w,
+            )?),
+            _ => candle_core::bail!(
+                "{}: unsupported dtypes {:?}/{:?}",
+                self.name(),
+                s1.dtype(),
+                s2.dtype()
+            ),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+struct AvgPool2d {
+    pool: Pool2d,
+    count_include_pad: bool,
+}
+
+impl AvgPool2d {
+    fn divisor(
+        &self,
+        (y0, y1, py): (usize, usize, usize),
+        (x0, x1, px): (usize, usize, usize),
+    ) -> usize {
+        if self.count_include_pad {
+            py * px
+        } else {
+            (y1 - y0) * (x1 - x0)
+        }
+    }
+
+    fn fwd<T: Float + WithDType>(
+        &self,
+        x: &[T],
+        n: usize,
+        c: usize,
+        h: usize,
+        w: usize,
+    ) -> candle_core::Result<(Vec<T>, Shape)> {
+        let p = self.pool;
+        let (oh, ow) = (p.out_len(h)?, p.out_len(w)?);
+        let mut out = vec![T::zero(); n * c * oh * ow];
+        out.par_chunks_mut(oh * ow)
+            .zip(x.par_chunks(h * w))
+            .for_each(|(o, plane)| {
+                for oy in 0..oh {
+                    let wy = p.window(oy, h);
+                    for ox in 0..ow {
+                        let wx = p.window(ox, w);
+                        let mut sum = T::zero();
+                        for y in wy.0..wy.1 {
+                            for x in wx.0..wx.1 {
+                                sum = sum + plane[y * w + x];
+                            }
+                        }
+                        o[oy * ow + ox] = sum / T::from(self.divisor(wy, wx)).unwrap();
+                    }
+                }
+            });
+        Ok((out, Shape::from((n, c, oh, ow))))
+    }
+}
+
+impl CustomOp1 for AvgPool2d {
+    fn name(&self) -> &'static str {
+        "finelens-avg-pool2d"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = dims4(l, self.name())?;
+        match s {
+            CpuStorage::F32(v) => {
+                let (o, sh) = self.fwd(contiguous(v, l, self.name())?, n, c, h, w)?;
+                Ok((CpuStorage::F32(o), sh))
+            }
+            CpuStorage::F64(v) => {
+                let (o, sh) = self.fwd(contiguous(v, l, self.name())?, n, c, h, w)?;
+                Ok((CpuStorage::F64(o), sh))
+            }
+            _ => candle_core::bail!(
+                "{}: only f32 and f64 are supported, got {:?}",
+                self.name(),
+                s.dtype()
+            ),
+        }
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let (_, _, h, w) = arg.dims4()?;
+        let grad_res = grad_res.contiguous()?;
+        let op = AvgPool2dBackward {
+            pool: self.pool,
+            count_include_pad: self.count_include_pad,
+            h,
+            w,
+        };
+        Ok(Some(grad_res.apply_op1_no_bwd(&op)?))
+    }
+}
+
+/// Spreads each output gradient evenly (by the forward's divisor) over its window.
+struct AvgPool2dBackward {
+    pool: Pool2d,
+    count_include_pad: bool,
+    h: usize,
+    w: usize,
+}
+
+impl AvgPool2dBackward {
+    fn bwd<T: Float + WithDType>(
+        &self,
+        g: &[T],
+        n: usize,
+        c: usize,
+        oh: usize,
+        ow: usize,
+    ) -> Vec<T> {
+        let (h, w, p) = (self.h, self.w, self.pool);
+        let fwd = AvgPool2d {
+            pool: p,
+            count_include_pad: self.count_include_pad,
+        };
+        let mut dx = vec![T::zero(); n * c * h * w];
+        dx.par_chunks_mut(h * w)
+            .zip(g.par_chunks(oh * ow))
+            .for_each(|(d, gp)| {
+                for oy in 0..oh {
+                    let wy = p.window(oy, h);
+                    for ox in 0..ow {
+                        let wx = p.window(ox, w);
+                        let share = gp[oy * ow + ox] / T::from(fwd.divisor(wy, wx)).unwrap();
+                        for y in wy.0..wy.1 {
+                            for x in wx.0..wx.1 {
+                                d[y * w + x] = d[y * w + x] + share;
+                            }
+                        }
+                    }
+                }
+            });
+        dx
+    }
+}
+
+impl CustomOp1 for AvgPool2dBackward {
+    fn name(&self) -> &'static str {
+        "finelens-avg-pool2d-backward"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, c, oh, ow) = dims4(l, self.name())?;
+        if self.pool.out_len(self.h)? != oh || self.pool.out_len(self.w)? != ow {
+            candle_core::bail!(
+                "{}: gradient shape does not match the pooled input",
+                self.name()
+            );
+        }
+        let out = match s {
+            CpuStorage::F32(g) => {
+                CpuStorage::F32(self.bwd(contiguous(g, l, self.name())?, n, c, oh, ow))
+            }
+            CpuStorage::F64(g) => {
+                CpuStorage::F64(self.bwd(contiguous(g, l, self.name())?, n, c, oh, ow))
+            }
+            _ => candle_core::bail!("{}: only f32 and f64 are supported", self.name()),
+        };
+        Ok((out, Shape::from((n, c, self.h, self.w))))
+    }
+}
+
+/// Max pooling over an N×C×H×W tensor (PyTorch semantics, floor mode), differentiable.
+pub fn max_pool2d(x: &Tensor, pool: Pool2d) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(MaxPool2d(pool))
+}
+
+/// Average pooling over an N×C×H×W tensor (PyTorch semantics, floor mode), differentiable.
+pub fn avg_pool2d(
+    x: &Tensor,
+    pool: Pool2d,
+    count_include_pad: bool,
+) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(AvgPool2d {
+        pool,
+        count_include_pad,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    /// Central finite differences of L(x) = Σ r ⊙ pool(x) against autograd, in f64.
+    /// The random weights r make every output's gradient distinct, so a wrong routing or a
+    /// wrong scale (candle's 1/k²) shows up; a random input has no ties, so max pool is
+    /// differentiable at x.
+    fn check_gradient(pool: Pool2d, h: usize, w: usize, avg: Option<bool>) {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f64, 1.0, (2, 3, h, w), &dev).unwrap();
+        let apply = |t: &Tensor| match avg {
+            None => max_pool2d(t, pool).unwrap(),
+            Some(cip) => avg_pool2d(t, pool, cip).unwrap(),
+        };
+        let out_shape = apply(&x).shape().clone();
+        let r = Tensor::randn(0f64, 1.0, out_shape, &dev).unwrap();
+        let loss = |t: &Tensor| {
+            (apply(t) * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+
+        let xv = Var::from_tensor(&x).unwrap();
+        let l = (apply(xv.as_tensor()) * &r).unwrap().sum_all().unwrap();
+        let grads = l.backward().unwrap();
+        let g: Vec<f64> = grads
+            .get(xv.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+
+        let base: Vec<f64> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let eps = 1e-6;
+        let mut max_err = 0f64;
+        for i in 0..base.len() {
+            let mut plus = base.clone();
+            plus[i] += eps;
+            let mut minus = base.clone();
+            minus[i] -= eps;
+            let lp = loss(&Tensor::from_vec(plus, x.shape(), &dev).unwrap());
+            let lm = loss(&Tensor::from_vec(minus, x.shape(), &dev).unwrap());
+            let fd = (lp - lm) / (2.0 * eps);
+            max_err = max_err.max((fd - g[i]).abs() / (1.0 + fd.abs()));
+        }
+        assert!(
+            max_err < 1e-6,
+            "{pool:?} on {h}×{w} (avg={avg:?}): max relative error {max_err:e}"
+        );
+    }
+
+    const CASES: &[(usize, usize, usize, usize, usize)] = &[
+        // (kernel, stride, padding, h, w): the ResNet stem, kernel == stride (where candle is wrong),
+        // overlapping windows, odd sizes that don't divide evenly, non-square inputs.
+        (3, 2, 1, 8, 8),
+        (3, 2, 1, 7, 9),
+        (2, 2, 0, 6, 6),
+        (2, 2, 0, 7, 5),
+        (3, 1, 1, 5, 6),
+        (3, 3, 0, 10, 11),
+        (4, 2, 2, 9, 7),
+        (5, 3, 2, 11, 8),
+    ];
+
+    #[test]
+    fn max_pool_gradient_matches_finite_differences() {
+        for &(k, s, p, h, w) in CASES {
+            check_gradient(Pool2d::new(k, s, p), h, w, None);
+        }
+    }
+
+    #[test]
+    fn avg_pool_gradient_matches_finite_differences() {
+        for &(k, s, p, h, w) in CASES {
+            check_gradient(Pool2d::new(k, s, p), h, w, Some(true));
+            check_gradient(Pool2d::new(k, s, p), h, w, Some(false));
+        }
+    }
+
+    #[test]
+    fn max_pool_forward_matches_hand_computed_values() {
+        // 1×1×4×4 input 0..16, 3×3 window, stride 2, padding 1 (the ResNet stem's pool).
+        let x = Tensor::arange(0f32, 16.0, &Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, 4, 4))
+            .unwrap();
+        let y = max_pool2d(&x, Pool2d::new(3, 2, 1)).unwrap();
+        let v: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(v, vec![5.0, 7.0, 13.0, 15.0]);
+    }
+
+    #[test]
+    fn avg_pool_divisor_follows_count_include_pad() {
+        let x = Tensor::ones((1, 1, 3, 3), DType::F32, &Device::Cpu).unwrap();
+        let with_pad: Vec<f32> = avg_pool2d(&x, Pool2d::new(3, 2, 1), true)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let without: Vec<f32> = avg_pool2d(&x, Pool2d::new(3, 2, 1), false)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        // The corner window covers 4 real cells of 9: 4/9 counting padding, 1 without.
+        assert!((with_pad[0] - 4.0 / 9.0).abs() < 1e-6);
+        assert!(without.iter().all(|v| (v - 1.0).abs() < 1e-6));
+    }
+
+    #[test]
+    fn max_pool_sends_whole_gradient_to_first_maximum_on_ties() {
+        // All-equal input: every window's gradient goes to its first cell, undivided
+        // (candle's own 2×2 max pool would give 0.25 here).
+        let x = Var::from_tensor(&Tensor::ones((1, 1, 4, 4), DType::F32, &Device::Cpu).unwrap())
+            .unwrap();
+        let y = max_pool2d(x.as_tensor(), Pool2d::new(2, 2, 0)).unwrap();
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let gx: Vec<f32> = g
+            .get(x.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let expected = [
+            1., 0., 1., 0., 0., 0., 0., 0., 1., 0., 1., 0., 0., 0., 0., 0.,
+        ];
+        assert_eq!(gx, expected);
+    }
+
+    #[test]
+    fn impossible_windows_are_errors_not_panics() {
+        let x = Tensor::zeros((1, 1, 2, 2), DType::F32, &Device::Cpu).unwrap();
+        assert!(max_pool2d(&x, Pool2d::new(5, 1, 0)).is_err());
+        assert!(max_pool2d(&x, Pool2d::new(2, 0, 0)).is_err());
+        assert!(max_pool2d(&x, Pool2d::new(2, 1, 2)).is_err());
+        assert!(max_pool2d(
+            &Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap(),
+            Pool2d::new(1, 1, 0)
+        )
+        .is_err());
+    }
+}

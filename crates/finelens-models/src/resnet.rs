@@ -1,0 +1,619 @@
+//! ResNet (He et al. 2016) with torchvision's module and parameter names, so that
+//! `layer2.0.downsample.1.running_var` here is the same tensor as in `model.state_dict()`.
+//! ResNet-18/34 use the basic block, ResNet-50 the bottleneck (torchvision's "v1.5": stride on the
+//! 3×3 convolution). `resnet-mini` keeps ResNet-18's structure and names at a quarter of the
+//! width, for 64×64 inputs, fixtures and tests.
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ModelError, Result};
+use crate::nn::{bn_specs, conv_specs, linear_specs, BatchNorm2d, Conv2d, Linear, Mode};
+use crate::params::{ParamSpec, ParamStore};
+use crate::pool::{max_pool2d, Pool2d};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockKind {
+    Basic,
+    Bottleneck,
+}
+
+impl BlockKind {
+    fn expansion(self) -> usize {
+        match self {
+            BlockKind::Basic => 1,
+            BlockKind::Bottleneck => 4,
+        }
+    }
+}
+
+/// The architectures finelens knows, by the names users type (`--arch resnet18`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Arch {
+    #[serde(rename = "resnet18")]
+    ResNet18,
+    #[serde(rename = "resnet34")]
+    ResNet34,
+    #[serde(rename = "resnet50")]
+    ResNet50,
+    #[serde(rename = "resnet-mini")]
+    ResNetMini,
+}
+
+impl Arch {
+    pub const ALL: [Arch; 4] = [
+        Arch::ResNet18,
+        Arch::ResNet34,
+        Arch::ResNet50,
+        Arch::ResNetMini,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::ResNet18 => "resnet18",
+            Arch::ResNet34 => "resnet34",
+            Arch::ResNet50 => "resnet50",
+            Arch::ResNetMini => "resnet-mini",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|a| a.name() == s)
+            .ok_or_else(|| ModelError::UnknownArch(s.to_owned()))
+    }
+
+    /// The input side length the architecture was designed for.
+    pub fn default_input_size(self) -> usize {
+        match self {
+            Arch::ResNetMini => 64,
+            _ => 224,
+        }
+    }
+
+    fn block(self) -> BlockKind {
+        match self {
+            Arch::ResNet50 => BlockKind::Bottleneck,
+            _ => BlockKind::Basic,
+        }
+    }
+
+    fn depths(self) -> [usize; 4] {
+        match self {
+            Arch::ResNet18 | Arch::ResNetMini => [2, 2, 2, 2],
+            Arch::ResNet34 | Arch::ResNet50 => [3, 4, 6, 3],
+        }
+    }
+
+    fn widths(self) -> [usize; 4] {
+        match self {
+            Arch::ResNetMini => [16, 32, 64, 128],
+            _ => [64, 128, 256, 512],
+        }
+    }
+
+    fn stem_width(self) -> usize {
+        self.widths()[0]
+    }
+
+    /// Width of the globally pooled features that the head sees.
+    pub fn feature_dim(self) -> usize {
+        self.widths()[3] * self.block().expansion()
+    }
+}
+
+impl std::fmt::Display for Arch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The classifier head after global average pooling: torchvision's `fc = nn.Linear`, or the
+/// Keras-style `fc = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, classes))`
+/// (parameter names `fc.0.*` and `fc.2.*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "kind")]
+pub enum Head {
+    Linear,
+    Mlp { hidden: usize },
+}
+
+impl Head {
+    /// Parses `linear` or `mlp:N`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "linear" => Ok(Head::Linear),
+            _ => s
+                .strip_prefix("mlp:")
+                .and_then(|n| n.parse::<usize>().ok())
+                .filter(|&n| n > 0)
+                .map(|hidden| Head::Mlp { hidden })
+                .ok_or_else(|| ModelError::UnknownHead(s.to_owned())),
+        }
+    }
+
+    /// Parameter-name prefixes of the head (what a head replacement re-initialises).
+    pub fn prefixes(self) -> &'static [&'static str] {
+        match self {
+            Head::Linear => &["fc."],
+            Head::Mlp { .. } => &["fc.0.", "fc.2."],
+        }
+    }
+}
+
+impl std::fmt::Display for Head {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Head::Linear => f.write_str("linear"),
+            Head::Mlp { hidden } => write!(f, "mlp:{hidden}"),
+        }
+    }
+}
+
+/// Everything needed to lay out a model's parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub num_classes: usize,
+    pub head: Head,
+}
+
+impl ModelConfig {
+    pub fn new(arch: Arch, num_classes: usize, head: Head) -> Result<Self> {
+        if num_classes == 0 {
+            return Err(ModelError::Config(
+                "the model needs at least one class".into(),
+            ));
+        }
+        Ok(Self {
+            arch,
+            num_classes,
+            head,
+        })
+    }
+
+    /// Every tensor of the model with its torchvision state-dict name, in network order.
+    pub fn param_specs(&self) -> Vec<ParamSpec> {
+        let a = self.arch;
+        let mut s = Vec::new();
+        conv_specs(&mut s, "conv1", a.stem_width(), 3, 7);
+        bn_specs(&mut s, "bn1", a.stem_width());
+        let mut inplanes = a.stem_width();
+        for (li, (&depth, &width)) in a.depths().iter().zip(a.widths().iter()).enumerate() {
+            for bi in 0..depth {
+                let stride = if li > 0 && bi == 0 { 2 } else { 1 };
+                let p = format!("layer{}.{}", li + 1, bi);
+                let out = width * a.block().expansion();
+                match a.block() {
+                    BlockKind::Basic => {
+                        conv_specs(&mut s, &format!("{p}.conv1"), width, inplanes, 3);
+                        bn_specs(&mut s, &format!("{p}.bn1"), width);
+                        conv_specs(&mut s, &format!("{p}.conv2"), width, width, 3);
+                        bn_specs(&mut s, &format!("{p}.bn2"), width);
+                    }
+                    BlockKind::Bottleneck => {
+                        conv_specs(&mut s, &format!("{p}.conv1"), width, inplanes, 1);
+                        bn_specs(&mut s, &format!("{p}.bn1"), width);
+                        conv_specs(&mut s, &format!("{p}.conv2"), width, width, 3);
+                        bn_specs(&mut s, &format!("{p}.bn2"), width);
+                        conv_specs(&mut s, &format!("{p}.conv3"), out, width, 1);
+                        bn_specs(&mut s, &format!("{p}.bn3"), out);
+                    }
+                }
+                if stride != 1 || inplanes != out {
+                    conv_specs(&mut s, &format!("{p}.downsample.0"), out, inplanes, 1);
+                    bn_specs(&mut s, &format!("{p}.downsample.1"), out);
+                }
+                inplanes = out;
+            }
+        }
+        match self.head {
+            Head::Linear => linear_specs(&mut s, "fc", self.num_classes, a.feature_dim()),
+            Head::Mlp { hidden } => {
+                linear_specs(&mut s, "fc.0", hidden, a.feature_dim());
+                linear_specs(&mut s, "fc.2", self.num_classes, hidden);
+            }
+        }
+        s
+    }
+}
+
+struct Block {
+    name: String,
+    convs: Vec<(Conv2d, BatchNorm2d)>,
+    downsample: Option<(Conv2d, BatchNorm2d)>,
+}
+
+impl Block {
+    fn load(store: &ParamStore, p: &str, kind: BlockKind, stride: usize) -> Result<Self> {
+        let cb = |i: usize, stride: usize, pad: usize| -> Result<(Conv2d, BatchNorm2d)> {
+            Ok((
+                Conv2d::load(store, &format!("{p}.conv{i}"), stride, pad)?,
+                BatchNorm2d::load(store, &format!("{p}.bn{i}"))?,
+            ))
+        };
+        let convs = match kind {
+            BlockKind::Basic => vec![cb(1, stride, 1)?, cb(2, 1, 1)?],
+            BlockKind::Bottleneck => vec![cb(1, 1, 0)?, cb(2, stride, 1)?, cb(3, 1, 0)?],
+        };
+        let downsample = if store.contains(&format!("{p}.downsample.0.weight")) {
+            Some((
+                Conv2d::load(store, &format!("{p}.downsample.0"), stride, 0)?,
+                BatchNorm2d::load(store, &format!("{p}.downsample.1"))?,
+            ))
+        } else {
+            None
+        };
+        Ok(Self {
+            name: p.to_owned(),
+            convs,
+            downsample,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let mut h = x.clone();
+        let last = self.convs.len() - 1;
+        for (i, (conv, bn)) in self.convs.iter().enumerate() {
+            h = bn.forward(&conv.forward(&h)?, mode)?;
+            if i != last {
+                h = h.relu()?;
+            }
+        }
+        let identity = match &self.downsample {
+            Some((conv, bn)) => bn.forward(&conv.forward(x)?, mode)?,
+            None => x.clone(),
+        };
+        Ok((h + identity)?.relu()?)
+    }
+}
+
+enum HeadLayers {
+    Linear(Linear),
+    Mlp(Linear, Linear),
+}
+
+/// A ResNet built from a [`ParamStore`]; cheap to rebuild (it holds shared tensors).
+pub struct ResNet {
+    config: ModelConfig,
+    conv1: Conv2d,
+    bn1: BatchNorm2d,
+    layers: Vec<Vec<Block>>,
+    head: HeadLayers,
+}
+
+/// The stem's max pool: 3×3, stride 2, padding 1.
+const STEM_POOL: Pool2d = Pool2d {
+    kernel: 3,
+    stride: 2,
+    padding: 1,
+};
+
+impl ResNet {
+    pub fn new(config: ModelConfig, store: &ParamStore) -> Result<Self> {
+        let a = config.arch;
+        let mut layers = Vec::new();
+        for (li, &depth) in a.depths().iter().enumerate() {
+            let blocks = (0..depth)
+                .map(|bi| {
+                    let stride = if li > 0 && bi == 0 { 2 } else { 1 };
+                    Block::load(store, &format!("layer{}.{}", li + 1, bi), a.block(), stride)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            layers.push(blocks);
+        }
+        let head = match config.head {
+            Head::Linear => HeadLayers::Linear(Linear::load(store, "fc")?),
+            Head::Mlp { .. } => {
+                HeadLayers::Mlp(Linear::load(store, "fc.0")?, Linear::load(store, "fc.2")?)
+            }
+        };
+        Ok(Self {
+            config,
+            conv1: Conv2d::load(store, "conv1", 2, 3)?,
+            bn1: BatchNorm2d::load(store, "bn1")?,
+            layers,
+            head,
+        })
+    }
+
+    pub fn config(&self) -> ModelConfig {
+        self.config
+    }
+}
+
+/// Sees every named activation in network order and may replace it (return `Some`) — how
+/// Grad-CAM, CKA and layer attributions reach inside the network.
+pub type Hook<'a> = &'a mut dyn FnMut(&str, &Tensor) -> Result<Option<Tensor>>;
+
+fn tap(hook: &mut Option<Hook>, name: &str, t: Tensor) -> Result<Tensor> {
+    match hook {
+        Some(h) => Ok(h(name, &t)?.unwrap_or(t)),
+        None => Ok(t),
+    }
+}
+
+/// A classifier over N×3×H×W normalised images: what every analysis crate programs against,
+/// so that other model families can join later.
+pub trait Classifier {
+    /// Logits, N × classes.
+    fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        self.forward_hooked(x, mode, None)
+    }
+
+    /// Forward with a hook over the named activations (see [`Classifier::layer_names`]).
+    fn forward_hooked(&self, x: &Tensor, mode: Mode, hook: Option<Hook>) -> Result<Tensor>;
+
+    /// The names the hook sees, in network order.
+    fn layer_names(&self) -> Vec<String>;
+
+    fn num_classes(&self) -> usize;
+
+    /// An error naming the valid layers when `name` is not one of them.
+    fn check_layer(&self, name: &str) -> Result<()> {
+        let names = self.layer_names();
+        if names.iter().any(|n| n == name) {
+            Ok(())
+        } else {
+            Err(ModelError::UnknownLayer {
+                name: name.to_owned(),
+                known: names.join(", "),
+            })
+        }
+    }
+
+    /// Logits plus the activations at `layers` (which must be valid names).
+    fn forward_with_taps(
+        &self,
+        x: &Tensor,
+        mode: Mode,
+        layers: &[&str],
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        for l in layers {
+            self.check_layer(l)?;
+        }
+        let mut taken: Vec<Option<Tensor>> = vec![None; layers.len()];
+        let mut hook = |name: &str, t: &Tensor| -> Result<Option<Tensor>> {
+            for (i, l) in layers.iter().enumerate() {
+                if *l == name {
+                    taken[i] = Some(t.clone());
+                }
+            }
+            Ok(None)
+        };
+        let logits = self.forward_hooked(x, mode, Some(&mut hook))?;
+        let taps = taken
+            .into_iter()
+            .map(|t| t.expect("every valid layer is visited"))
+            .collect();
+        Ok((logits, taps))
+    }
+}
+
+impl Classifier for ResNet {
+    fn forward_hooked(&self, x: &Tensor, mode: Mode, mut hook: Option<Hook>) -> Result<Tensor> {
+        let h = tap(&mut hook, "conv1", self.conv1.forward(x)?)?;
+        let h = tap(&mut hook, "bn1", self.bn1.forward(&h, mode)?)?;
+        let h = tap(&mut hook, "relu", h.relu()?)?;
+        let mut h = tap(&mut hook, "maxpool", max_pool2d(&h, STEM_POOL)?)?;
+        for (li, blocks) in self.layers.iter().enumerate() {
+            for b in blocks {
+                h = tap(&mut hook, &b.name, b.forward(&h, mode)?)?;
+            }
+            h = tap(&mut hook, &format!("layer{}", li + 1), h)?;
+        }
+        // adaptive_avg_pool2d to 1×1 is a plain mean (and differentiable in candle), then flatten.
+        let h = tap(&mut hook, "avgpool", h.mean((2, 3))?)?;
+        match &self.head {
+            HeadLayers::Linear(fc) => tap(&mut hook, "fc", fc.forward(&h)?),
+            HeadLayers::Mlp(fc0, fc2) => {
+                let z = tap(&mut hook, "fc.0", fc0.forward(&h)?)?;
+                let z = tap(&mut hook, "fc.1", z.relu()?)?;
+                tap(&mut hook, "fc", fc2.forward(&z)?)
+            }
+        }
+    }
+
+    fn layer_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = ["conv1", "bn1", "relu", "maxpool"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        for (li, blocks) in self.layers.iter().enumerate() {
+            names.extend(blocks.iter().map(|b| b.name.clone()));
+            names.push(format!("layer{}", li + 1));
+        }
+        names.push("avgpool".into());
+        if let HeadLayers::Mlp(..) = self.head {
+            names.extend(["fc.0".to_string(), "fc.1".to_string()]);
+        }
+        names.push("fc".into());
+        names
+    }
+
+    fn num_classes(&self) -> usize {
+        self.config.num_classes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    fn mini(classes: usize, head: Head) -> (ModelConfig, ParamStore) {
+        let cfg = ModelConfig::new(Arch::ResNetMini, classes, head).unwrap();
+        let store = ParamStore::init(&cfg.param_specs(), 1, &Device::Cpu).unwrap();
+        (cfg, store)
+    }
+
+    #[test]
+    fn parameter_names_and_counts_match_torchvision() {
+        // Counts of `sum(p.numel() for p in model.parameters())` and `len(model.state_dict())`
+        // for torchvision's resnet18/34/50 with 1000 classes.
+        for (arch, params, keys) in [
+            (Arch::ResNet18, 11_689_512, 122),
+            (Arch::ResNet34, 21_797_672, 218),
+            (Arch::ResNet50, 25_557_032, 320),
+        ] {
+            let specs = ModelConfig::new(arch, 1000, Head::Linear)
+                .unwrap()
+                .param_specs();
+            let n: usize = specs
+                .iter()
+                .filter(|s| s.kind == crate::params::ParamKind::Weight)
+                .map(|s| s.shape.iter().product::<usize>())
+                .sum();
+            assert_eq!(n, params, "{arch}");
+            assert_eq!(specs.len(), keys, "{arch}");
+        }
+        let names: Vec<String> = ModelConfig::new(Arch::ResNet18, 10, Head::Linear)
+            .unwrap()
+            .param_specs()
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        for k in [
+            "conv1.weight",
+            "bn1.running_mean",
+            "layer1.0.conv1.weight",
+            "layer2.0.downsample.0.weight",
+            "layer2.0.downsample.1.bias",
+            "layer4.1.bn2.num_batches_tracked",
+            "fc.weight",
+        ] {
+            assert!(names.iter().any(|n| n == k), "{k} missing");
+        }
+        assert!(!names.iter().any(|n| n == "layer1.0.downsample.0.weight"));
+    }
+
+    #[test]
+    fn forward_shapes_and_taps() {
+        let (cfg, store) = mini(5, Head::Mlp { hidden: 32 });
+        let m = ResNet::new(cfg, &store).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 64, 64), &Device::Cpu).unwrap();
+        let (logits, taps) = m
+            .forward_with_taps(
+                &x,
+                Mode::Eval,
+                &["conv1", "maxpool", "layer1", "layer4", "avgpool", "fc.1"],
+            )
+            .unwrap();
+        assert_eq!(logits.dims(), &[2, 5]);
+        let dims: Vec<Vec<usize>> = taps.iter().map(|t| t.dims().to_vec()).collect();
+        assert_eq!(
+            dims,
+            vec![
+                vec![2, 16, 32, 32],
+                vec![2, 16, 16, 16],
+                vec![2, 16, 16, 16],
+                vec![2, 128, 2, 2],
+                vec![2, 128],
+                vec![2, 32]
+            ]
+        );
+        let e = m
+            .forward_with_taps(&x, Mode::Eval, &["layer9"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unknown layer `layer9`") && e.contains("layer4"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn resnet50_forward_runs_with_bottlenecks() {
+        let cfg = ModelConfig::new(Arch::ResNet50, 3, Head::Linear).unwrap();
+        let store = ParamStore::init(&cfg.param_specs(), 0, &Device::Cpu).unwrap();
+        let m = ResNet::new(cfg, &store).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (1, 3, 64, 64), &Device::Cpu).unwrap();
+        let (y, t) = m.forward_with_taps(&x, Mode::Eval, &["layer4"]).unwrap();
+        assert_eq!(y.dims(), &[1, 3]);
+        assert_eq!(t[0].dims(), &[1, 2048, 2, 2]);
+    }
+
+    /// The whole network's input gradient against central finite differences, in f64 so that
+    /// the check is about the graph (pooling routing, batch norm, residuals) and not rounding.
+    #[test]
+    fn input_gradient_matches_finite_differences() {
+        let (cfg, store) = mini(4, Head::Linear);
+        // Train the running statistics away from their initial values so eval BN is non-trivial.
+        let m = ResNet::new(cfg, &store).unwrap();
+        let warm = Tensor::randn(0.5f32, 2.0, (4, 3, 32, 32), &Device::Cpu).unwrap();
+        m.forward(&warm, Mode::Train).unwrap();
+        let specs = cfg.param_specs();
+        let map = store
+            .iter()
+            .map(|(n, t, _)| {
+                let t = if t.dtype() == DType::F32 {
+                    t.to_dtype(DType::F64).unwrap()
+                } else {
+                    t
+                };
+                (n.to_owned(), t)
+            })
+            .collect();
+        let mut specs64 = specs.clone();
+        for s in specs64.iter_mut().filter(|s| s.dtype == DType::F32) {
+            s.dtype = DType::F64;
+        }
+        let mut s64 =
+            ParamStore::from_tensors(&specs64, map, std::path::Path::new("mem"), "resnet-mini")
+                .unwrap();
+        s64.set_trainable(|_| false);
+        let m = ResNet::new(cfg, &s64).unwrap();
+
+        let x = Tensor::randn(0f64, 1.0, (1, 3, 24, 24), &Device::Cpu).unwrap();
+        let xv = Var::from_tensor(&x).unwrap();
+        let target = |y: &Tensor| y.narrow(1, 2, 1).unwrap().sum_all().unwrap();
+        let g = target(&m.forward(xv.as_tensor(), Mode::Eval).unwrap())
+            .backward()
+            .unwrap();
+        let grad: Vec<f64> = g
+            .get(xv.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let base: Vec<f64> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let f = |v: Vec<f64>| -> f64 {
+            let t = Tensor::from_vec(v, x.shape(), &Device::Cpu).unwrap();
+            target(&m.forward(&t, Mode::Eval).unwrap())
+                .to_scalar()
+                .unwrap()
+        };
+        let eps = 1e-6;
+        let scale = grad.iter().fold(0f64, |a, b| a.max(b.abs()));
+        let mut worst = 0f64;
+        // Every 7th input cell: enough to cover all channels and positions at low cost.
+        for i in (0..base.len()).step_by(7) {
+            let mut p = base.clone();
+            p[i] += eps;
+            let mut q = base.clone();
+            q[i] -= eps;
+            let fd = (f(p) - f(q)) / (2.0 * eps);
+            worst = worst.max((fd - grad[i]).abs() / scale);
+        }
+        assert!(
+            worst < 1e-5,
+            "max error relative to the largest gradient: {worst:e}"
+        );
+    }
+
+    #[test]
+    fn heads_parse_and_print() {
+        assert_eq!(Head::parse("linear").unwrap(), Head::Linear);
+        assert_eq!(Head::parse("mlp:1024").unwrap(), Head::Mlp { hidden: 1024 });
+        assert_eq!(Head::parse("mlp:1024").unwrap().to_string(), "mlp:1024");
+        assert!(Head::parse("mlp:0").is_err());
+        assert!(Head::parse("conv").is_err());
+        assert_eq!(Arch::parse("resnet-mini").unwrap(), Arch::ResNetMini);
+        assert!(Arch::parse("vgg16")
+            .unwrap_err()
+            .to_string()
+            .contains("resnet18"));
+    }
+}
