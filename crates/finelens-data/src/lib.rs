@@ -1,1 +1,14 @@
+//! Image data for finelens: torchvision-style ImageFolder datasets and transforms, streaming
+//! mini-batches, and deterministic synthetic shape tasks with ground-truth masks.
 
+pub mod batch;
+pub mod error;
+pub mod image_folder;
+pub mod synth;
+pub mod transforms;
+
+pub use batch::{Batch, Loader};
+pub use error::{DataError, Result};
+pub use image_folder::{ImageFolder, OnBadImage, Sample};
+pub use synth::{Split, SynthConfig, Task};
+pub use transforms::{Augment, Preprocess};

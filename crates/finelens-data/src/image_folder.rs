@@ -1,0 +1,254 @@
+//! torchvision's `ImageFolder`: `root/<class>/**/<image>`, classes sorted by folder name and
+//! numbered in that order, files sorted by path within a class.
+
+use std::path::{Path, PathBuf};
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::error::{io_err, DataError, Result};
+
+/// File endings read as images (case-insensitive).
+pub const IMAGE_EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
+
+/// One labelled image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sample {
+    pub path: PathBuf,
+    pub label: usize,
+}
+
+/// What to do with a file that has an image ending but cannot be read as an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnBadImage {
+    /// Leave it out and report it in [`ImageFolder::skipped`].
+    Skip,
+    /// Fail with an error naming it (`--strict`).
+    Fail,
+}
+
+#[derive(Debug, Clone)]
+pub struct ImageFolder {
+    pub root: PathBuf,
+    pub classes: Vec<String>,
+    pub samples: Vec<Sample>,
+    /// Files left out, with the reason, when opened with [`OnBadImage::Skip`].
+    pub skipped: Vec<(PathBuf, String)>,
+}
+
+fn is_image_path(p: &Path) -> bool {
+    p.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| e.eq_ignore_ascii_case(x)))
+}
+
+fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut v = std::fs::read_dir(dir)
+        .map_err(io_err(dir))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(io_err(dir))?;
+    v.sort();
+    Ok(v)
+}
+
+fn collect_images(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    for p in sorted_entries(dir)? {
+        if p.is_dir() {
+            collect_images(&p, out)?;
+        } else if is_image_path(&p) {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+/// Reads just the header: catches non-images, unknown formats and truncated headers without
+/// decoding pixels.
+pub fn check_image_header(path: &Path) -> std::result::Result<(u32, u32), String> {
+    image::ImageReader::open(path)
+        .map_err(|e| e.to_string())?
+        .with_guessed_format()
+        .map_err(|e| e.to_string())?
+        .into_dimensions()
+        .map_err(|e| e.to_string())
+}
+
+impl ImageFolder {
+    pub fn open(root: &Path, on_bad: OnBadImage) -> Result<Self> {
+        if !root.is_dir() {
+            return Err(if root.exists() {
+                DataError::NotADirectory {
+                    path: root.to_owned(),
+                }
+            } else {
+                DataError::Io {
+                    path: root.to_owned(),
+                    source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such directory"),
+                }
+            });
+        }
+        let class_dirs: Vec<PathBuf> = sorted_entries(root)?
+            .into_iter()
+            .filter(|p| p.is_dir())
+            .collect();
+        if class_dirs.is_empty() {
+            return Err(DataError::NoClasses {
+                path: root.to_owned(),
+            });
+        }
+        let mut classes = Vec::new();
+        let mut samples = Vec::new();
+        let mut skipped = Vec::new();
+        for (label, dir) in class_dirs.iter().enumerate() {
+            classes.push(
+                dir.file_name()
+                    .expect("a directory entry has a name")
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+            let mut files = Vec::new();
+            collect_images(dir, &mut files)?;
+            let before = samples.len();
+            for path in files {
+                match check_image_header(&path) {
+                    Ok(_) => samples.push(Sample { path, label }),
+                    Err(reason) => match on_bad {
+                        OnBadImage::Skip => skipped.push((path, reason)),
+                        OnBadImage::Fail => return Err(DataError::Decode { path, reason }),
+                    },
+                }
+            }
+            if samples.len() == before {
+                return Err(DataError::EmptyClass { path: dir.clone() });
+            }
+        }
+        Ok(Self {
+            root: root.to_owned(),
+            classes,
+            samples,
+            skipped,
+        })
+    }
+
+    /// A seeded, stratified split: `val_fraction` of each class (at least one image when the
+    /// class has two or more) goes to validation. Same seed, same split.
+    pub fn split(&self, val_fraction: f64, seed: u64) -> Result<(Vec<Sample>, Vec<Sample>)> {
+        if !(0.0..1.0).contains(&val_fraction) {
+            return Err(DataError::Config(format!(
+                "validation fraction {val_fraction} must be in [0, 1)"
+            )));
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let (mut train, mut val) = (Vec::new(), Vec::new());
+        for label in 0..self.classes.len() {
+            let mut of_class: Vec<Sample> = self
+                .samples
+                .iter()
+                .filter(|s| s.label == label)
+                .cloned()
+                .collect();
+            of_class.shuffle(&mut rng);
+            let mut n_val = (of_class.len() as f64 * val_fraction).round() as usize;
+            if val_fraction > 0.0 && n_val == 0 && of_class.len() >= 2 {
+                n_val = 1;
+            }
+            val.extend(of_class.drain(..n_val));
+            train.extend(of_class);
+        }
+        Ok((train, val))
+    }
+
+    /// Per-class image counts, in class order.
+    pub fn class_counts(&self) -> Vec<usize> {
+        let mut c = vec![0; self.classes.len()];
+        for s in &self.samples {
+            c[s.label] += 1;
+        }
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png(path: &Path) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        image::RgbImage::from_pixel(4, 4, image::Rgb([1, 2, 3]))
+            .save(path)
+            .unwrap();
+    }
+
+    #[test]
+    fn classes_sorted_files_sorted_and_bad_files_handled() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        png(&r.join("zebra/b.png"));
+        png(&r.join("zebra/a.PNG"));
+        png(&r.join("ant/sub/x.png"));
+        std::fs::write(r.join("ant/notes.txt"), "not an image, ignored by ending").unwrap();
+        std::fs::write(r.join("ant/broken.jpg"), "garbage").unwrap();
+
+        let f = ImageFolder::open(r, OnBadImage::Skip).unwrap();
+        assert_eq!(f.classes, vec!["ant", "zebra"]);
+        let names: Vec<String> = f
+            .samples
+            .iter()
+            .map(|s| s.path.strip_prefix(r).unwrap().display().to_string())
+            .collect();
+        assert_eq!(names, vec!["ant/sub/x.png", "zebra/a.PNG", "zebra/b.png"]);
+        assert_eq!(f.skipped.len(), 1);
+        assert!(f.skipped[0].0.ends_with("broken.jpg"));
+
+        let e = ImageFolder::open(r, OnBadImage::Fail)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("broken.jpg: cannot decode image"), "{e}");
+    }
+
+    #[test]
+    fn empty_class_and_missing_root_are_errors() {
+        let d = tempfile::tempdir().unwrap();
+        png(&d.path().join("a/1.png"));
+        std::fs::create_dir_all(d.path().join("b")).unwrap();
+        let e = ImageFolder::open(d.path(), OnBadImage::Skip)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.ends_with("b: class folder has no readable images (.png, .jpg, .jpeg)"),
+            "{e}"
+        );
+        let e = ImageFolder::open(&d.path().join("nope"), OnBadImage::Skip)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nope: no such directory"), "{e}");
+        let empty = tempfile::tempdir().unwrap();
+        assert!(ImageFolder::open(empty.path(), OnBadImage::Skip)
+            .unwrap_err()
+            .to_string()
+            .contains("no class folders"));
+    }
+
+    #[test]
+    fn split_is_seeded_stratified_and_disjoint() {
+        let d = tempfile::tempdir().unwrap();
+        for c in ["a", "b"] {
+            for i in 0..10 {
+                png(&d.path().join(format!("{c}/{i}.png")));
+            }
+        }
+        let f = ImageFolder::open(d.path(), OnBadImage::Fail).unwrap();
+        let (t1, v1) = f.split(0.2, 5).unwrap();
+        let (t2, v2) = f.split(0.2, 5).unwrap();
+        let (_, v3) = f.split(0.2, 6).unwrap();
+        assert_eq!((t1.len(), v1.len()), (16, 4));
+        assert_eq!(v1, v2);
+        assert_eq!(t1, t2);
+        assert_ne!(v1, v3);
+        assert_eq!(v1.iter().filter(|s| s.label == 0).count(), 2);
+        assert!(v1.iter().all(|s| !t1.contains(s)));
+        assert!(f.split(1.0, 0).is_err());
+    }
+}
