@@ -1,1 +1,500 @@
-fn main() {}
+//! The `finelens` command. It parses arguments and wires the library crates together; every
+//! capability lives in a library crate.
+
+mod progress;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use clap::{Args, Parser, Subcommand};
+use finelens_data::synth::{self, Split, SynthConfig, Task};
+use finelens_data::{Augment, ImageFolder, Loader, OnBadImage, Preprocess, Sample};
+use finelens_models::checkpoint::{self, Metadata};
+use finelens_models::{Arch, Head, ModelConfig, ParamStore, ResNet};
+use finelens_tune::{evaluate, fit, Metrics, OptimizerConfig, TrainConfig, TrainData};
+
+/// The shipped pretrained checkpoint (resnet-mini trained on the synthetic `pretrain` task).
+const FIXTURE: &str = "fixtures/resnet-mini-pretrain.safetensors";
+/// Where the demo and the fixture recipe put generated synthetic data.
+const DATA_DIR: &str = "fixtures/data";
+/// Where the demo writes its outputs.
+const DEMO_DIR: &str = "reports/demo";
+
+#[derive(Parser)]
+#[command(name = "finelens", version, about = "Fine-tune image classifiers, then explain, compare and audit them.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the demo on the shipped fixtures: generate the synthetic tasks and evaluate the
+    /// pretrained fixture checkpoint on the pretraining task's test split.
+    Demo(DemoArgs),
+    /// Datasets: generate the synthetic shape tasks.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// Print a checkpoint's architecture, classes, parameter count and metadata.
+    Inspect(InspectArgs),
+    /// Evaluate a checkpoint on an ImageFolder: accuracy, per-class precision/recall/F1, confusion.
+    Eval(EvalArgs),
+    /// Train a model from a seeded random initialisation on an ImageFolder (how the fixture is made).
+    Train(TrainArgs),
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Write synthetic shape tasks as ImageFolders with a ground-truth mask per image.
+    Synth(SynthArgs),
+}
+
+#[derive(Args)]
+struct SynthArgs {
+    /// Output directory; each task goes to <out>/<task>/{images,masks}/<split>/<class>/.
+    #[arg(long, default_value = DATA_DIR)]
+    out: PathBuf,
+    /// Which task: pretrain, finetune, shortcut, or all.
+    #[arg(long, default_value = "all")]
+    task: String,
+    /// Image side in pixels.
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Training images per class.
+    #[arg(long, default_value_t = 200)]
+    train_per_class: usize,
+    /// Validation images per class.
+    #[arg(long, default_value_t = 50)]
+    val_per_class: usize,
+    /// Test images per class.
+    #[arg(long, default_value_t = 50)]
+    test_per_class: usize,
+    /// Random seed; the same seed writes the same images.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Replace a task directory that holds different data.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
+struct CheckpointArgs {
+    /// Architecture, required for a checkpoint without finelens metadata (e.g. a torchvision
+    /// state dict): resnet18, resnet34, resnet50, resnet-mini.
+    #[arg(long)]
+    arch: Option<String>,
+}
+
+impl CheckpointArgs {
+    fn load(&self, path: &Path) -> Result<checkpoint::Checkpoint> {
+        let arch = self.arch.as_deref().map(Arch::parse).transpose()?;
+        Ok(checkpoint::load(path, arch)?)
+    }
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    /// The checkpoint (.safetensors).
+    checkpoint: PathBuf,
+    #[command(flatten)]
+    ckpt: CheckpointArgs,
+    /// Print as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct DataArgs {
+    /// Fail on an image file that cannot be decoded instead of skipping it with a warning.
+    #[arg(long)]
+    strict: bool,
+    /// Images per batch.
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// The checkpoint (.safetensors).
+    checkpoint: PathBuf,
+    /// An ImageFolder: <data>/<class>/<image>. Its classes must be the checkpoint's.
+    #[arg(long)]
+    data: PathBuf,
+    #[command(flatten)]
+    ckpt: CheckpointArgs,
+    #[command(flatten)]
+    data_args: DataArgs,
+    /// Also write the metrics as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Training ImageFolder: <train>/<class>/<image>.
+    #[arg(long)]
+    train: PathBuf,
+    /// Validation ImageFolder; without it, --val-fraction of --train is held out (seeded).
+    #[arg(long)]
+    val: Option<PathBuf>,
+    /// Share of each class held out for validation when --val is not given.
+    #[arg(long, default_value_t = 0.2)]
+    val_fraction: f64,
+    /// Architecture: resnet18, resnet34, resnet50, resnet-mini.
+    #[arg(long, default_value = "resnet-mini")]
+    arch: String,
+    /// Classifier head: linear, or mlp:N (GAP → Dense(N) → ReLU → Dense(classes)).
+    #[arg(long, default_value = "linear")]
+    head: String,
+    /// Input side in pixels (default: the architecture's).
+    #[arg(long)]
+    size: Option<usize>,
+    /// Where to write the checkpoint.
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    hp: Hyperparams,
+    #[command(flatten)]
+    data_args: DataArgs,
+}
+
+#[derive(Args)]
+struct Hyperparams {
+    /// Passes over the training set.
+    #[arg(long, default_value_t = 10)]
+    epochs: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 0.05)]
+    lr: f64,
+    /// sgd or adamw.
+    #[arg(long, default_value = "sgd")]
+    optimizer: String,
+    /// SGD momentum.
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f64,
+    /// Use Nesterov momentum (SGD).
+    #[arg(long)]
+    nesterov: bool,
+    /// Weight decay (L2 for SGD, decoupled for AdamW).
+    #[arg(long, default_value_t = 5e-4)]
+    weight_decay: f64,
+    /// Linear warm-up (in epochs) before cosine decay; 0 for cosine from the start.
+    #[arg(long, default_value_t = 1.0)]
+    warmup_epochs: f64,
+    /// Keep the learning rate constant instead of warm-up + cosine.
+    #[arg(long)]
+    constant_lr: bool,
+    /// Smallest random-resized-crop area as a share of the image (torchvision: 0.08).
+    #[arg(long, default_value_t = 0.6)]
+    crop_scale_min: f32,
+    /// Seed for initialisation, shuffling and augmentation.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl Hyperparams {
+    fn train_config(&self, batch_size: usize) -> Result<TrainConfig> {
+        let optimizer = match self.optimizer.as_str() {
+            "sgd" => OptimizerConfig::sgd(self.momentum, self.nesterov, self.weight_decay),
+            "adamw" => OptimizerConfig::adamw(self.weight_decay),
+            o => bail!("unknown optimizer `{o}` (expected sgd or adamw)"),
+        };
+        let cfg = TrainConfig {
+            epochs: self.epochs,
+            batch_size,
+            lr: self.lr,
+            optimizer,
+            warmup_epochs: (!self.constant_lr).then_some(self.warmup_epochs),
+            backbone_lr_mult: 1.0,
+            seed: self.seed,
+        };
+        cfg.check()?;
+        Ok(cfg)
+    }
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// The pretrained checkpoint to evaluate.
+    #[arg(long, default_value = FIXTURE)]
+    fixture: PathBuf,
+    /// Where the synthetic data is generated (reused when already there).
+    #[arg(long, default_value = DATA_DIR)]
+    data: PathBuf,
+    /// Where the demo's outputs go.
+    #[arg(long, default_value = DEMO_DIR)]
+    out: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Demo(a) => demo(a),
+        Command::Data(DataCommand::Synth(a)) => synth_cmd(a),
+        Command::Inspect(a) => inspect(a),
+        Command::Eval(a) => eval_cmd(a),
+        Command::Train(a) => train_cmd(a),
+    }
+}
+
+/// A default path under the project: as given when it exists from here, else under the
+/// workspace this binary was built from (so the demo also runs from another directory).
+fn project_path(p: &Path) -> PathBuf {
+    if p.is_absolute() || p.exists() {
+        return p.to_owned();
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let candidate = root.join(p);
+    if candidate.exists() {
+        candidate
+    } else {
+        p.to_owned()
+    }
+}
+
+fn synth_config(a: &SynthArgs) -> SynthConfig {
+    SynthConfig {
+        size: a.size,
+        train_per_class: a.train_per_class,
+        val_per_class: a.val_per_class,
+        test_per_class: a.test_per_class,
+        seed: a.seed,
+    }
+}
+
+fn synth_cmd(a: SynthArgs) -> Result<()> {
+    let tasks = if a.task == "all" { Task::ALL.to_vec() } else { vec![Task::parse(&a.task)?] };
+    let cfg = synth_config(&a);
+    for task in tasks {
+        let t = Instant::now();
+        let dir = synth::generate(&a.out, task, &cfg, a.force)?;
+        println!("{}: {} classes → {} ({:.1} s)", task.name(), task.shapes().len(), dir.root.display(), t.elapsed().as_secs_f64());
+    }
+    Ok(())
+}
+
+fn inspect(a: InspectArgs) -> Result<()> {
+    let ck = a.ckpt.load(&a.checkpoint)?;
+    if a.json {
+        let v = serde_json::json!({
+            "path": ck.path,
+            "sha256": ck.sha256,
+            "parameters": ck.store.num_weights(),
+            "tensors": ck.store.names().count(),
+            "metadata_recorded": ck.meta_recorded,
+            "metadata": ck.meta,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let m = &ck.meta;
+    println!("checkpoint   {}", ck.path.display());
+    println!("sha256       {}", ck.sha256);
+    println!("arch         {} (head {})", m.arch, m.head);
+    println!("parameters   {} in {} tensors", ck.store.num_weights(), ck.store.names().count());
+    println!("classes      {}: {}", m.num_classes, m.class_names.join(", "));
+    println!("input        {0}×{0}, crop {1}, mean {2:?}, std {3:?}", m.input_size, m.crop_pct, m.mean, m.std);
+    println!("parent       {}", m.parent_sha256.as_deref().unwrap_or("none"));
+    println!("seed         {}", m.seed.map_or("none".into(), |s| s.to_string()));
+    if !ck.meta_recorded {
+        println!("metadata     none recorded: classes, input size and normalisation are defaults");
+    }
+    if let Some(t) = &m.training {
+        println!("training     {}", serde_json::to_string(t)?);
+    }
+    Ok(())
+}
+
+fn on_bad(strict: bool) -> OnBadImage {
+    if strict {
+        OnBadImage::Fail
+    } else {
+        OnBadImage::Skip
+    }
+}
+
+fn open_folder(root: &Path, strict: bool) -> Result<ImageFolder> {
+    let f = ImageFolder::open(root, on_bad(strict))?;
+    for (p, why) in &f.skipped {
+        eprintln!("warning: skipping {}: {why}", p.display());
+    }
+    Ok(f)
+}
+
+fn preprocess_of(meta: &Metadata) -> Preprocess {
+    Preprocess {
+        size: meta.input_size,
+        crop_pct: meta.crop_pct,
+        mean: meta.mean,
+        std: meta.std,
+    }
+}
+
+fn eval_loader(pre: Preprocess, d: &DataArgs) -> Loader {
+    Loader {
+        preprocess: pre,
+        augment: None,
+        batch_size: d.batch_size,
+        shuffle: false,
+        seed: 0,
+        on_bad: on_bad(d.strict),
+    }
+}
+
+/// Evaluate a loaded checkpoint on an ImageFolder whose classes must match its own.
+fn evaluate_checkpoint(ck: &checkpoint::Checkpoint, folder: &ImageFolder, d: &DataArgs) -> Result<Metrics> {
+    if folder.classes != ck.meta.class_names {
+        bail!(
+            "{}: classes [{}] do not match the checkpoint's [{}]",
+            folder.root.display(),
+            folder.classes.join(", "),
+            ck.meta.class_names.join(", ")
+        );
+    }
+    let model = ResNet::new(ck.config()?, &ck.store)?;
+    let loader = eval_loader(preprocess_of(&ck.meta), d);
+    Ok(evaluate(&model, &folder.samples, &loader, &ck.meta.class_names, &Device::Cpu)?)
+}
+
+fn print_metrics(m: &Metrics) {
+    println!("accuracy {:.2}% on {} images, loss {:.4}", 100.0 * m.accuracy, m.count, m.loss);
+    println!("{:<16} {:>9} {:>9} {:>9} {:>8}", "class", "precision", "recall", "f1", "support");
+    for c in &m.per_class {
+        println!("{:<16} {:>9.3} {:>9.3} {:>9.3} {:>8}", c.class, c.precision, c.recall, c.f1, c.support);
+    }
+}
+
+fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create directory", dir.display()))?;
+    }
+    checkpoint::write_atomic(path, serde_json::to_string_pretty(value)?.as_bytes())?;
+    Ok(())
+}
+
+fn eval_cmd(a: EvalArgs) -> Result<()> {
+    let ck = a.ckpt.load(&a.checkpoint)?;
+    let folder = open_folder(&a.data, a.data_args.strict)?;
+    let m = evaluate_checkpoint(&ck, &folder, &a.data_args)?;
+    print_metrics(&m);
+    if let Some(p) = &a.json {
+        write_json(p, &m)?;
+    }
+    Ok(())
+}
+
+fn train_cmd(a: TrainArgs) -> Result<()> {
+    let arch = Arch::parse(&a.arch)?;
+    let head = Head::parse(&a.head)?;
+    let cfg = a.hp.train_config(a.data_args.batch_size)?;
+    // Fail on an unwritable destination before spending minutes training.
+    let out_dir = a.out.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(out_dir).with_context(|| format!("{}: cannot create output directory", out_dir.display()))?;
+    let train_folder = open_folder(&a.train, a.data_args.strict)?;
+    let (train, val): (Vec<Sample>, Vec<Sample>) = match &a.val {
+        Some(v) => {
+            let vf = open_folder(v, a.data_args.strict)?;
+            if vf.classes != train_folder.classes {
+                bail!("{}: classes [{}] differ from the training folder's [{}]", v.display(), vf.classes.join(", "), train_folder.classes.join(", "));
+            }
+            (train_folder.samples.clone(), vf.samples)
+        }
+        None => train_folder.split(a.val_fraction, a.hp.seed)?,
+    };
+    let classes = train_folder.classes.clone();
+    let config = ModelConfig::new(arch, classes.len(), head)?;
+    let mut meta = Metadata::inferred(config);
+    meta.class_names = classes.clone();
+    meta.input_size = a.size.unwrap_or(arch.default_input_size());
+    meta.crop_pct = 1.0;
+    meta.seed = Some(a.hp.seed);
+    let pre = preprocess_of(&meta);
+    let train_loader = Loader {
+        preprocess: pre.clone(),
+        augment: Some(Augment {
+            scale: (a.hp.crop_scale_min, 1.0),
+            ..Augment::default()
+        }),
+        batch_size: cfg.batch_size,
+        shuffle: true,
+        seed: a.hp.seed,
+        on_bad: on_bad(a.data_args.strict),
+    };
+    train_loader.check()?;
+    let val_loader = eval_loader(pre, &a.data_args);
+    let store = ParamStore::init(&config.param_specs(), a.hp.seed, &Device::Cpu)?;
+    let model = ResNet::new(config, &store)?;
+    println!(
+        "training {arch} ({} parameters) on {} images, validating on {}, {} classes",
+        store.num_weights(),
+        train.len(),
+        val.len(),
+        classes.len()
+    );
+    let data = TrainData {
+        train: &train,
+        val: &val,
+        train_loader: &train_loader,
+        eval_loader: &val_loader,
+        class_names: &classes,
+    };
+    let mut bar = progress::Reporter::new();
+    let history = fit(&model, &store, &data, &cfg, &|_| 1.0, &Device::Cpu, &mut |p| bar.report(p))?;
+    bar.finish();
+    let last = history.last().expect("at least one epoch");
+    meta.training = Some(serde_json::json!({
+        "kind": "from-scratch",
+        "config": cfg,
+        "train_images": train.len(),
+        "val_images": val.len(),
+        "history": history.iter().map(|r| serde_json::json!({
+            "epoch": r.epoch, "train_loss": r.train_loss, "train_accuracy": r.train_accuracy,
+            "val_loss": r.val.loss, "val_accuracy": r.val.accuracy, "seconds": r.seconds,
+        })).collect::<Vec<_>>(),
+    }));
+    let sha = checkpoint::save(&a.out, &store, &meta)?;
+    println!(
+        "saved {} (sha256 {}), validation accuracy {:.2}%",
+        a.out.display(),
+        &sha[..12],
+        100.0 * last.val.accuracy
+    );
+    Ok(())
+}
+
+fn demo(a: DemoArgs) -> Result<()> {
+    let start = Instant::now();
+    let fixture = project_path(&a.fixture);
+    let ck = checkpoint::load(&fixture, None).with_context(|| "loading the demo fixture (regenerate it with `just fixtures`)")?;
+    let data_root = if a.data == Path::new(DATA_DIR) { project_path(Path::new("fixtures")).join("data") } else { a.data.clone() };
+    // The same generator settings as the fixture recipe, so the pretraining task matches.
+    let cfg = SynthConfig::default();
+    println!("finelens demo: synthetic data in {}", data_root.display());
+    for task in Task::ALL {
+        let dir = synth::generate(&data_root, task, &cfg, false)?;
+        println!("  {:<9} {} classes, {}/{}/{} images per class (train/val/test) → {}", task.name(), task.shapes().len(), cfg.train_per_class, cfg.val_per_class, cfg.test_per_class, dir.root.display());
+    }
+    println!("\npretrained fixture: {} ({}, {} classes, sha256 {})", fixture.display(), ck.meta.arch, ck.meta.num_classes, &ck.sha256[..12]);
+    let test = synth::TaskDir { root: data_root.join(Task::Pretrain.name()) }.images(Split::Test);
+    let folder = open_folder(&test, true)?;
+    let m = evaluate_checkpoint(&ck, &folder, &DataArgs { strict: true, batch_size: 64 })?;
+    print_metrics(&m);
+    let out = a.out.join("pretrain-test-metrics.json");
+    write_json(&out, &m)?;
+    println!("\nmetrics written to {}", out.display());
+    println!("done in {:.1} s", start.elapsed().as_secs_f64());
+    Ok(())
+}

@@ -603,6 +603,53 @@ mod tests {
         );
     }
 
+    /// Weight gradients in train mode (batch statistics, so every sample's output depends on the
+    /// whole batch) against central finite differences, in f64. Running statistics change on every
+    /// forward in train mode but do not enter the train-mode output, so repeated forwards agree.
+    #[test]
+    fn train_mode_weight_gradients_match_finite_differences() {
+        let cfg = ModelConfig::new(Arch::ResNetMini, 3, Head::Mlp { hidden: 8 }).unwrap();
+        let mut specs = cfg.param_specs();
+        for s in specs.iter_mut().filter(|s| s.dtype == DType::F32) {
+            s.dtype = DType::F64;
+        }
+        let store = ParamStore::init(&specs, 5, &Device::Cpu).unwrap();
+        let m = ResNet::new(cfg, &store).unwrap();
+        let x = Tensor::randn(0f64, 1.0, (3, 3, 20, 20), &Device::Cpu).unwrap();
+        let labels = [0usize, 2, 1];
+        // Σ of each sample's logit at its label, weighted to make every row matter differently.
+        let objective = |y: &Tensor| -> Tensor {
+            let mut total = y.narrow(0, 0, 1).unwrap().narrow(1, labels[0], 1).unwrap().sum_all().unwrap();
+            for (i, &l) in labels.iter().enumerate().skip(1) {
+                let term = y.narrow(0, i, 1).unwrap().narrow(1, l, 1).unwrap().sum_all().unwrap();
+                total = (total + (term * (i as f64 + 1.0)).unwrap()).unwrap();
+            }
+            total
+        };
+        let grads = objective(&m.forward(&x, Mode::Train).unwrap()).backward().unwrap();
+        for name in ["conv1.weight", "bn1.weight", "layer2.0.downsample.0.weight", "layer3.1.bn2.bias", "fc.0.weight", "fc.2.bias"] {
+            let var = store.var(name).unwrap();
+            let g: Vec<f64> = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let base = var.as_detached_tensor().copy().unwrap();
+            let flat: Vec<f64> = base.flatten_all().unwrap().to_vec1().unwrap();
+            let scale = g.iter().fold(1e-3f64, |a, b| a.max(b.abs()));
+            let eps = 1e-5;
+            let mut worst = 0f64;
+            for i in (0..flat.len()).step_by((flat.len() / 6).max(1)) {
+                let eval = |delta: f64| -> f64 {
+                    let mut v = flat.clone();
+                    v[i] += delta;
+                    var.set(&Tensor::from_vec(v, base.shape(), &Device::Cpu).unwrap()).unwrap();
+                    objective(&m.forward(&x, Mode::Train).unwrap()).to_scalar().unwrap()
+                };
+                let fd = (eval(eps) - eval(-eps)) / (2.0 * eps);
+                worst = worst.max((fd - g[i]).abs() / scale);
+            }
+            var.set(&base).unwrap();
+            assert!(worst < 1e-5, "{name}: max error relative to the largest gradient {worst:e}");
+        }
+    }
+
     #[test]
     fn heads_parse_and_print() {
         assert_eq!(Head::parse("linear").unwrap(), Head::Linear);

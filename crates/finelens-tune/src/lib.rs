@@ -1,1 +1,14 @@
+//! Supervised training and fine-tuning for finelens: optimisers with PyTorch's update rules,
+//! learning-rate schedules, the training loop and evaluation metrics.
 
+pub mod error;
+pub mod metrics;
+pub mod optim;
+pub mod schedule;
+pub mod train;
+
+pub use error::{Result, TuneError};
+pub use metrics::{cross_entropy, evaluate, Metrics};
+pub use optim::{Optimizer, OptimizerConfig};
+pub use schedule::Schedule;
+pub use train::{fit, EpochRecord, Progress, TrainConfig, TrainData};

@@ -1,0 +1,16 @@
+/// Training errors: one line, naming the setting or file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum TuneError {
+    #[error("invalid training settings: {0}")]
+    Config(String),
+    #[error("loss became {value} at epoch {epoch}, step {step}; stopping (the last good checkpoint is kept)")]
+    NonFiniteLoss { epoch: usize, step: usize, value: f32 },
+    #[error(transparent)]
+    Model(#[from] finelens_models::ModelError),
+    #[error(transparent)]
+    Data(#[from] finelens_data::DataError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, TuneError>;

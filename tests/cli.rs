@@ -1,0 +1,238 @@
+//! End-to-end tests of the `finelens` binary: what a user types, what they see, the exit code.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::{DType, Device, Tensor};
+use finelens_models::{Arch, Head, ModelConfig, ParamStore};
+
+fn finelens(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_finelens")).args(args).output().expect("the binary runs")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A failed run: exit code 2, exactly one line on stderr starting with `error:` and naming
+/// `needle` (the file or the cause), and no panic.
+fn assert_one_line_error(o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(2), "stderr: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.starts_with("warning:")).collect();
+    assert_eq!(lines.len(), 1, "expected one error line, got: {err}");
+    assert!(lines[0].starts_with("error: ") && lines[0].contains(needle), "`{needle}` not in: {err}");
+}
+
+/// The state dict a torchvision model saves with `safetensors.torch.save_file(model.state_dict())`:
+/// every key torchvision has, f32 weights and running stats, i64 `num_batches_tracked`, no metadata.
+fn write_torchvision_state_dict(path: &Path, arch: Arch, classes: usize) {
+    let cfg = ModelConfig::new(arch, classes, Head::Linear).unwrap();
+    let store = ParamStore::init(&cfg.param_specs(), 0, &Device::Cpu).unwrap();
+    let tensors: Vec<(String, Tensor)> = store.iter().map(|(n, t, _)| (n.to_owned(), t)).collect();
+    let bytes = safetensors::serialize(tensors, None::<HashMap<String, String>>).unwrap();
+    std::fs::write(path, bytes).unwrap();
+}
+
+fn write_tensors(path: &Path, tensors: Vec<(String, Tensor)>) {
+    std::fs::write(path, safetensors::serialize(tensors, None::<HashMap<String, String>>).unwrap()).unwrap();
+}
+
+fn mini_tensors() -> Vec<(String, Tensor)> {
+    let cfg = ModelConfig::new(Arch::ResNetMini, 3, Head::Linear).unwrap();
+    let store = ParamStore::init(&cfg.param_specs(), 0, &Device::Cpu).unwrap();
+    store.iter().map(|(n, t, _)| (n.to_owned(), t)).collect()
+}
+
+#[test]
+fn bare_torchvision_resnet18_loads_with_arch_and_no_conversion() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("resnet18.safetensors");
+    write_torchvision_state_dict(&p, Arch::ResNet18, 1000);
+    let o = finelens(&["inspect", "--arch", "resnet18", p.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("arch         resnet18 (head linear)"), "{out}");
+    assert!(out.contains("parameters   11689512 in 122 tensors"), "{out}");
+    assert!(out.contains("classes      1000:"), "{out}");
+    assert!(out.contains("metadata     none recorded"), "{out}");
+
+    // Without --arch there is nothing to go on: say so, and list the choices.
+    assert_one_line_error(&finelens(&["inspect", p.to_str().unwrap()]), "no finelens metadata and no --arch");
+    // The wrong architecture: name the missing and unexpected keys.
+    let o = finelens(&["inspect", "--arch", "resnet34", p.to_str().unwrap()]);
+    assert_one_line_error(&o, "does not match resnet34: 96 missing keys (layer1.2.conv1.weight");
+    let o = finelens(&["inspect", "--arch", "resnet50", p.to_str().unwrap()]);
+    assert_one_line_error(&o, "resnet50");
+    assert_one_line_error(&finelens(&["inspect", "--arch", "vgg16", p.to_str().unwrap()]), "unknown architecture `vgg16`");
+}
+
+#[test]
+fn corrupt_missing_and_mismatched_checkpoints_fail_with_one_line() {
+    let d = tempfile::tempdir().unwrap();
+    let arg = |p: &PathBuf| p.to_str().unwrap().to_owned();
+
+    let missing = d.path().join("nope.safetensors");
+    assert_one_line_error(&finelens(&["inspect", "--arch", "resnet-mini", &arg(&missing)]), "nope.safetensors: No such file");
+
+    let garbage = d.path().join("garbage.safetensors");
+    std::fs::write(&garbage, b"this is not a safetensors file at all").unwrap();
+    assert_one_line_error(&finelens(&["inspect", "--arch", "resnet-mini", &arg(&garbage)]), "garbage.safetensors: not a valid safetensors file");
+
+    // Truncated: a good file cut in half.
+    let truncated = d.path().join("truncated.safetensors");
+    write_tensors(&truncated, mini_tensors());
+    let bytes = std::fs::read(&truncated).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    assert_one_line_error(&finelens(&["inspect", "--arch", "resnet-mini", &arg(&truncated)]), "truncated.safetensors: not a valid safetensors file");
+
+    let wrong_keys = d.path().join("keys.safetensors");
+    let mut t = mini_tensors();
+    t.retain(|(n, _)| !n.starts_with("layer4.1"));
+    write_tensors(&wrong_keys, t);
+    assert_one_line_error(&finelens(&["inspect", "--arch", "resnet-mini", &arg(&wrong_keys)]), "missing keys (layer4.1.conv1.weight");
+
+    let shape = d.path().join("shape.safetensors");
+    let mut t = mini_tensors();
+    for (n, v) in t.iter_mut() {
+        if n == "layer1.0.conv1.weight" {
+            *v = Tensor::zeros((16, 16, 5, 5), DType::F32, &Device::Cpu).unwrap();
+        }
+    }
+    write_tensors(&shape, t);
+    assert_one_line_error(&finelens(&["inspect", "--arch", "resnet-mini", &arg(&shape)]), "layer1.0.conv1.weight has shape [16, 16, 5, 5], resnet-mini expects [16, 16, 3, 3]");
+
+    let dtype = d.path().join("dtype.safetensors");
+    let mut t = mini_tensors();
+    for (n, v) in t.iter_mut() {
+        if n == "conv1.weight" {
+            *v = v.to_dtype(DType::I64).unwrap();
+        }
+    }
+    write_tensors(&dtype, t);
+    assert_one_line_error(&finelens(&["inspect", "--arch", "resnet-mini", &arg(&dtype)]), "conv1.weight has dtype i64, expected f32");
+
+    let nan = d.path().join("nan.safetensors");
+    let mut t = mini_tensors();
+    for (n, v) in t.iter_mut() {
+        if n == "fc.bias" {
+            *v = Tensor::new(&[f32::NAN, 0.0, 0.0], &Device::Cpu).unwrap();
+        }
+    }
+    write_tensors(&nan, t);
+    assert_one_line_error(&finelens(&["inspect", "--arch", "resnet-mini", &arg(&nan)]), "fc.bias contains non-finite values");
+}
+
+/// A small 3-class ImageFolder of synthetic pretraining images under `root`.
+fn small_folder(root: &Path) -> PathBuf {
+    let o = finelens(&[
+        "data", "synth", "--out", root.to_str().unwrap(), "--task", "pretrain",
+        "--train-per-class", "2", "--val-per-class", "1", "--test-per-class", "3",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    root.join("pretrain/images/test")
+}
+
+#[test]
+fn data_synth_is_deterministic() {
+    let d = tempfile::tempdir().unwrap();
+    let a = small_folder(&d.path().join("a"));
+    let b = small_folder(&d.path().join("b"));
+    let file = "star/00002.png";
+    assert_eq!(std::fs::read(a.join(file)).unwrap(), std::fs::read(b.join(file)).unwrap());
+    assert!(d.path().join("a/pretrain/masks/test").join(file).is_file());
+    assert_one_line_error(&finelens(&["data", "synth", "--task", "nope", "--out", d.path().to_str().unwrap()]), "unknown task `nope`");
+}
+
+#[test]
+fn eval_reports_metrics_and_handles_bad_images_and_outputs() {
+    let d = tempfile::tempdir().unwrap();
+    let data = small_folder(d.path());
+    // A fresh 6-class model with metadata, saved by `train` for one tiny epoch.
+    let ck = d.path().join("m.safetensors");
+    let o = finelens(&[
+        "train", "--train", data.to_str().unwrap(), "--val-fraction", "0.34", "--epochs", "1",
+        "--batch-size", "8", "--out", ck.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("epoch   1"), "{}", stderr(&o));
+
+    let json = d.path().join("out/metrics.json");
+    let o = finelens(&["eval", ck.to_str().unwrap(), "--data", data.to_str().unwrap(), "--json", json.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("on 18 images"), "{}", stdout(&o));
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(m["count"], 18);
+    assert_eq!(m["confusion"].as_array().unwrap().len(), 6);
+
+    // A file with an image ending that isn't an image: skipped with a warning, or fatal with --strict.
+    std::fs::write(data.join("circle/broken.png"), b"not a png").unwrap();
+    let o = finelens(&["eval", ck.to_str().unwrap(), "--data", data.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("warning: skipping") && stderr(&o).contains("broken.png"), "{}", stderr(&o));
+    let o = finelens(&["eval", ck.to_str().unwrap(), "--data", data.to_str().unwrap(), "--strict"]);
+    assert_one_line_error(&o, "broken.png: cannot decode image");
+    std::fs::remove_file(data.join("circle/broken.png")).unwrap();
+
+    // An empty class folder.
+    std::fs::create_dir(data.join("zzz-empty")).unwrap();
+    assert_one_line_error(&finelens(&["eval", ck.to_str().unwrap(), "--data", data.to_str().unwrap()]), "zzz-empty: class folder has no readable images");
+    std::fs::remove_dir(data.join("zzz-empty")).unwrap();
+
+    // An output path that can't be written (its parent is a file): error, and nothing half-written.
+    let blocker = d.path().join("blocker");
+    std::fs::write(&blocker, "a file").unwrap();
+    let o = finelens(&["eval", ck.to_str().unwrap(), "--data", data.to_str().unwrap(), "--json", blocker.join("m.json").to_str().unwrap()]);
+    assert_one_line_error(&o, "blocker");
+    assert_eq!(std::fs::read_to_string(&blocker).unwrap(), "a file");
+
+    // Training with an impossible learning rate or batch size never starts.
+    let o = finelens(&["train", "--train", data.to_str().unwrap(), "--lr", "0", "--out", d.path().join("x.safetensors").to_str().unwrap()]);
+    assert_one_line_error(&o, "learning rate 0 must be a positive number");
+    let o = finelens(&["train", "--train", data.to_str().unwrap(), "--batch-size", "0", "--out", d.path().join("x.safetensors").to_str().unwrap()]);
+    assert_one_line_error(&o, "batch size must be at least 1");
+    assert!(!d.path().join("x.safetensors").exists());
+}
+
+#[test]
+fn every_command_documents_its_options() {
+    for cmd in [vec!["--help"], vec!["demo", "--help"], vec!["data", "synth", "--help"], vec!["inspect", "--help"], vec!["eval", "--help"], vec!["train", "--help"]] {
+        let o = finelens(&cmd);
+        assert!(o.status.success(), "{cmd:?}");
+        let text = stdout(&o);
+        // Every option carries a description: after its name, or (long help) on the next line.
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            let t = line.trim_start();
+            if !(t.starts_with("--") || (t.starts_with('-') && t.contains(", --"))) {
+                continue;
+            }
+            let same_line = t.split_once("  ").is_some_and(|(_, d)| !d.trim().is_empty() && !d.trim().starts_with("[default"));
+            let next_line = lines.get(i + 1).is_some_and(|n| {
+                let n = n.trim();
+                !n.is_empty() && !n.starts_with('-') && !n.starts_with("[default")
+            });
+            assert!(same_line || next_line, "{cmd:?}: undocumented option: {line}");
+        }
+    }
+}
+
+#[test]
+fn demo_evaluates_the_shipped_fixture() {
+    let d = tempfile::tempdir().unwrap();
+    let o = finelens(&["demo", "--data", d.path().join("data").to_str().unwrap(), "--out", d.path().join("out").to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("pretrained fixture"), "{out}");
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.path().join("out/pretrain-test-metrics.json")).unwrap()).unwrap();
+    assert_eq!(m["count"], 300);
+    // The fixture learned the pretraining task: far above the 1/6 of chance.
+    let acc = m["accuracy"].as_f64().unwrap();
+    assert!(acc > 0.85, "fixture accuracy {acc}");
+}
