@@ -8,7 +8,10 @@ use candle_core::{DType, Device, Tensor};
 use finelens_models::{Arch, Head, ModelConfig, ParamStore};
 
 fn finelens(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_finelens")).args(args).output().expect("the binary runs")
+    Command::new(env!("CARGO_BIN_EXE_finelens"))
+        .args(args)
+        .output()
+        .expect("the binary runs")
 }
 
 fn stdout(o: &Output) -> String {
@@ -27,7 +30,10 @@ fn assert_one_line_error(o: &Output, needle: &str) {
     assert!(!err.contains("panicked"), "{err}");
     let lines: Vec<&str> = err.lines().filter(|l| !l.starts_with("warning:")).collect();
     assert_eq!(lines.len(), 1, "expected one error line, got: {err}");
-    assert!(lines[0].starts_with("error: ") && lines[0].contains(needle), "`{needle}` not in: {err}");
+    assert!(
+        lines[0].starts_with("error: ") && lines[0].contains(needle),
+        "`{needle}` not in: {err}"
+    );
 }
 
 /// The state dict a torchvision model saves with `safetensors.torch.save_file(model.state_dict())`:
@@ -41,7 +47,11 @@ fn write_torchvision_state_dict(path: &Path, arch: Arch, classes: usize) {
 }
 
 fn write_tensors(path: &Path, tensors: Vec<(String, Tensor)>) {
-    std::fs::write(path, safetensors::serialize(tensors, None::<HashMap<String, String>>).unwrap()).unwrap();
+    std::fs::write(
+        path,
+        safetensors::serialize(tensors, None::<HashMap<String, String>>).unwrap(),
+    )
+    .unwrap();
 }
 
 fn mini_tensors() -> Vec<(String, Tensor)> {
@@ -59,18 +69,30 @@ fn bare_torchvision_resnet18_loads_with_arch_and_no_conversion() {
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
     assert!(out.contains("arch         resnet18 (head linear)"), "{out}");
-    assert!(out.contains("parameters   11689512 in 122 tensors"), "{out}");
+    assert!(
+        out.contains("parameters   11689512 in 122 tensors"),
+        "{out}"
+    );
     assert!(out.contains("classes      1000:"), "{out}");
     assert!(out.contains("metadata     none recorded"), "{out}");
 
     // Without --arch there is nothing to go on: say so, and list the choices.
-    assert_one_line_error(&finelens(&["inspect", p.to_str().unwrap()]), "no finelens metadata and no --arch");
+    assert_one_line_error(
+        &finelens(&["inspect", p.to_str().unwrap()]),
+        "no finelens metadata and no --arch",
+    );
     // The wrong architecture: name the missing and unexpected keys.
     let o = finelens(&["inspect", "--arch", "resnet34", p.to_str().unwrap()]);
-    assert_one_line_error(&o, "does not match resnet34: 96 missing keys (layer1.2.conv1.weight");
+    assert_one_line_error(
+        &o,
+        "does not match resnet34: 96 missing keys (layer1.2.conv1.weight",
+    );
     let o = finelens(&["inspect", "--arch", "resnet50", p.to_str().unwrap()]);
     assert_one_line_error(&o, "resnet50");
-    assert_one_line_error(&finelens(&["inspect", "--arch", "vgg16", p.to_str().unwrap()]), "unknown architecture `vgg16`");
+    assert_one_line_error(
+        &finelens(&["inspect", "--arch", "vgg16", p.to_str().unwrap()]),
+        "unknown architecture `vgg16`",
+    );
 }
 
 #[test]
@@ -79,24 +101,36 @@ fn corrupt_missing_and_mismatched_checkpoints_fail_with_one_line() {
     let arg = |p: &PathBuf| p.to_str().unwrap().to_owned();
 
     let missing = d.path().join("nope.safetensors");
-    assert_one_line_error(&finelens(&["inspect", "--arch", "resnet-mini", &arg(&missing)]), "nope.safetensors: No such file");
+    assert_one_line_error(
+        &finelens(&["inspect", "--arch", "resnet-mini", &arg(&missing)]),
+        "nope.safetensors: No such file",
+    );
 
     let garbage = d.path().join("garbage.safetensors");
     std::fs::write(&garbage, b"this is not a safetensors file at all").unwrap();
-    assert_one_line_error(&finelens(&["inspect", "--arch", "resnet-mini", &arg(&garbage)]), "garbage.safetensors: not a valid safetensors file");
+    assert_one_line_error(
+        &finelens(&["inspect", "--arch", "resnet-mini", &arg(&garbage)]),
+        "garbage.safetensors: not a valid safetensors file",
+    );
 
     // Truncated: a good file cut in half.
     let truncated = d.path().join("truncated.safetensors");
     write_tensors(&truncated, mini_tensors());
     let bytes = std::fs::read(&truncated).unwrap();
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
-    assert_one_line_error(&finelens(&["inspect", "--arch", "resnet-mini", &arg(&truncated)]), "truncated.safetensors: not a valid safetensors file");
+    assert_one_line_error(
+        &finelens(&["inspect", "--arch", "resnet-mini", &arg(&truncated)]),
+        "truncated.safetensors: not a valid safetensors file",
+    );
 
     let wrong_keys = d.path().join("keys.safetensors");
     let mut t = mini_tensors();
     t.retain(|(n, _)| !n.starts_with("layer4.1"));
     write_tensors(&wrong_keys, t);
-    assert_one_line_error(&finelens(&["inspect", "--arch", "resnet-mini", &arg(&wrong_keys)]), "missing keys (layer4.1.conv1.weight");
+    assert_one_line_error(
+        &finelens(&["inspect", "--arch", "resnet-mini", &arg(&wrong_keys)]),
+        "missing keys (layer4.1.conv1.weight",
+    );
 
     let shape = d.path().join("shape.safetensors");
     let mut t = mini_tensors();
@@ -106,7 +140,10 @@ fn corrupt_missing_and_mismatched_checkpoints_fail_with_one_line() {
         }
     }
     write_tensors(&shape, t);
-    assert_one_line_error(&finelens(&["inspect", "--arch", "resnet-mini", &arg(&shape)]), "layer1.0.conv1.weight has shape [16, 16, 5, 5], resnet-mini expects [16, 16, 3, 3]");
+    assert_one_line_error(
+        &finelens(&["inspect", "--arch", "resnet-mini", &arg(&shape)]),
+        "layer1.0.conv1.weight has shape [16, 16, 5, 5], resnet-mini expects [16, 16, 3, 3]",
+    );
 
     let dtype = d.path().join("dtype.safetensors");
     let mut t = mini_tensors();
@@ -116,7 +153,10 @@ fn corrupt_missing_and_mismatched_checkpoints_fail_with_one_line() {
         }
     }
     write_tensors(&dtype, t);
-    assert_one_line_error(&finelens(&["inspect", "--arch", "resnet-mini", &arg(&dtype)]), "conv1.weight has dtype i64, expected f32");
+    assert_one_line_error(
+        &finelens(&["inspect", "--arch", "resnet-mini", &arg(&dtype)]),
+        "conv1.weight has dtype i64, expected f32",
+    );
 
     let nan = d.path().join("nan.safetensors");
     let mut t = mini_tensors();
@@ -126,14 +166,27 @@ fn corrupt_missing_and_mismatched_checkpoints_fail_with_one_line() {
         }
     }
     write_tensors(&nan, t);
-    assert_one_line_error(&finelens(&["inspect", "--arch", "resnet-mini", &arg(&nan)]), "fc.bias contains non-finite values");
+    assert_one_line_error(
+        &finelens(&["inspect", "--arch", "resnet-mini", &arg(&nan)]),
+        "fc.bias contains non-finite values",
+    );
 }
 
 /// A small 3-class ImageFolder of synthetic pretraining images under `root`.
 fn small_folder(root: &Path) -> PathBuf {
     let o = finelens(&[
-        "data", "synth", "--out", root.to_str().unwrap(), "--task", "pretrain",
-        "--train-per-class", "2", "--val-per-class", "1", "--test-per-class", "3",
+        "data",
+        "synth",
+        "--out",
+        root.to_str().unwrap(),
+        "--task",
+        "pretrain",
+        "--train-per-class",
+        "2",
+        "--val-per-class",
+        "1",
+        "--test-per-class",
+        "3",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     root.join("pretrain/images/test")
@@ -145,9 +198,22 @@ fn data_synth_is_deterministic() {
     let a = small_folder(&d.path().join("a"));
     let b = small_folder(&d.path().join("b"));
     let file = "star/00002.png";
-    assert_eq!(std::fs::read(a.join(file)).unwrap(), std::fs::read(b.join(file)).unwrap());
+    assert_eq!(
+        std::fs::read(a.join(file)).unwrap(),
+        std::fs::read(b.join(file)).unwrap()
+    );
     assert!(d.path().join("a/pretrain/masks/test").join(file).is_file());
-    assert_one_line_error(&finelens(&["data", "synth", "--task", "nope", "--out", d.path().to_str().unwrap()]), "unknown task `nope`");
+    assert_one_line_error(
+        &finelens(&[
+            "data",
+            "synth",
+            "--task",
+            "nope",
+            "--out",
+            d.path().to_str().unwrap(),
+        ]),
+        "unknown task `nope`",
+    );
 }
 
 #[test]
@@ -157,52 +223,123 @@ fn eval_reports_metrics_and_handles_bad_images_and_outputs() {
     // A fresh 6-class model with metadata, saved by `train` for one tiny epoch.
     let ck = d.path().join("m.safetensors");
     let o = finelens(&[
-        "train", "--train", data.to_str().unwrap(), "--val-fraction", "0.34", "--epochs", "1",
-        "--batch-size", "8", "--out", ck.to_str().unwrap(),
+        "train",
+        "--train",
+        data.to_str().unwrap(),
+        "--val-fraction",
+        "0.34",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--out",
+        ck.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("epoch   1"), "{}", stderr(&o));
 
     let json = d.path().join("out/metrics.json");
-    let o = finelens(&["eval", ck.to_str().unwrap(), "--data", data.to_str().unwrap(), "--json", json.to_str().unwrap()]);
+    let o = finelens(&[
+        "eval",
+        ck.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("on 18 images"), "{}", stdout(&o));
-    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(m["count"], 18);
     assert_eq!(m["confusion"].as_array().unwrap().len(), 6);
 
     // A file with an image ending that isn't an image: skipped with a warning, or fatal with --strict.
     std::fs::write(data.join("circle/broken.png"), b"not a png").unwrap();
-    let o = finelens(&["eval", ck.to_str().unwrap(), "--data", data.to_str().unwrap()]);
+    let o = finelens(&[
+        "eval",
+        ck.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stderr(&o).contains("warning: skipping") && stderr(&o).contains("broken.png"), "{}", stderr(&o));
-    let o = finelens(&["eval", ck.to_str().unwrap(), "--data", data.to_str().unwrap(), "--strict"]);
+    assert!(
+        stderr(&o).contains("warning: skipping") && stderr(&o).contains("broken.png"),
+        "{}",
+        stderr(&o)
+    );
+    let o = finelens(&[
+        "eval",
+        ck.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--strict",
+    ]);
     assert_one_line_error(&o, "broken.png: cannot decode image");
     std::fs::remove_file(data.join("circle/broken.png")).unwrap();
 
     // An empty class folder.
     std::fs::create_dir(data.join("zzz-empty")).unwrap();
-    assert_one_line_error(&finelens(&["eval", ck.to_str().unwrap(), "--data", data.to_str().unwrap()]), "zzz-empty: class folder has no readable images");
+    assert_one_line_error(
+        &finelens(&[
+            "eval",
+            ck.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+        ]),
+        "zzz-empty: class folder has no readable images",
+    );
     std::fs::remove_dir(data.join("zzz-empty")).unwrap();
 
     // An output path that can't be written (its parent is a file): error, and nothing half-written.
     let blocker = d.path().join("blocker");
     std::fs::write(&blocker, "a file").unwrap();
-    let o = finelens(&["eval", ck.to_str().unwrap(), "--data", data.to_str().unwrap(), "--json", blocker.join("m.json").to_str().unwrap()]);
+    let o = finelens(&[
+        "eval",
+        ck.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--json",
+        blocker.join("m.json").to_str().unwrap(),
+    ]);
     assert_one_line_error(&o, "blocker");
     assert_eq!(std::fs::read_to_string(&blocker).unwrap(), "a file");
 
     // Training with an impossible learning rate or batch size never starts.
-    let o = finelens(&["train", "--train", data.to_str().unwrap(), "--lr", "0", "--out", d.path().join("x.safetensors").to_str().unwrap()]);
+    let o = finelens(&[
+        "train",
+        "--train",
+        data.to_str().unwrap(),
+        "--lr",
+        "0",
+        "--out",
+        d.path().join("x.safetensors").to_str().unwrap(),
+    ]);
     assert_one_line_error(&o, "learning rate 0 must be a positive number");
-    let o = finelens(&["train", "--train", data.to_str().unwrap(), "--batch-size", "0", "--out", d.path().join("x.safetensors").to_str().unwrap()]);
+    let o = finelens(&[
+        "train",
+        "--train",
+        data.to_str().unwrap(),
+        "--batch-size",
+        "0",
+        "--out",
+        d.path().join("x.safetensors").to_str().unwrap(),
+    ]);
     assert_one_line_error(&o, "batch size must be at least 1");
     assert!(!d.path().join("x.safetensors").exists());
 }
 
 #[test]
 fn every_command_documents_its_options() {
-    for cmd in [vec!["--help"], vec!["demo", "--help"], vec!["data", "synth", "--help"], vec!["inspect", "--help"], vec!["eval", "--help"], vec!["train", "--help"]] {
+    for cmd in [
+        vec!["--help"],
+        vec!["demo", "--help"],
+        vec!["data", "synth", "--help"],
+        vec!["inspect", "--help"],
+        vec!["eval", "--help"],
+        vec!["train", "--help"],
+        vec!["finetune", "--help"],
+    ] {
         let o = finelens(&cmd);
         assert!(o.status.success(), "{cmd:?}");
         let text = stdout(&o);
@@ -213,12 +350,17 @@ fn every_command_documents_its_options() {
             if !(t.starts_with("--") || (t.starts_with('-') && t.contains(", --"))) {
                 continue;
             }
-            let same_line = t.split_once("  ").is_some_and(|(_, d)| !d.trim().is_empty() && !d.trim().starts_with("[default"));
+            let same_line = t
+                .split_once("  ")
+                .is_some_and(|(_, d)| !d.trim().is_empty() && !d.trim().starts_with("[default"));
             let next_line = lines.get(i + 1).is_some_and(|n| {
                 let n = n.trim();
                 !n.is_empty() && !n.starts_with('-') && !n.starts_with("[default")
             });
-            assert!(same_line || next_line, "{cmd:?}: undocumented option: {line}");
+            assert!(
+                same_line || next_line,
+                "{cmd:?}: undocumented option: {line}"
+            );
         }
     }
 }
@@ -226,13 +368,132 @@ fn every_command_documents_its_options() {
 #[test]
 fn demo_evaluates_the_shipped_fixture() {
     let d = tempfile::tempdir().unwrap();
-    let o = finelens(&["demo", "--data", d.path().join("data").to_str().unwrap(), "--out", d.path().join("out").to_str().unwrap()]);
+    let o = finelens(&[
+        "demo",
+        "--data",
+        d.path().join("data").to_str().unwrap(),
+        "--out",
+        d.path().join("out").to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
     assert!(out.contains("pretrained fixture"), "{out}");
-    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.path().join("out/pretrain-test-metrics.json")).unwrap()).unwrap();
+    let m: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(d.path().join("out/pretrain-test-metrics.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(m["count"], 300);
     // The fixture learned the pretraining task: far above the 1/6 of chance.
     let acc = m["accuracy"].as_f64().unwrap();
     assert!(acc > 0.85, "fixture accuracy {acc}");
+}
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/resnet-mini-pretrain.safetensors")
+}
+
+#[test]
+fn finetune_head_only_keeps_the_body_bit_identical_and_records_the_parent() {
+    let d = tempfile::tempdir().unwrap();
+    let o = finelens(&[
+        "data",
+        "synth",
+        "--out",
+        d.path().to_str().unwrap(),
+        "--task",
+        "finetune",
+        "--train-per-class",
+        "4",
+        "--val-per-class",
+        "2",
+        "--test-per-class",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let images = d.path().join("finetune/images");
+    let out = d.path().join("run");
+    let o = finelens(&[
+        "finetune",
+        fixture().to_str().unwrap(),
+        "--train",
+        images.join("train").to_str().unwrap(),
+        "--val",
+        images.join("val").to_str().unwrap(),
+        "--head",
+        "mlp:16",
+        "--freeze",
+        "head-only",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--lr",
+        "0.01",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("best epoch"), "{}", stdout(&o));
+
+    let parent = finelens_models::checkpoint::load(&fixture(), None).unwrap();
+    let child = finelens_models::checkpoint::load(&out.join("model.safetensors"), None).unwrap();
+    assert_eq!(
+        child.meta.parent_sha256.as_deref(),
+        Some(parent.sha256.as_str())
+    );
+    assert_eq!(
+        child.meta.class_names,
+        vec!["arrow", "crescent", "diamond", "heart"]
+    );
+    assert_eq!(child.meta.head, Head::Mlp { hidden: 16 });
+    let mut compared = 0;
+    for (name, t, _) in child.store.iter() {
+        if name.starts_with("fc.") {
+            continue;
+        }
+        let p = parent.store.tensor(name).unwrap();
+        let bytes = |t: &Tensor| {
+            t.to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+        };
+        assert_eq!(bytes(&t), bytes(&p), "{name} moved although frozen");
+        compared += 1;
+    }
+    assert_eq!(compared, 120, "every body tensor compared");
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(m["history"].as_array().unwrap().len(), 2);
+    assert_eq!(m["parent_sha256"], parent.sha256.as_str());
+
+    // Freezing everything is an error before any work; a glob that freezes nothing is a warning.
+    let args = |freeze: &str, dir: &str| {
+        finelens(&[
+            "finetune",
+            fixture().to_str().unwrap(),
+            "--train",
+            images.join("train").to_str().unwrap(),
+            "--freeze",
+            freeze,
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--out",
+            d.path().join(dir).to_str().unwrap(),
+        ])
+    };
+    assert_one_line_error(&args("*", "all"), "freezes every parameter");
+    assert!(!d.path().join("all/model.safetensors").exists());
+    let o = args("no.such.layer*", "none");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("warning: --freeze no.such.layer* matches no parameter"),
+        "{}",
+        stderr(&o)
+    );
+    assert_one_line_error(&args("last:x", "bad"), "last:N needs a whole number");
 }

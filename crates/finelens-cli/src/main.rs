@@ -24,7 +24,11 @@ const DATA_DIR: &str = "fixtures/data";
 const DEMO_DIR: &str = "reports/demo";
 
 #[derive(Parser)]
-#[command(name = "finelens", version, about = "Fine-tune image classifiers, then explain, compare and audit them.")]
+#[command(
+    name = "finelens",
+    version,
+    about = "Fine-tune image classifiers, then explain, compare and audit them."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -44,6 +48,9 @@ enum Command {
     Eval(EvalArgs),
     /// Train a model from a seeded random initialisation on an ImageFolder (how the fixture is made).
     Train(TrainArgs),
+    /// Fine-tune a pretrained checkpoint on a new ImageFolder task: new head, freezing,
+    /// discriminative learning rates; keeps the epoch with the lowest validation loss.
+    Finetune(FinetuneArgs),
 }
 
 #[derive(Subcommand)]
@@ -132,8 +139,9 @@ struct EvalArgs {
     json: Option<PathBuf>,
 }
 
+/// Where training and validation images come from.
 #[derive(Args)]
-struct TrainArgs {
+struct SplitArgs {
     /// Training ImageFolder: <train>/<class>/<image>.
     #[arg(long)]
     train: PathBuf,
@@ -143,6 +151,36 @@ struct TrainArgs {
     /// Share of each class held out for validation when --val is not given.
     #[arg(long, default_value_t = 0.2)]
     val_fraction: f64,
+}
+
+impl SplitArgs {
+    /// Class names, training and validation samples: two folders with the same classes, or a
+    /// seeded split of one.
+    fn load(&self, seed: u64, strict: bool) -> Result<(Vec<String>, Vec<Sample>, Vec<Sample>)> {
+        let tf = open_folder(&self.train, strict)?;
+        let (t, v) = match &self.val {
+            Some(v) => {
+                let vf = open_folder(v, strict)?;
+                if vf.classes != tf.classes {
+                    bail!(
+                        "{}: classes [{}] differ from the training folder's [{}]",
+                        v.display(),
+                        vf.classes.join(", "),
+                        tf.classes.join(", ")
+                    );
+                }
+                (tf.samples.clone(), vf.samples)
+            }
+            None => tf.split(self.val_fraction, seed)?,
+        };
+        Ok((tf.classes, t, v))
+    }
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    #[command(flatten)]
+    split: SplitArgs,
     /// Architecture: resnet18, resnet34, resnet50, resnet-mini.
     #[arg(long, default_value = "resnet-mini")]
     arch: String,
@@ -153,6 +191,33 @@ struct TrainArgs {
     #[arg(long)]
     size: Option<usize>,
     /// Where to write the checkpoint.
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    hp: Hyperparams,
+    #[command(flatten)]
+    data_args: DataArgs,
+}
+
+#[derive(Args)]
+struct FinetuneArgs {
+    /// The pretrained checkpoint (.safetensors).
+    checkpoint: PathBuf,
+    #[command(flatten)]
+    ckpt: CheckpointArgs,
+    #[command(flatten)]
+    split: SplitArgs,
+    /// New classifier head: linear, or mlp:N (GAP → Dense(N) → ReLU → Dense(classes)).
+    #[arg(long, default_value = "linear")]
+    head: String,
+    /// What stays frozen: head-only (linear probe), last:N (train the last N residual blocks
+    /// and the head), none, or comma-separated globs of parameter names to freeze.
+    #[arg(long, default_value = "none")]
+    freeze: String,
+    /// The backbone's learning rate as a multiple of the head's (discriminative fine-tuning).
+    #[arg(long, default_value_t = 1.0)]
+    backbone_lr_mult: f64,
+    /// Output directory: model.safetensors (best epoch) and metrics.json.
     #[arg(long)]
     out: PathBuf,
     #[command(flatten)]
@@ -247,6 +312,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Inspect(a) => inspect(a),
         Command::Eval(a) => eval_cmd(a),
         Command::Train(a) => train_cmd(a),
+        Command::Finetune(a) => finetune_cmd(a),
     }
 }
 
@@ -276,12 +342,22 @@ fn synth_config(a: &SynthArgs) -> SynthConfig {
 }
 
 fn synth_cmd(a: SynthArgs) -> Result<()> {
-    let tasks = if a.task == "all" { Task::ALL.to_vec() } else { vec![Task::parse(&a.task)?] };
+    let tasks = if a.task == "all" {
+        Task::ALL.to_vec()
+    } else {
+        vec![Task::parse(&a.task)?]
+    };
     let cfg = synth_config(&a);
     for task in tasks {
         let t = Instant::now();
         let dir = synth::generate(&a.out, task, &cfg, a.force)?;
-        println!("{}: {} classes → {} ({:.1} s)", task.name(), task.shapes().len(), dir.root.display(), t.elapsed().as_secs_f64());
+        println!(
+            "{}: {} classes → {} ({:.1} s)",
+            task.name(),
+            task.shapes().len(),
+            dir.root.display(),
+            t.elapsed().as_secs_f64()
+        );
     }
     Ok(())
 }
@@ -304,11 +380,28 @@ fn inspect(a: InspectArgs) -> Result<()> {
     println!("checkpoint   {}", ck.path.display());
     println!("sha256       {}", ck.sha256);
     println!("arch         {} (head {})", m.arch, m.head);
-    println!("parameters   {} in {} tensors", ck.store.num_weights(), ck.store.names().count());
-    println!("classes      {}: {}", m.num_classes, m.class_names.join(", "));
-    println!("input        {0}×{0}, crop {1}, mean {2:?}, std {3:?}", m.input_size, m.crop_pct, m.mean, m.std);
-    println!("parent       {}", m.parent_sha256.as_deref().unwrap_or("none"));
-    println!("seed         {}", m.seed.map_or("none".into(), |s| s.to_string()));
+    println!(
+        "parameters   {} in {} tensors",
+        ck.store.num_weights(),
+        ck.store.names().count()
+    );
+    println!(
+        "classes      {}: {}",
+        m.num_classes,
+        m.class_names.join(", ")
+    );
+    println!(
+        "input        {0}×{0}, crop {1}, mean {2:?}, std {3:?}",
+        m.input_size, m.crop_pct, m.mean, m.std
+    );
+    println!(
+        "parent       {}",
+        m.parent_sha256.as_deref().unwrap_or("none")
+    );
+    println!(
+        "seed         {}",
+        m.seed.map_or("none".into(), |s| s.to_string())
+    );
     if !ck.meta_recorded {
         println!("metadata     none recorded: classes, input size and normalisation are defaults");
     }
@@ -355,7 +448,11 @@ fn eval_loader(pre: Preprocess, d: &DataArgs) -> Loader {
 }
 
 /// Evaluate a loaded checkpoint on an ImageFolder whose classes must match its own.
-fn evaluate_checkpoint(ck: &checkpoint::Checkpoint, folder: &ImageFolder, d: &DataArgs) -> Result<Metrics> {
+fn evaluate_checkpoint(
+    ck: &checkpoint::Checkpoint,
+    folder: &ImageFolder,
+    d: &DataArgs,
+) -> Result<Metrics> {
     if folder.classes != ck.meta.class_names {
         bail!(
             "{}: classes [{}] do not match the checkpoint's [{}]",
@@ -366,20 +463,38 @@ fn evaluate_checkpoint(ck: &checkpoint::Checkpoint, folder: &ImageFolder, d: &Da
     }
     let model = ResNet::new(ck.config()?, &ck.store)?;
     let loader = eval_loader(preprocess_of(&ck.meta), d);
-    Ok(evaluate(&model, &folder.samples, &loader, &ck.meta.class_names, &Device::Cpu)?)
+    Ok(evaluate(
+        &model,
+        &folder.samples,
+        &loader,
+        &ck.meta.class_names,
+        &Device::Cpu,
+    )?)
 }
 
 fn print_metrics(m: &Metrics) {
-    println!("accuracy {:.2}% on {} images, loss {:.4}", 100.0 * m.accuracy, m.count, m.loss);
-    println!("{:<16} {:>9} {:>9} {:>9} {:>8}", "class", "precision", "recall", "f1", "support");
+    println!(
+        "accuracy {:.2}% on {} images, loss {:.4}",
+        100.0 * m.accuracy,
+        m.count,
+        m.loss
+    );
+    println!(
+        "{:<16} {:>9} {:>9} {:>9} {:>8}",
+        "class", "precision", "recall", "f1", "support"
+    );
     for c in &m.per_class {
-        println!("{:<16} {:>9.3} {:>9.3} {:>9.3} {:>8}", c.class, c.precision, c.recall, c.f1, c.support);
+        println!(
+            "{:<16} {:>9.3} {:>9.3} {:>9.3} {:>8}",
+            c.class, c.precision, c.recall, c.f1, c.support
+        );
     }
 }
 
 fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create directory", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create directory", dir.display()))?;
     }
     checkpoint::write_atomic(path, serde_json::to_string_pretty(value)?.as_bytes())?;
     Ok(())
@@ -396,25 +511,53 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
     Ok(())
 }
 
+/// Create `dir` (for outputs) up front, so an unwritable destination fails before training.
+fn ensure_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("{}: cannot create output directory", dir.display()))
+}
+
+fn train_loader(pre: &Preprocess, hp: &Hyperparams, d: &DataArgs) -> Result<Loader> {
+    let l = Loader {
+        preprocess: pre.clone(),
+        augment: Some(Augment {
+            scale: (hp.crop_scale_min, 1.0),
+            ..Augment::default()
+        }),
+        batch_size: d.batch_size,
+        shuffle: true,
+        seed: hp.seed,
+        on_bad: on_bad(d.strict),
+    };
+    l.check()?;
+    Ok(l)
+}
+
+fn history_json(history: &[finelens_tune::EpochRecord]) -> serde_json::Value {
+    history
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "epoch": r.epoch, "train_loss": r.train_loss, "train_accuracy": r.train_accuracy,
+                "val_loss": r.val.loss, "val_accuracy": r.val.accuracy, "lr_end": r.lr_end,
+                "seconds": r.seconds, "images_per_second": r.images_per_second,
+            })
+        })
+        .collect()
+}
+
 fn train_cmd(a: TrainArgs) -> Result<()> {
     let arch = Arch::parse(&a.arch)?;
     let head = Head::parse(&a.head)?;
     let cfg = a.hp.train_config(a.data_args.batch_size)?;
     // Fail on an unwritable destination before spending minutes training.
-    let out_dir = a.out.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(out_dir).with_context(|| format!("{}: cannot create output directory", out_dir.display()))?;
-    let train_folder = open_folder(&a.train, a.data_args.strict)?;
-    let (train, val): (Vec<Sample>, Vec<Sample>) = match &a.val {
-        Some(v) => {
-            let vf = open_folder(v, a.data_args.strict)?;
-            if vf.classes != train_folder.classes {
-                bail!("{}: classes [{}] differ from the training folder's [{}]", v.display(), vf.classes.join(", "), train_folder.classes.join(", "));
-            }
-            (train_folder.samples.clone(), vf.samples)
-        }
-        None => train_folder.split(a.val_fraction, a.hp.seed)?,
-    };
-    let classes = train_folder.classes.clone();
+    ensure_dir(
+        a.out
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new(".")),
+    )?;
+    let (classes, train, val) = a.split.load(a.hp.seed, a.data_args.strict)?;
     let config = ModelConfig::new(arch, classes.len(), head)?;
     let mut meta = Metadata::inferred(config);
     meta.class_names = classes.clone();
@@ -422,18 +565,7 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
     meta.crop_pct = 1.0;
     meta.seed = Some(a.hp.seed);
     let pre = preprocess_of(&meta);
-    let train_loader = Loader {
-        preprocess: pre.clone(),
-        augment: Some(Augment {
-            scale: (a.hp.crop_scale_min, 1.0),
-            ..Augment::default()
-        }),
-        batch_size: cfg.batch_size,
-        shuffle: true,
-        seed: a.hp.seed,
-        on_bad: on_bad(a.data_args.strict),
-    };
-    train_loader.check()?;
+    let train_loader = train_loader(&pre, &a.hp, &a.data_args)?;
     let val_loader = eval_loader(pre, &a.data_args);
     let store = ParamStore::init(&config.param_specs(), a.hp.seed, &Device::Cpu)?;
     let model = ResNet::new(config, &store)?;
@@ -452,7 +584,15 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         class_names: &classes,
     };
     let mut bar = progress::Reporter::new();
-    let history = fit(&model, &store, &data, &cfg, &|_| 1.0, &Device::Cpu, &mut |p| bar.report(p))?;
+    let history = fit(
+        &model,
+        &store,
+        &data,
+        &cfg,
+        &|_| 1.0,
+        &Device::Cpu,
+        &mut |p| bar.report(p),
+    )?;
     bar.finish();
     let last = history.last().expect("at least one epoch");
     meta.training = Some(serde_json::json!({
@@ -460,10 +600,7 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         "config": cfg,
         "train_images": train.len(),
         "val_images": val.len(),
-        "history": history.iter().map(|r| serde_json::json!({
-            "epoch": r.epoch, "train_loss": r.train_loss, "train_accuracy": r.train_accuracy,
-            "val_loss": r.val.loss, "val_accuracy": r.val.accuracy, "seconds": r.seconds,
-        })).collect::<Vec<_>>(),
+        "history": history_json(&history),
     }));
     let sha = checkpoint::save(&a.out, &store, &meta)?;
     println!(
@@ -475,22 +612,165 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
     Ok(())
 }
 
+fn finetune_cmd(a: FinetuneArgs) -> Result<()> {
+    let parent = a.ckpt.load(&a.checkpoint)?;
+    let head = Head::parse(&a.head)?;
+    let freeze = finelens_tune::FreezePolicy::parse(&a.freeze)?;
+    let mut cfg = a.hp.train_config(a.data_args.batch_size)?;
+    cfg.backbone_lr_mult = a.backbone_lr_mult;
+    cfg.check()?;
+    ensure_dir(&a.out)?;
+    let (classes, train, val) = a.split.load(a.hp.seed, a.data_args.strict)?;
+    let config = ModelConfig::new(parent.meta.arch, classes.len(), head)?;
+    let mut store = finelens_tune::with_new_head(&parent.store, config, a.hp.seed)?;
+    let frozen = freeze.apply(&mut store, head)?;
+    if frozen == 0 && matches!(freeze, finelens_tune::FreezePolicy::Globs(_)) {
+        eprintln!(
+            "warning: --freeze {} matches no parameter; everything trains",
+            a.freeze
+        );
+    }
+    let model = ResNet::new(config, &store)?;
+    let mut meta = parent.meta.clone();
+    meta.head = head;
+    meta.num_classes = classes.len();
+    meta.class_names = classes.clone();
+    meta.parent_sha256 = Some(parent.sha256.clone());
+    meta.seed = Some(a.hp.seed);
+    meta.finelens_version = env!("CARGO_PKG_VERSION").into();
+    let pre = preprocess_of(&meta);
+    let train_loader = train_loader(&pre, &a.hp, &a.data_args)?;
+    let val_loader = eval_loader(pre, &a.data_args);
+    println!(
+        "fine-tuning {} from {} (sha256 {}) on {} images, validating on {}, {} classes; {} of {} parameter tensors frozen",
+        meta.arch,
+        parent.path.display(),
+        &parent.sha256[..12],
+        train.len(),
+        val.len(),
+        classes.len(),
+        frozen,
+        store.names().filter(|n| !n.contains("running_") && !n.ends_with("num_batches_tracked")).count()
+    );
+    let data = TrainData {
+        train: &train,
+        val: &val,
+        train_loader: &train_loader,
+        eval_loader: &val_loader,
+        class_names: &classes,
+    };
+    let model_path = a.out.join("model.safetensors");
+    let is_head = |n: &str| head.prefixes().iter().any(|p| n.starts_with(p));
+    let lr_mult = |n: &str| if is_head(n) { 1.0 } else { a.backbone_lr_mult };
+    let training_meta = |history: &[finelens_tune::EpochRecord], best: usize| {
+        serde_json::json!({
+            "kind": "fine-tune", "parent": parent.path, "freeze": a.freeze, "config": cfg,
+            "train_images": train.len(), "val_images": val.len(), "best_epoch": best,
+            "history": history_json(history),
+        })
+    };
+    let mut bar = progress::Reporter::new();
+    let mut best: Option<(f64, usize)> = None;
+    let mut records: Vec<finelens_tune::EpochRecord> = Vec::new();
+    let mut save_error: Option<anyhow::Error> = None;
+    let history = fit(
+        &model,
+        &store,
+        &data,
+        &cfg,
+        &lr_mult,
+        &Device::Cpu,
+        &mut |p| {
+            if let finelens_tune::Progress::Epoch(r) = &p {
+                records.push((*r).clone());
+                // Keep the epoch with the lowest validation loss (written atomically, so an
+                // interruption leaves the previous best intact).
+                if save_error.is_none() && best.is_none_or(|(l, _)| r.val.loss < l) {
+                    best = Some((r.val.loss, r.epoch));
+                    let mut m = meta.clone();
+                    m.training = Some(training_meta(&records, r.epoch));
+                    if let Err(e) = checkpoint::save(&model_path, &store, &m) {
+                        save_error = Some(e.into());
+                    }
+                }
+            }
+            bar.report(p);
+        },
+    )?;
+    bar.finish();
+    if let Some(e) = save_error {
+        return Err(e);
+    }
+    let (_, best_epoch) = best.expect("at least one epoch");
+    let best_record = &history[best_epoch];
+    let metrics = serde_json::json!({
+        "best_epoch": best_epoch,
+        "val": best_record.val,
+        "history": history_json(&history),
+        "parent_sha256": parent.sha256,
+        "checkpoint": model_path,
+    });
+    write_json(&a.out.join("metrics.json"), &metrics)?;
+    println!(
+        "best epoch {} of {}: validation accuracy {:.2}%, loss {:.4}",
+        best_epoch + 1,
+        history.len(),
+        100.0 * best_record.val.accuracy,
+        best_record.val.loss
+    );
+    println!(
+        "checkpoint {}\nmetrics    {}",
+        model_path.display(),
+        a.out.join("metrics.json").display()
+    );
+    Ok(())
+}
+
 fn demo(a: DemoArgs) -> Result<()> {
     let start = Instant::now();
     let fixture = project_path(&a.fixture);
-    let ck = checkpoint::load(&fixture, None).with_context(|| "loading the demo fixture (regenerate it with `just fixtures`)")?;
-    let data_root = if a.data == Path::new(DATA_DIR) { project_path(Path::new("fixtures")).join("data") } else { a.data.clone() };
+    let ck = checkpoint::load(&fixture, None)
+        .with_context(|| "loading the demo fixture (regenerate it with `just fixtures`)")?;
+    let data_root = if a.data == Path::new(DATA_DIR) {
+        project_path(Path::new("fixtures")).join("data")
+    } else {
+        a.data.clone()
+    };
     // The same generator settings as the fixture recipe, so the pretraining task matches.
     let cfg = SynthConfig::default();
     println!("finelens demo: synthetic data in {}", data_root.display());
     for task in Task::ALL {
         let dir = synth::generate(&data_root, task, &cfg, false)?;
-        println!("  {:<9} {} classes, {}/{}/{} images per class (train/val/test) → {}", task.name(), task.shapes().len(), cfg.train_per_class, cfg.val_per_class, cfg.test_per_class, dir.root.display());
+        println!(
+            "  {:<9} {} classes, {}/{}/{} images per class (train/val/test) → {}",
+            task.name(),
+            task.shapes().len(),
+            cfg.train_per_class,
+            cfg.val_per_class,
+            cfg.test_per_class,
+            dir.root.display()
+        );
     }
-    println!("\npretrained fixture: {} ({}, {} classes, sha256 {})", fixture.display(), ck.meta.arch, ck.meta.num_classes, &ck.sha256[..12]);
-    let test = synth::TaskDir { root: data_root.join(Task::Pretrain.name()) }.images(Split::Test);
+    println!(
+        "\npretrained fixture: {} ({}, {} classes, sha256 {})",
+        fixture.display(),
+        ck.meta.arch,
+        ck.meta.num_classes,
+        &ck.sha256[..12]
+    );
+    let test = synth::TaskDir {
+        root: data_root.join(Task::Pretrain.name()),
+    }
+    .images(Split::Test);
     let folder = open_folder(&test, true)?;
-    let m = evaluate_checkpoint(&ck, &folder, &DataArgs { strict: true, batch_size: 64 })?;
+    let m = evaluate_checkpoint(
+        &ck,
+        &folder,
+        &DataArgs {
+            strict: true,
+            batch_size: 64,
+        },
+    )?;
     print_metrics(&m);
     let out = a.out.join("pretrain-test-metrics.json");
     write_json(&out, &m)?;

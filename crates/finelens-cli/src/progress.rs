@@ -17,13 +17,20 @@ impl Reporter {
     pub fn report(&mut self, p: Progress) {
         let tty = std::io::stderr().is_terminal();
         match p {
-            Progress::Step { epoch, step, steps, loss } if tty => {
+            Progress::Step {
+                epoch,
+                step,
+                steps,
+                loss,
+            } if tty => {
                 let bar = self.bar.get_or_insert_with(|| {
                     let b = ProgressBar::new(steps as u64);
                     b.set_style(
-                        ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} batches, {msg}, ETA {eta}")
-                            .expect("valid template")
-                            .progress_chars("=> "),
+                        ProgressStyle::with_template(
+                            "epoch {prefix} [{bar:30}] {pos}/{len} batches, {msg}, ETA {eta}",
+                        )
+                        .expect("valid template")
+                        .progress_chars("=> "),
                     );
                     b
                 });

@@ -592,11 +592,15 @@ mod tests {
         let cfg = small();
         let (side, off) = cfg.patch_geometry();
         let centre = (off + side / 2) as u32;
-        for class in 0..4 {
+        for (class, colour) in PATCH_COLOURS
+            .iter()
+            .enumerate()
+            .take(Task::Shortcut.shapes().len())
+        {
             let tr = render(Task::Shortcut, Split::Train, class, 0, &cfg);
             let te = render(Task::Shortcut, Split::Test, class, 0, &cfg);
             let p = tr.image.get_pixel(centre, centre).0;
-            let want = PATCH_COLOURS[class].map(|c| (c * 255.0) as i32);
+            let want = colour.map(|c| (c * 255.0) as i32);
             assert!(
                 p.iter().zip(want).all(|(a, b)| (*a as i32 - b).abs() < 40),
                 "class {class}: {p:?}"

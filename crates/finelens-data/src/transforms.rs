@@ -92,7 +92,7 @@ impl Preprocess {
                 self.crop_pct
             )));
         }
-        if self.std.iter().any(|s| !(*s > 0.0)) {
+        if self.std.iter().any(|s| !s.is_finite() || *s <= 0.0) {
             return Err(DataError::Config(format!(
                 "normalisation std {:?} must be positive",
                 self.std

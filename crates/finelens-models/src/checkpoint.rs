@@ -96,7 +96,7 @@ impl Metadata {
                 self.input_size, self.crop_pct
             ));
         }
-        if self.std.iter().any(|s| !(*s > 0.0)) {
+        if self.std.iter().any(|s| !s.is_finite() || *s <= 0.0) {
             return bad(format!("normalisation std {:?} must be positive", self.std));
         }
         Ok(())

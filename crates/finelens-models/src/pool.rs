@@ -82,6 +82,37 @@ fn contiguous<'a, T>(data: &'a [T], layout: &Layout, op: &str) -> candle_core::R
     }
 }
 
+/// A pooling kernel over one contiguous N×C×H×W input, generic over the float type.
+trait PlaneKernel {
+    fn run<T: Float + WithDType + std::ops::AddAssign>(
+        &self,
+        x: &[T],
+        dims: (usize, usize, usize, usize),
+    ) -> candle_core::Result<(Vec<T>, Shape)>;
+}
+
+/// Runs `kernel` on f32 or f64 storage (the dtypes finelens differentiates in).
+fn dispatch<K: PlaneKernel>(
+    kernel: &K,
+    name: &str,
+    s: &CpuStorage,
+    l: &Layout,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let dims = dims4(l, name)?;
+    match s {
+        CpuStorage::F32(v) => kernel
+            .run(contiguous(v, l, name)?, dims)
+            .map(|(o, sh)| (CpuStorage::F32(o), sh)),
+        CpuStorage::F64(v) => kernel
+            .run(contiguous(v, l, name)?, dims)
+            .map(|(o, sh)| (CpuStorage::F64(o), sh)),
+        _ => candle_core::bail!(
+            "{name}: only f32 and f64 are supported, got {:?}",
+            s.dtype()
+        ),
+    }
+}
+
 /// Index (within the plane) of the first maximum of output cell (oy, ox), or None for an empty window.
 fn argmax<T: Float>(
     plane: &[T],
@@ -105,14 +136,11 @@ fn argmax<T: Float>(
 
 struct MaxPool2d(Pool2d);
 
-impl MaxPool2d {
-    fn fwd<T: Float + WithDType>(
+impl PlaneKernel for MaxPool2d {
+    fn run<T: Float + WithDType + std::ops::AddAssign>(
         &self,
         x: &[T],
-        n: usize,
-        c: usize,
-        h: usize,
-        w: usize,
+        (n, c, h, w): (usize, usize, usize, usize),
     ) -> candle_core::Result<(Vec<T>, Shape)> {
         let p = self.0;
         let (oh, ow) = (p.out_len(h)?, p.out_len(w)?);
@@ -141,22 +169,7 @@ impl CustomOp1 for MaxPool2d {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, c, h, w) = dims4(l, self.name())?;
-        match s {
-            CpuStorage::F32(v) => {
-                let (o, sh) = self.fwd(contiguous(v, l, self.name())?, n, c, h, w)?;
-                Ok((CpuStorage::F32(o), sh))
-            }
-            CpuStorage::F64(v) => {
-                let (o, sh) = self.fwd(contiguous(v, l, self.name())?, n, c, h, w)?;
-                Ok((CpuStorage::F64(o), sh))
-            }
-            _ => candle_core::bail!(
-                "{}: only f32 and f64 are supported, got {:?}",
-                self.name(),
-                s.dtype()
-            ),
-        }
+        dispatch(self, self.name(), s, l)
     }
 
     fn bwd(
@@ -176,7 +189,7 @@ impl CustomOp1 for MaxPool2d {
 struct MaxPool2dBackward(Pool2d);
 
 impl MaxPool2dBackward {
-    fn bwd<T: Float + WithDType>(
+    fn bwd<T: Float + WithDType + std::ops::AddAssign>(
         &self,
         x: &[T],
         g: &[T],
@@ -203,7 +216,7 @@ impl MaxPool2dBackward {
                     for ox in 0..ow {
                         let (x0, x1, _) = p.window(ox, w);
                         if let Some(i) = argmax(plane, w, (y0, y1), (x0, x1)) {
-                            d[i] = d[i] + gp[oy * ow + ox];
+                            d[i] += gp[oy * ow + ox];
                         }
                     }
                 }
@@ -270,14 +283,13 @@ impl AvgPool2d {
             (y1 - y0) * (x1 - x0)
         }
     }
+}
 
-    fn fwd<T: Float + WithDType>(
+impl PlaneKernel for AvgPool2d {
+    fn run<T: Float + WithDType + std::ops::AddAssign>(
         &self,
         x: &[T],
-        n: usize,
-        c: usize,
-        h: usize,
-        w: usize,
+        (n, c, h, w): (usize, usize, usize, usize),
     ) -> candle_core::Result<(Vec<T>, Shape)> {
         let p = self.pool;
         let (oh, ow) = (p.out_len(h)?, p.out_len(w)?);
@@ -292,7 +304,7 @@ impl AvgPool2d {
                         let mut sum = T::zero();
                         for y in wy.0..wy.1 {
                             for x in wx.0..wx.1 {
-                                sum = sum + plane[y * w + x];
+                                sum += plane[y * w + x];
                             }
                         }
                         o[oy * ow + ox] = sum / T::from(self.divisor(wy, wx)).unwrap();
@@ -309,22 +321,7 @@ impl CustomOp1 for AvgPool2d {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, c, h, w) = dims4(l, self.name())?;
-        match s {
-            CpuStorage::F32(v) => {
-                let (o, sh) = self.fwd(contiguous(v, l, self.name())?, n, c, h, w)?;
-                Ok((CpuStorage::F32(o), sh))
-            }
-            CpuStorage::F64(v) => {
-                let (o, sh) = self.fwd(contiguous(v, l, self.name())?, n, c, h, w)?;
-                Ok((CpuStorage::F64(o), sh))
-            }
-            _ => candle_core::bail!(
-                "{}: only f32 and f64 are supported, got {:?}",
-                self.name(),
-                s.dtype()
-            ),
-        }
+        dispatch(self, self.name(), s, l)
     }
 
     fn bwd(
@@ -353,15 +350,17 @@ struct AvgPool2dBackward {
     w: usize,
 }
 
-impl AvgPool2dBackward {
-    fn bwd<T: Float + WithDType>(
+impl PlaneKernel for AvgPool2dBackward {
+    fn run<T: Float + WithDType + std::ops::AddAssign>(
         &self,
         g: &[T],
-        n: usize,
-        c: usize,
-        oh: usize,
-        ow: usize,
-    ) -> Vec<T> {
+        (n, c, oh, ow): (usize, usize, usize, usize),
+    ) -> candle_core::Result<(Vec<T>, Shape)> {
+        if self.pool.out_len(self.h)? != oh || self.pool.out_len(self.w)? != ow {
+            candle_core::bail!(
+                "avg-pool2d backward: gradient shape does not match the pooled input"
+            );
+        }
         let (h, w, p) = (self.h, self.w, self.pool);
         let fwd = AvgPool2d {
             pool: p,
@@ -378,13 +377,13 @@ impl AvgPool2dBackward {
                         let share = gp[oy * ow + ox] / T::from(fwd.divisor(wy, wx)).unwrap();
                         for y in wy.0..wy.1 {
                             for x in wx.0..wx.1 {
-                                d[y * w + x] = d[y * w + x] + share;
+                                d[y * w + x] += share;
                             }
                         }
                     }
                 }
             });
-        dx
+        Ok((dx, Shape::from((n, c, h, w))))
     }
 }
 
@@ -394,23 +393,7 @@ impl CustomOp1 for AvgPool2dBackward {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, c, oh, ow) = dims4(l, self.name())?;
-        if self.pool.out_len(self.h)? != oh || self.pool.out_len(self.w)? != ow {
-            candle_core::bail!(
-                "{}: gradient shape does not match the pooled input",
-                self.name()
-            );
-        }
-        let out = match s {
-            CpuStorage::F32(g) => {
-                CpuStorage::F32(self.bwd(contiguous(g, l, self.name())?, n, c, oh, ow))
-            }
-            CpuStorage::F64(g) => {
-                CpuStorage::F64(self.bwd(contiguous(g, l, self.name())?, n, c, oh, ow))
-            }
-            _ => candle_core::bail!("{}: only f32 and f64 are supported", self.name()),
-        };
-        Ok((out, Shape::from((n, c, self.h, self.w))))
+        dispatch(self, self.name(), s, l)
     }
 }
 

@@ -619,17 +619,44 @@ mod tests {
         let labels = [0usize, 2, 1];
         // Σ of each sample's logit at its label, weighted to make every row matter differently.
         let objective = |y: &Tensor| -> Tensor {
-            let mut total = y.narrow(0, 0, 1).unwrap().narrow(1, labels[0], 1).unwrap().sum_all().unwrap();
+            let mut total = y
+                .narrow(0, 0, 1)
+                .unwrap()
+                .narrow(1, labels[0], 1)
+                .unwrap()
+                .sum_all()
+                .unwrap();
             for (i, &l) in labels.iter().enumerate().skip(1) {
-                let term = y.narrow(0, i, 1).unwrap().narrow(1, l, 1).unwrap().sum_all().unwrap();
+                let term = y
+                    .narrow(0, i, 1)
+                    .unwrap()
+                    .narrow(1, l, 1)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap();
                 total = (total + (term * (i as f64 + 1.0)).unwrap()).unwrap();
             }
             total
         };
-        let grads = objective(&m.forward(&x, Mode::Train).unwrap()).backward().unwrap();
-        for name in ["conv1.weight", "bn1.weight", "layer2.0.downsample.0.weight", "layer3.1.bn2.bias", "fc.0.weight", "fc.2.bias"] {
+        let grads = objective(&m.forward(&x, Mode::Train).unwrap())
+            .backward()
+            .unwrap();
+        for name in [
+            "conv1.weight",
+            "bn1.weight",
+            "layer2.0.downsample.0.weight",
+            "layer3.1.bn2.bias",
+            "fc.0.weight",
+            "fc.2.bias",
+        ] {
             let var = store.var(name).unwrap();
-            let g: Vec<f64> = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let g: Vec<f64> = grads
+                .get(var.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             let base = var.as_detached_tensor().copy().unwrap();
             let flat: Vec<f64> = base.flatten_all().unwrap().to_vec1().unwrap();
             let scale = g.iter().fold(1e-3f64, |a, b| a.max(b.abs()));
@@ -639,14 +666,20 @@ mod tests {
                 let eval = |delta: f64| -> f64 {
                     let mut v = flat.clone();
                     v[i] += delta;
-                    var.set(&Tensor::from_vec(v, base.shape(), &Device::Cpu).unwrap()).unwrap();
-                    objective(&m.forward(&x, Mode::Train).unwrap()).to_scalar().unwrap()
+                    var.set(&Tensor::from_vec(v, base.shape(), &Device::Cpu).unwrap())
+                        .unwrap();
+                    objective(&m.forward(&x, Mode::Train).unwrap())
+                        .to_scalar()
+                        .unwrap()
                 };
                 let fd = (eval(eps) - eval(-eps)) / (2.0 * eps);
                 worst = worst.max((fd - g[i]).abs() / scale);
             }
             var.set(&base).unwrap();
-            assert!(worst < 1e-5, "{name}: max error relative to the largest gradient {worst:e}");
+            assert!(
+                worst < 1e-5,
+                "{name}: max error relative to the largest gradient {worst:e}"
+            );
         }
     }
 

@@ -4,9 +4,14 @@ pub enum TuneError {
     #[error("invalid training settings: {0}")]
     Config(String),
     #[error("loss became {value} at epoch {epoch}, step {step}; stopping (the last good checkpoint is kept)")]
-    NonFiniteLoss { epoch: usize, step: usize, value: f32 },
+    NonFiniteLoss {
+        epoch: usize,
+        step: usize,
+        value: f32,
+    },
+    /// Boxed: a model error carries paths and shapes, and would make every `Result` here large.
     #[error(transparent)]
-    Model(#[from] finelens_models::ModelError),
+    Model(Box<finelens_models::ModelError>),
     #[error(transparent)]
     Data(#[from] finelens_data::DataError),
     #[error(transparent)]
@@ -14,3 +19,9 @@ pub enum TuneError {
 }
 
 pub type Result<T> = std::result::Result<T, TuneError>;
+
+impl From<finelens_models::ModelError> for TuneError {
+    fn from(e: finelens_models::ModelError) -> Self {
+        TuneError::Model(Box::new(e))
+    }
+}

@@ -2,12 +2,14 @@
 //! learning-rate schedules, the training loop and evaluation metrics.
 
 pub mod error;
+pub mod finetune;
 pub mod metrics;
 pub mod optim;
 pub mod schedule;
 pub mod train;
 
 pub use error::{Result, TuneError};
+pub use finetune::{glob_match, with_new_head, FreezePolicy};
 pub use metrics::{cross_entropy, evaluate, Metrics};
 pub use optim::{Optimizer, OptimizerConfig};
 pub use schedule::Schedule;

@@ -41,7 +41,11 @@ pub struct Metrics {
 
 impl Metrics {
     /// Metrics from a confusion matrix and the summed loss.
-    pub fn from_confusion(confusion: Vec<Vec<usize>>, loss_sum: f64, class_names: &[String]) -> Self {
+    pub fn from_confusion(
+        confusion: Vec<Vec<usize>>,
+        loss_sum: f64,
+        class_names: &[String],
+    ) -> Self {
         let k = confusion.len();
         let count: usize = confusion.iter().flatten().sum();
         let correct: usize = (0..k).map(|i| confusion[i][i]).sum();
@@ -56,13 +60,21 @@ impl Metrics {
                     class: class_names.get(c).cloned().unwrap_or_else(|| c.to_string()),
                     precision: p,
                     recall: r,
-                    f1: if p + r > 0.0 { 2.0 * p * r / (p + r) } else { 0.0 },
+                    f1: if p + r > 0.0 {
+                        2.0 * p * r / (p + r)
+                    } else {
+                        0.0
+                    },
                     support,
                 }
             })
             .collect();
         Self {
-            loss: if count == 0 { f64::NAN } else { loss_sum / count as f64 },
+            loss: if count == 0 {
+                f64::NAN
+            } else {
+                loss_sum / count as f64
+            },
             accuracy: ratio(correct, count),
             count,
             confusion,
@@ -72,7 +84,13 @@ impl Metrics {
 }
 
 /// Evaluate `model` (eval mode) on `samples`, streaming batches through `loader`.
-pub fn evaluate(model: &dyn Classifier, samples: &[Sample], loader: &Loader, class_names: &[String], device: &Device) -> Result<Metrics> {
+pub fn evaluate(
+    model: &dyn Classifier,
+    samples: &[Sample],
+    loader: &Loader,
+    class_names: &[String],
+    device: &Device,
+) -> Result<Metrics> {
     let k = model.num_classes();
     let mut confusion = vec![vec![0usize; k]; k];
     let mut loss_sum = 0f64;
@@ -110,7 +128,13 @@ mod tests {
         let (l0, p0) = row([1.0, 2.0, 3.0], 2);
         let (l1, p1) = row([0.5, -1.0, 0.0], 0);
         assert!((loss.to_scalar::<f32>().unwrap() - (l0 + l1) / 2.0).abs() < 1e-6);
-        let g: Vec<Vec<f32>> = loss.backward().unwrap().get(logits.as_tensor()).unwrap().to_vec2().unwrap();
+        let g: Vec<Vec<f32>> = loss
+            .backward()
+            .unwrap()
+            .get(logits.as_tensor())
+            .unwrap()
+            .to_vec2()
+            .unwrap();
         for c in 0..3 {
             assert!((g[0][c] - (p0[c] - (c == 2) as u8 as f32) / 2.0).abs() < 1e-6);
             assert!((g[1][c] - (p1[c] - (c == 0) as u8 as f32) / 2.0).abs() < 1e-6);

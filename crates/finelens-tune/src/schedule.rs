@@ -8,7 +8,10 @@ pub enum Schedule {
     Constant,
     /// Linear warm-up from 0 over `warmup_steps`, then half-cosine decay to 0 at `total_steps`
     /// (Loshchilov & Hutter 2017, without restarts).
-    WarmupCosine { warmup_steps: usize, total_steps: usize },
+    WarmupCosine {
+        warmup_steps: usize,
+        total_steps: usize,
+    },
 }
 
 impl Schedule {
@@ -16,7 +19,10 @@ impl Schedule {
     pub fn lr(&self, base: f64, step: usize) -> f64 {
         match *self {
             Schedule::Constant => base,
-            Schedule::WarmupCosine { warmup_steps, total_steps } => {
+            Schedule::WarmupCosine {
+                warmup_steps,
+                total_steps,
+            } => {
                 if step < warmup_steps {
                     base * (step + 1) as f64 / warmup_steps as f64
                 } else {
@@ -35,7 +41,10 @@ mod tests {
 
     #[test]
     fn warmup_then_cosine() {
-        let s = Schedule::WarmupCosine { warmup_steps: 4, total_steps: 14 };
+        let s = Schedule::WarmupCosine {
+            warmup_steps: 4,
+            total_steps: 14,
+        };
         assert!((s.lr(1.0, 0) - 0.25).abs() < 1e-12);
         assert!((s.lr(1.0, 3) - 1.0).abs() < 1e-12);
         assert!((s.lr(1.0, 4) - 1.0).abs() < 1e-12);

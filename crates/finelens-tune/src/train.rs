@@ -37,14 +37,23 @@ impl TrainConfig {
             return bad("batch size must be at least 1".into());
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
-            return bad(format!("learning rate {} must be a positive number", self.lr));
+            return bad(format!(
+                "learning rate {} must be a positive number",
+                self.lr
+            ));
         }
-        if !(self.backbone_lr_mult >= 0.0) {
-            return bad(format!("backbone learning-rate multiplier {} must be ≥ 0", self.backbone_lr_mult));
+        if !self.backbone_lr_mult.is_finite() || self.backbone_lr_mult < 0.0 {
+            return bad(format!(
+                "backbone learning-rate multiplier {} must be ≥ 0",
+                self.backbone_lr_mult
+            ));
         }
         if let Some(w) = self.warmup_epochs {
             if !(w >= 0.0 && w <= self.epochs as f64) {
-                return bad(format!("warm-up of {w} epochs must be between 0 and the {} epochs", self.epochs));
+                return bad(format!(
+                    "warm-up of {w} epochs must be between 0 and the {} epochs",
+                    self.epochs
+                ));
             }
         }
         self.optimizer.check()
@@ -75,7 +84,12 @@ pub struct EpochRecord {
 
 /// What the loop reports as it goes.
 pub enum Progress<'a> {
-    Step { epoch: usize, step: usize, steps: usize, loss: f32 },
+    Step {
+        epoch: usize,
+        step: usize,
+        steps: usize,
+        loss: f32,
+    },
     Epoch(&'a EpochRecord),
 }
 
@@ -101,11 +115,19 @@ pub fn fit(
 ) -> Result<Vec<EpochRecord>> {
     cfg.check()?;
     if data.train.is_empty() || data.val.is_empty() {
-        return Err(TuneError::Config("training and validation sets must both be non-empty".into()));
+        return Err(TuneError::Config(
+            "training and validation sets must both be non-empty".into(),
+        ));
     }
-    let params: Vec<_> = store.trainable_vars().into_iter().map(|(n, v)| (v, lr_mult(&n))).collect();
+    let params: Vec<_> = store
+        .trainable_vars()
+        .into_iter()
+        .map(|(n, v)| (v, lr_mult(&n)))
+        .collect();
     if params.is_empty() {
-        return Err(TuneError::Config("nothing to train: every parameter is frozen".into()));
+        return Err(TuneError::Config(
+            "nothing to train: every parameter is frozen".into(),
+        ));
     }
     let mut opt = Optimizer::new(cfg.optimizer, params)?;
     let steps_per_epoch = data.train.len().div_ceil(cfg.batch_size);
@@ -115,7 +137,11 @@ pub fn fit(
         let start = Instant::now();
         let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
         let mut lr = cfg.lr;
-        for (step, batch) in data.train_loader.epoch(data.train, epoch as u64, device)?.enumerate() {
+        for (step, batch) in data
+            .train_loader
+            .epoch(data.train, epoch as u64, device)?
+            .enumerate()
+        {
             let batch = batch?;
             let logits = model.forward(&batch.images, Mode::Train)?;
             let loss = cross_entropy(&logits, &batch.labels)?;
@@ -164,7 +190,8 @@ mod tests {
 
     /// Train resnet-mini for two short epochs and return every tensor's bytes.
     fn run(root: &std::path::Path, seed: u64) -> (Vec<Vec<f32>>, Vec<EpochRecord>) {
-        let folder = ImageFolder::open(&generate_once(root).images(Split::Train), OnBadImage::Fail).unwrap();
+        let folder =
+            ImageFolder::open(&generate_once(root).images(Split::Train), OnBadImage::Fail).unwrap();
         let (train, val) = folder.split(0.25, seed).unwrap();
         let pre = Preprocess {
             size: 32,
@@ -181,7 +208,8 @@ mod tests {
             on_bad: OnBadImage::Fail,
         };
         let (tl, el) = (loader(Some(Augment::default()), true), loader(None, false));
-        let config = ModelConfig::new(Arch::ResNetMini, folder.classes.len(), Head::Linear).unwrap();
+        let config =
+            ModelConfig::new(Arch::ResNetMini, folder.classes.len(), Head::Linear).unwrap();
         let store = ParamStore::init(&config.param_specs(), seed, &Device::Cpu).unwrap();
         let model = ResNet::new(config, &store).unwrap();
         let cfg = TrainConfig {
@@ -200,10 +228,26 @@ mod tests {
             eval_loader: &el,
             class_names: &folder.classes,
         };
-        let history = fit(&model, &store, &data, &cfg, &|_| 1.0, &Device::Cpu, &mut |_| {}).unwrap();
+        let history = fit(
+            &model,
+            &store,
+            &data,
+            &cfg,
+            &|_| 1.0,
+            &Device::Cpu,
+            &mut |_| {},
+        )
+        .unwrap();
         let weights = store
             .iter()
-            .map(|(_, t, _)| t.to_dtype(candle_core::DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap())
+            .map(|(_, t, _)| {
+                t.to_dtype(candle_core::DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            })
             .collect();
         (weights, history)
     }
@@ -244,12 +288,48 @@ mod tests {
         };
         assert!(base.check().is_ok());
         for (bad, needle) in [
-            (TrainConfig { lr: 0.0, ..base.clone() }, "learning rate"),
-            (TrainConfig { lr: f64::NAN, ..base.clone() }, "learning rate"),
-            (TrainConfig { batch_size: 0, ..base.clone() }, "batch size"),
-            (TrainConfig { epochs: 0, ..base.clone() }, "epochs"),
-            (TrainConfig { warmup_epochs: Some(3.0), ..base.clone() }, "warm-up"),
-            (TrainConfig { backbone_lr_mult: -1.0, ..base.clone() }, "multiplier"),
+            (
+                TrainConfig {
+                    lr: 0.0,
+                    ..base.clone()
+                },
+                "learning rate",
+            ),
+            (
+                TrainConfig {
+                    lr: f64::NAN,
+                    ..base.clone()
+                },
+                "learning rate",
+            ),
+            (
+                TrainConfig {
+                    batch_size: 0,
+                    ..base.clone()
+                },
+                "batch size",
+            ),
+            (
+                TrainConfig {
+                    epochs: 0,
+                    ..base.clone()
+                },
+                "epochs",
+            ),
+            (
+                TrainConfig {
+                    warmup_epochs: Some(3.0),
+                    ..base.clone()
+                },
+                "warm-up",
+            ),
+            (
+                TrainConfig {
+                    backbone_lr_mult: -1.0,
+                    ..base.clone()
+                },
+                "multiplier",
+            ),
         ] {
             let e = bad.check().unwrap_err().to_string();
             assert!(e.contains(needle), "{e}");
