@@ -339,6 +339,7 @@ fn every_command_documents_its_options() {
         vec!["eval", "--help"],
         vec!["train", "--help"],
         vec!["finetune", "--help"],
+        vec!["bench", "train", "--help"],
     ] {
         let o = finelens(&cmd);
         assert!(o.status.success(), "{cmd:?}");
@@ -386,6 +387,21 @@ fn demo_evaluates_the_shipped_fixture() {
     // The fixture learned the pretraining task: far above the 1/6 of chance.
     let acc = m["accuracy"].as_f64().unwrap();
     assert!(acc > 0.85, "fixture accuracy {acc}");
+
+    // Fine-tuning the fixture on the new classes reaches at least 90% validation accuracy.
+    let ft: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(d.path().join("out/finetune/metrics.json")).unwrap(),
+    )
+    .unwrap();
+    let val = ft["val"]["accuracy"].as_f64().unwrap();
+    assert!(val >= 0.90, "fine-tuned validation accuracy {val}");
+    assert_eq!(ft["val"]["count"], 200);
+    let child =
+        finelens_models::checkpoint::load(&d.path().join("out/finetune/model.safetensors"), None)
+            .unwrap();
+    let parent = finelens_models::checkpoint::load(&fixture(), None).unwrap();
+    assert_eq!(child.meta.parent_sha256, Some(parent.sha256));
+    assert!(out.contains("best epoch"), "{out}");
 }
 
 fn fixture() -> PathBuf {

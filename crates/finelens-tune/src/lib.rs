@@ -1,6 +1,7 @@
 //! Supervised training and fine-tuning for finelens: optimisers with PyTorch's update rules,
 //! learning-rate schedules, the training loop and evaluation metrics.
 
+pub mod bench;
 pub mod error;
 pub mod finetune;
 pub mod metrics;
@@ -13,4 +14,4 @@ pub use finetune::{glob_match, with_new_head, FreezePolicy};
 pub use metrics::{cross_entropy, evaluate, Metrics};
 pub use optim::{Optimizer, OptimizerConfig};
 pub use schedule::Schedule;
-pub use train::{fit, EpochRecord, Progress, TrainConfig, TrainData};
+pub use train::{epochs_since_best, fit, EpochRecord, Progress, TrainConfig, TrainData};

@@ -25,6 +25,9 @@ pub struct TrainConfig {
     pub warmup_epochs: Option<f64>,
     pub backbone_lr_mult: f64,
     pub seed: u64,
+    /// Early stopping: end the run after this many epochs without a lower validation loss.
+    #[serde(default)]
+    pub patience: Option<usize>,
 }
 
 impl TrainConfig {
@@ -177,8 +180,23 @@ pub fn fit(
         };
         progress(Progress::Epoch(&record));
         records.push(record);
+        if let Some(patience) = cfg.patience {
+            if epochs_since_best(&records) >= patience {
+                break;
+            }
+        }
     }
     Ok(records)
+}
+
+/// Epochs since the lowest validation loss so far (0 when the last epoch is the best).
+pub fn epochs_since_best(records: &[EpochRecord]) -> usize {
+    let best = records
+        .iter()
+        .enumerate()
+        .min_by(|a, b| a.1.val.loss.total_cmp(&b.1.val.loss))
+        .map_or(0, |(i, _)| i);
+    records.len().saturating_sub(best + 1)
 }
 
 #[cfg(test)]
@@ -220,6 +238,7 @@ mod tests {
             warmup_epochs: Some(1.0),
             backbone_lr_mult: 1.0,
             seed,
+            patience: None,
         };
         let data = TrainData {
             train: &train,
@@ -276,6 +295,23 @@ mod tests {
     }
 
     #[test]
+    fn early_stopping_counts_epochs_since_the_best_validation_loss() {
+        let rec = |loss: f64| EpochRecord {
+            epoch: 0,
+            train_loss: 0.0,
+            train_accuracy: 0.0,
+            val: Metrics::from_confusion(vec![vec![1]], loss, &["a".to_string()]),
+            lr_end: 0.0,
+            seconds: 0.0,
+            images_per_second: 0.0,
+        };
+        let r: Vec<EpochRecord> = [1.0, 0.5, 0.7, 0.6].into_iter().map(rec).collect();
+        assert_eq!(epochs_since_best(&r[..2]), 0);
+        assert_eq!(epochs_since_best(&r), 2);
+        assert_eq!(epochs_since_best(&[]), 0);
+    }
+
+    #[test]
     fn invalid_settings_fail_before_any_work() {
         let base = TrainConfig {
             epochs: 1,
@@ -285,6 +321,7 @@ mod tests {
             warmup_epochs: None,
             backbone_lr_mult: 1.0,
             seed: 0,
+            patience: None,
         };
         assert!(base.check().is_ok());
         for (bad, needle) in [
