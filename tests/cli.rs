@@ -513,3 +513,104 @@ fn finetune_head_only_keeps_the_body_bit_identical_and_records_the_parent() {
     );
     assert_one_line_error(&args("last:x", "bad"), "last:N needs a whole number");
 }
+
+#[test]
+fn finetune_keep_head_lp_ft_and_divergence() {
+    let d = tempfile::tempdir().unwrap();
+    for task in ["finetune", "pretrain"] {
+        let o = finelens(&[
+            "data",
+            "synth",
+            "--out",
+            d.path().to_str().unwrap(),
+            "--task",
+            task,
+            "--train-per-class",
+            "3",
+            "--val-per-class",
+            "1",
+            "--test-per-class",
+            "1",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let run = |task: &str, extra: &[&str], out: &str| {
+        let train = d.path().join(task).join("images/train");
+        let val = d.path().join(task).join("images/val");
+        let out = d.path().join(out);
+        let mut args = vec![
+            "finetune",
+            fixture().to_str().unwrap(),
+            "--train",
+            train.to_str().unwrap(),
+            "--val",
+            val.to_str().unwrap(),
+            "--batch-size",
+            "6",
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        finelens(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>())
+    };
+
+    // Keeping the head needs the checkpoint's classes.
+    let o = run("finetune", &["--head", "keep", "--epochs", "1"], "keep-bad");
+    assert_one_line_error(
+        &o,
+        "the data has 4 classes [arrow, crescent, diamond, heart] but the checkpoint's head has 6",
+    );
+    let o = run(
+        "pretrain",
+        &["--head", "keep", "--epochs", "1", "--lr", "0.0001"],
+        "keep",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let child =
+        finelens_models::checkpoint::load(&d.path().join("keep/model.safetensors"), None).unwrap();
+    assert_eq!(child.meta.num_classes, 6);
+
+    // LP-FT: a head-only phase, then the fine-tune, numbered as one run.
+    let o = run("finetune", &["--lp-epochs", "1", "--epochs", "2"], "lpft");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("linear probe: resnet-mini"), "{out}");
+    assert!(
+        out.contains("60 of 62 parameter tensors frozen") && out.contains("fine-tune: resnet-mini"),
+        "{out}"
+    );
+    assert!(stderr(&o).contains("epoch   2"), "{}", stderr(&o));
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.path().join("lpft/metrics.json")).unwrap())
+            .unwrap();
+    assert_eq!(m["history"].as_array().unwrap().len(), 2);
+    assert_one_line_error(
+        &run(
+            "finetune",
+            &["--lp-epochs", "2", "--epochs", "2"],
+            "lpft-bad",
+        ),
+        "--lp-epochs 2 must be fewer than --epochs 2",
+    );
+
+    // A learning rate that blows the weights up stops with a clear message, not a NaN checkpoint.
+    let o = run(
+        "finetune",
+        &[
+            "--optimizer",
+            "sgd",
+            "--momentum",
+            "0",
+            "--lr",
+            "1e30",
+            "--epochs",
+            "1",
+        ],
+        "diverged",
+    );
+    assert_one_line_error(&o, "loss became");
+    assert!(!d.path().join("diverged/model.safetensors").exists());
+}

@@ -235,9 +235,14 @@ struct FinetuneArgs {
     ckpt: CheckpointArgs,
     #[command(flatten)]
     split: SplitArgs,
-    /// New classifier head: linear, or mlp:N (GAP → Dense(N) → ReLU → Dense(classes)).
+    /// New classifier head: linear, or mlp:N (GAP → Dense(N) → ReLU → Dense(classes)); or
+    /// keep, to continue with the checkpoint's own head (the data must have its classes).
     #[arg(long, default_value = "linear")]
     head: String,
+    /// LP-FT: train only the head for this many of the --epochs first, then fine-tune under
+    /// --freeze for the rest (Kumar et al. 2022).
+    #[arg(long, default_value_t = 0)]
+    lp_epochs: usize,
     /// What stays frozen: head-only (linear probe), last:N (train the last N residual blocks
     /// and the head), none, or comma-separated globs of parameter names to freeze.
     #[arg(long, default_value = "none")]
@@ -647,23 +652,40 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
 
 fn finetune_cmd(a: FinetuneArgs) -> Result<()> {
     let parent = a.ckpt.load(&a.checkpoint)?;
-    let head = Head::parse(&a.head)?;
     let freeze = finelens_tune::FreezePolicy::parse(&a.freeze)?;
     let mut cfg = a.hp.train_config(a.data_args.batch_size)?;
     cfg.backbone_lr_mult = a.backbone_lr_mult;
     cfg.check()?;
-    ensure_dir(&a.out)?;
-    let (classes, train, val) = a.split.load(a.hp.seed, a.data_args.strict)?;
-    let config = ModelConfig::new(parent.meta.arch, classes.len(), head)?;
-    let mut store = finelens_tune::with_new_head(&parent.store, config, a.hp.seed)?;
-    let frozen = freeze.apply(&mut store, head)?;
-    if frozen == 0 && matches!(freeze, finelens_tune::FreezePolicy::Globs(_)) {
-        eprintln!(
-            "warning: --freeze {} matches no parameter; everything trains",
-            a.freeze
+    if a.lp_epochs >= cfg.epochs {
+        bail!(
+            "--lp-epochs {} must be fewer than --epochs {} (LP-FT fine-tunes after probing)",
+            a.lp_epochs,
+            cfg.epochs
         );
     }
-    let model = ResNet::new(config, &store)?;
+    ensure_dir(&a.out)?;
+    let (classes, train, val) = a.split.load(a.hp.seed, a.data_args.strict)?;
+    let (config, mut store) = if a.head == "keep" {
+        // Continue with the parent's own head: the data must have the parent's classes.
+        if classes != parent.meta.class_names {
+            bail!(
+                "{}: the data has {} classes [{}] but the checkpoint's head has {} [{}]; pass --head linear or mlp:N to replace it",
+                a.split.train.display(),
+                classes.len(),
+                classes.join(", "),
+                parent.meta.num_classes,
+                parent.meta.class_names.join(", ")
+            );
+        }
+        (parent.config()?, parent.store.deep_clone()?)
+    } else {
+        let config = ModelConfig::new(parent.meta.arch, classes.len(), Head::parse(&a.head)?)?;
+        (
+            config,
+            finelens_tune::with_new_head(&parent.store, config, a.hp.seed)?,
+        )
+    };
+    let head = config.head;
     let mut meta = parent.meta.clone();
     meta.head = head;
     meta.num_classes = classes.len();
@@ -674,17 +696,6 @@ fn finetune_cmd(a: FinetuneArgs) -> Result<()> {
     let pre = preprocess_of(&meta);
     let train_loader = train_loader(&pre, &a.hp, &a.data_args)?;
     let val_loader = eval_loader(pre, &a.data_args);
-    println!(
-        "fine-tuning {} from {} (sha256 {}) on {} images, validating on {}, {} classes; {} of {} parameter tensors frozen",
-        meta.arch,
-        parent.path.display(),
-        &parent.sha256[..12],
-        train.len(),
-        val.len(),
-        classes.len(),
-        frozen,
-        store.names().filter(|n| !n.contains("running_") && !n.ends_with("num_batches_tracked")).count()
-    );
     let data = TrainData {
         train: &train,
         val: &val,
@@ -692,47 +703,88 @@ fn finetune_cmd(a: FinetuneArgs) -> Result<()> {
         eval_loader: &val_loader,
         class_names: &classes,
     };
+    // LP-FT (Kumar et al. 2022): a linear probe first, so that fine-tuning starts from a head
+    // that fits the features instead of distorting them to fit a random head.
+    let mut phases = Vec::new();
+    if a.lp_epochs > 0 {
+        phases.push((
+            "linear probe",
+            finelens_tune::FreezePolicy::HeadOnly,
+            a.lp_epochs,
+        ));
+    }
+    phases.push(("fine-tune", freeze.clone(), cfg.epochs - a.lp_epochs));
+
     let model_path = a.out.join("model.safetensors");
     let is_head = |n: &str| head.prefixes().iter().any(|p| n.starts_with(p));
     let lr_mult = |n: &str| if is_head(n) { 1.0 } else { a.backbone_lr_mult };
-    let training_meta = |history: &[finelens_tune::EpochRecord], best: usize| {
-        serde_json::json!({
-            "kind": "fine-tune", "parent": parent.path, "freeze": a.freeze, "config": cfg,
-            "train_images": train.len(), "val_images": val.len(), "best_epoch": best,
-            "history": history_json(history),
-        })
-    };
     let mut bar = progress::Reporter::new();
     let mut best: Option<(f64, usize)> = None;
-    let mut records: Vec<finelens_tune::EpochRecord> = Vec::new();
+    let mut history: Vec<finelens_tune::EpochRecord> = Vec::new();
     let mut save_error: Option<anyhow::Error> = None;
-    let history = fit(
-        &model,
-        &store,
-        &data,
-        &cfg,
-        &lr_mult,
-        &Device::Cpu,
-        &mut |p| {
-            if let finelens_tune::Progress::Epoch(r) = &p {
-                records.push((*r).clone());
-                // Keep the epoch with the lowest validation loss (written atomically, so an
-                // interruption leaves the previous best intact).
-                if save_error.is_none() && best.is_none_or(|(l, _)| r.val.loss < l) {
-                    best = Some((r.val.loss, r.epoch));
-                    let mut m = meta.clone();
-                    m.training = Some(training_meta(&records, r.epoch));
-                    if let Err(e) = checkpoint::save(&model_path, &store, &m) {
-                        save_error = Some(e.into());
+    for (phase, policy, epochs) in phases {
+        let frozen = policy.apply(&mut store, head)?;
+        if frozen == 0 && matches!(policy, finelens_tune::FreezePolicy::Globs(_)) {
+            eprintln!(
+                "warning: --freeze {} matches no parameter; everything trains",
+                a.freeze
+            );
+        }
+        let weights = store
+            .names()
+            .filter(|n| !n.contains("running_") && !n.ends_with("num_batches_tracked"))
+            .count();
+        println!(
+            "{phase}: {} from {} (sha256 {}), {} epochs on {} images, validating on {}, {} classes; {frozen} of {weights} parameter tensors frozen",
+            meta.arch,
+            parent.path.display(),
+            &parent.sha256[..12],
+            epochs,
+            train.len(),
+            val.len(),
+            classes.len(),
+        );
+        let model = ResNet::new(config, &store)?;
+        let phase_cfg = TrainConfig {
+            epochs,
+            ..cfg.clone()
+        };
+        let offset = history.len();
+        fit(
+            &model,
+            &store,
+            &data,
+            &phase_cfg,
+            &lr_mult,
+            &Device::Cpu,
+            &mut |p| match p {
+                finelens_tune::Progress::Epoch(r) => {
+                    let mut r = r.clone();
+                    r.epoch += offset;
+                    history.push(r.clone());
+                    // Keep the epoch with the lowest validation loss (written atomically, so an
+                    // interruption leaves the previous best intact).
+                    if save_error.is_none() && best.is_none_or(|(l, _)| r.val.loss < l) {
+                        best = Some((r.val.loss, r.epoch));
+                        let mut m = meta.clone();
+                        m.training = Some(serde_json::json!({
+                            "kind": "fine-tune", "parent": parent.path, "freeze": a.freeze,
+                            "lp_epochs": a.lp_epochs, "config": cfg, "train_images": train.len(),
+                            "val_images": val.len(), "best_epoch": r.epoch, "history": history_json(&history),
+                        }));
+                        if let Err(e) = checkpoint::save(&model_path, &store, &m) {
+                            save_error = Some(e.into());
+                        }
                     }
+                    bar.report(finelens_tune::Progress::Epoch(&r));
                 }
-            }
-            bar.report(p);
-        },
-    )?;
-    bar.finish();
-    if let Some(e) = save_error {
-        return Err(e);
+                step => bar.report(step),
+            },
+        )?;
+        bar.finish();
+        if let Some(e) = save_error.take() {
+            return Err(e);
+        }
     }
     let (_, best_epoch) = best.expect("at least one epoch");
     let best_record = &history[best_epoch];
@@ -854,6 +906,7 @@ fn demo(a: DemoArgs) -> Result<()> {
             val_fraction: 0.2,
         },
         head: "linear".into(),
+        lp_epochs: 0,
         freeze: "none".into(),
         backbone_lr_mult: DEMO_BACKBONE_LR_MULT,
         out: a.out.join("finetune"),

@@ -150,7 +150,12 @@ pub fn fit(
             let loss = cross_entropy(&logits, &batch.labels)?;
             let value = loss.to_scalar::<f32>()?;
             if !value.is_finite() {
-                return Err(TuneError::NonFiniteLoss { epoch, step, value });
+                // Reported 1-based, as the progress lines count.
+                return Err(TuneError::NonFiniteLoss {
+                    epoch: epoch + 1,
+                    step: step + 1,
+                    value,
+                });
             }
             lr = schedule.lr(cfg.lr, epoch * steps_per_epoch + step);
             opt.step(&loss.backward()?, lr)?;
@@ -169,6 +174,14 @@ pub fn fit(
         }
         let train_seconds = start.elapsed().as_secs_f64();
         let val = evaluate(model, data.val, data.eval_loader, data.class_names, device)?;
+        // A diverged model can keep a finite training loss for a batch or two while its outputs
+        // already overflow; never hand such an epoch on (it would be saved as "best").
+        if !val.loss.is_finite() {
+            return Err(TuneError::NonFiniteValidation {
+                epoch: epoch + 1,
+                value: val.loss,
+            });
+        }
         let record = EpochRecord {
             epoch,
             train_loss: loss_sum / seen.max(1) as f64,
