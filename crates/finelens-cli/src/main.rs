@@ -14,7 +14,10 @@ use finelens_data::synth::{self, Split, SynthConfig, Task};
 use finelens_data::{Augment, ImageFolder, Loader, OnBadImage, Preprocess, Sample};
 use finelens_models::checkpoint::{self, Metadata};
 use finelens_models::{Arch, Head, ModelConfig, ParamStore, ResNet};
-use finelens_tune::{evaluate, fit, Metrics, OptimizerConfig, TrainConfig, TrainData};
+use finelens_tune::{
+    evaluate, fit, history_json, FinetuneEvent, FinetuneJob, HeadChoice, Metrics, OptimizerConfig,
+    TrainConfig, TrainData,
+};
 
 /// The shipped pretrained checkpoint (resnet-mini trained on the synthetic `pretrain` task).
 const FIXTURE: &str = "fixtures/resnet-mini-pretrain.safetensors";
@@ -571,19 +574,6 @@ fn train_loader(pre: &Preprocess, hp: &Hyperparams, d: &DataArgs) -> Result<Load
     Ok(l)
 }
 
-fn history_json(history: &[finelens_tune::EpochRecord]) -> serde_json::Value {
-    history
-        .iter()
-        .map(|r| {
-            serde_json::json!({
-                "epoch": r.epoch, "train_loss": r.train_loss, "train_accuracy": r.train_accuracy,
-                "val_loss": r.val.loss, "val_accuracy": r.val.accuracy, "lr_end": r.lr_end,
-                "seconds": r.seconds, "images_per_second": r.images_per_second,
-            })
-        })
-        .collect()
-}
-
 fn train_cmd(a: TrainArgs) -> Result<()> {
     let arch = Arch::parse(&a.arch)?;
     let head = Head::parse(&a.head)?;
@@ -652,156 +642,78 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
 
 fn finetune_cmd(a: FinetuneArgs) -> Result<()> {
     let parent = a.ckpt.load(&a.checkpoint)?;
+    let head = match a.head.as_str() {
+        "keep" => HeadChoice::Keep,
+        h => HeadChoice::New(Head::parse(h)?),
+    };
     let freeze = finelens_tune::FreezePolicy::parse(&a.freeze)?;
     let mut cfg = a.hp.train_config(a.data_args.batch_size)?;
     cfg.backbone_lr_mult = a.backbone_lr_mult;
     cfg.check()?;
-    if a.lp_epochs >= cfg.epochs {
-        bail!(
-            "--lp-epochs {} must be fewer than --epochs {} (LP-FT fine-tunes after probing)",
-            a.lp_epochs,
-            cfg.epochs
-        );
-    }
     ensure_dir(&a.out)?;
     let (classes, train, val) = a.split.load(a.hp.seed, a.data_args.strict)?;
-    let (config, mut store) = if a.head == "keep" {
-        // Continue with the parent's own head: the data must have the parent's classes.
-        if classes != parent.meta.class_names {
-            bail!(
-                "{}: the data has {} classes [{}] but the checkpoint's head has {} [{}]; pass --head linear or mlp:N to replace it",
-                a.split.train.display(),
-                classes.len(),
-                classes.join(", "),
-                parent.meta.num_classes,
-                parent.meta.class_names.join(", ")
-            );
-        }
-        (parent.config()?, parent.store.deep_clone()?)
-    } else {
-        let config = ModelConfig::new(parent.meta.arch, classes.len(), Head::parse(&a.head)?)?;
-        (
-            config,
-            finelens_tune::with_new_head(&parent.store, config, a.hp.seed)?,
-        )
-    };
-    let head = config.head;
-    let mut meta = parent.meta.clone();
-    meta.head = head;
-    meta.num_classes = classes.len();
-    meta.class_names = classes.clone();
-    meta.parent_sha256 = Some(parent.sha256.clone());
-    meta.seed = Some(a.hp.seed);
-    meta.finelens_version = env!("CARGO_PKG_VERSION").into();
-    let pre = preprocess_of(&meta);
+    let pre = preprocess_of(&parent.meta);
     let train_loader = train_loader(&pre, &a.hp, &a.data_args)?;
     let val_loader = eval_loader(pre, &a.data_args);
-    let data = TrainData {
-        train: &train,
-        val: &val,
-        train_loader: &train_loader,
-        eval_loader: &val_loader,
-        class_names: &classes,
-    };
-    // LP-FT (Kumar et al. 2022): a linear probe first, so that fine-tuning starts from a head
-    // that fits the features instead of distorting them to fit a random head.
-    let mut phases = Vec::new();
-    if a.lp_epochs > 0 {
-        phases.push((
-            "linear probe",
-            finelens_tune::FreezePolicy::HeadOnly,
-            a.lp_epochs,
-        ));
-    }
-    phases.push(("fine-tune", freeze.clone(), cfg.epochs - a.lp_epochs));
-
     let model_path = a.out.join("model.safetensors");
-    let is_head = |n: &str| head.prefixes().iter().any(|p| n.starts_with(p));
-    let lr_mult = |n: &str| if is_head(n) { 1.0 } else { a.backbone_lr_mult };
+    let job = FinetuneJob {
+        parent: &parent,
+        head,
+        freeze,
+        lp_epochs: a.lp_epochs,
+        config: cfg,
+        data: TrainData {
+            train: &train,
+            val: &val,
+            train_loader: &train_loader,
+            eval_loader: &val_loader,
+            class_names: &classes,
+        },
+        checkpoint: &model_path,
+        freeze_spec: a.freeze.clone(),
+    };
     let mut bar = progress::Reporter::new();
-    let mut best: Option<(f64, usize)> = None;
-    let mut history: Vec<finelens_tune::EpochRecord> = Vec::new();
-    let mut save_error: Option<anyhow::Error> = None;
-    for (phase, policy, epochs) in phases {
-        let frozen = policy.apply(&mut store, head)?;
-        if frozen == 0 && matches!(policy, finelens_tune::FreezePolicy::Globs(_)) {
-            eprintln!(
-                "warning: --freeze {} matches no parameter; everything trains",
-                a.freeze
+    let outcome = finelens_tune::finetune::run(&job, &mut |e| match e {
+        FinetuneEvent::Phase {
+            name,
+            epochs,
+            frozen,
+            weights,
+        } => {
+            bar.finish();
+            println!(
+                "{name}: {} from {} (sha256 {}), {epochs} epochs on {} images, validating on {}, {} classes; {frozen} of {weights} parameter tensors frozen",
+                parent.meta.arch,
+                parent.path.display(),
+                &parent.sha256[..12],
+                train.len(),
+                val.len(),
+                classes.len(),
             );
         }
-        let weights = store
-            .names()
-            .filter(|n| !n.contains("running_") && !n.ends_with("num_batches_tracked"))
-            .count();
-        println!(
-            "{phase}: {} from {} (sha256 {}), {} epochs on {} images, validating on {}, {} classes; {frozen} of {weights} parameter tensors frozen",
-            meta.arch,
-            parent.path.display(),
-            &parent.sha256[..12],
-            epochs,
-            train.len(),
-            val.len(),
-            classes.len(),
-        );
-        let model = ResNet::new(config, &store)?;
-        let phase_cfg = TrainConfig {
-            epochs,
-            ..cfg.clone()
-        };
-        let offset = history.len();
-        fit(
-            &model,
-            &store,
-            &data,
-            &phase_cfg,
-            &lr_mult,
-            &Device::Cpu,
-            &mut |p| match p {
-                finelens_tune::Progress::Epoch(r) => {
-                    let mut r = r.clone();
-                    r.epoch += offset;
-                    history.push(r.clone());
-                    // Keep the epoch with the lowest validation loss (written atomically, so an
-                    // interruption leaves the previous best intact).
-                    if save_error.is_none() && best.is_none_or(|(l, _)| r.val.loss < l) {
-                        best = Some((r.val.loss, r.epoch));
-                        let mut m = meta.clone();
-                        m.training = Some(serde_json::json!({
-                            "kind": "fine-tune", "parent": parent.path, "freeze": a.freeze,
-                            "lp_epochs": a.lp_epochs, "config": cfg, "train_images": train.len(),
-                            "val_images": val.len(), "best_epoch": r.epoch, "history": history_json(&history),
-                        }));
-                        if let Err(e) = checkpoint::save(&model_path, &store, &m) {
-                            save_error = Some(e.into());
-                        }
-                    }
-                    bar.report(finelens_tune::Progress::Epoch(&r));
-                }
-                step => bar.report(step),
-            },
-        )?;
-        bar.finish();
-        if let Some(e) = save_error.take() {
-            return Err(e);
-        }
-    }
-    let (_, best_epoch) = best.expect("at least one epoch");
-    let best_record = &history[best_epoch];
+        FinetuneEvent::FreezesNothing => eprintln!(
+            "warning: --freeze {} matches no parameter; everything trains",
+            a.freeze
+        ),
+        FinetuneEvent::Progress(p) => bar.report(p),
+    });
+    bar.finish();
+    let outcome = outcome.with_context(|| a.split.train.display().to_string())?;
+    let best = &outcome.history[outcome.best_epoch];
     let metrics = serde_json::json!({
-        "best_epoch": best_epoch,
-        "val": best_record.val,
-        "history": history_json(&history),
+        "best_epoch": outcome.best_epoch,
+        "val": best.val,
+        "history": history_json(&outcome.history),
         "parent_sha256": parent.sha256,
         "checkpoint": model_path,
     });
     write_json(&a.out.join("metrics.json"), &metrics)?;
     println!(
         "best epoch {} of {}: validation accuracy {:.2}%, loss {:.4}",
-        best_epoch + 1,
-        history.len(),
-        100.0 * best_record.val.accuracy,
-        best_record.val.loss
+        outcome.best_epoch + 1,
+        outcome.history.len(),
+        100.0 * best.val.accuracy,
+        best.val.loss
     );
     println!(
         "checkpoint {}\nmetrics    {}",

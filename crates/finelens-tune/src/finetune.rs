@@ -259,3 +259,166 @@ mod tests {
         assert!(glob_match("a*b*c", "aXbYbZc"));
     }
 }
+
+/// The head of a fine-tuned model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadChoice {
+    /// Continue with the parent's head; the data must have the parent's classes.
+    Keep,
+    /// A freshly initialised head of this kind over the data's classes.
+    New(Head),
+}
+
+/// Everything a fine-tuning run needs.
+pub struct FinetuneJob<'a> {
+    pub parent: &'a finelens_models::Checkpoint,
+    pub head: HeadChoice,
+    pub freeze: FreezePolicy,
+    /// LP-FT (Kumar et al. 2022): the first `lp_epochs` of `config.epochs` train the head alone.
+    pub lp_epochs: usize,
+    pub config: crate::TrainConfig,
+    pub data: crate::TrainData<'a>,
+    /// Where the best epoch's checkpoint is written (atomically, whenever it improves).
+    pub checkpoint: &'a std::path::Path,
+    /// Recorded in the checkpoint's training metadata as the user wrote it.
+    pub freeze_spec: String,
+}
+
+/// What a fine-tuning run reports as it goes.
+pub enum FinetuneEvent<'a> {
+    Phase {
+        name: &'static str,
+        epochs: usize,
+        frozen: usize,
+        weights: usize,
+    },
+    /// A glob freeze policy that matched nothing: legal, but probably not what was meant.
+    FreezesNothing,
+    Progress(crate::Progress<'a>),
+}
+
+pub struct FinetuneOutcome {
+    pub history: Vec<crate::EpochRecord>,
+    pub best_epoch: usize,
+    pub meta: finelens_models::Metadata,
+}
+
+/// Fine-tune `job.parent` on `job.data`: choose the head, run the phases (optional linear probe,
+/// then fine-tuning under the freeze policy), keep the epoch with the lowest validation loss.
+pub fn run(job: &FinetuneJob, events: &mut dyn FnMut(FinetuneEvent)) -> Result<FinetuneOutcome> {
+    use crate::{fit, Progress, TrainConfig};
+    let parent = job.parent;
+    let cfg = &job.config;
+    cfg.check()?;
+    if job.lp_epochs >= cfg.epochs {
+        return Err(TuneError::Config(format!(
+            "--lp-epochs {} must be fewer than --epochs {} (LP-FT fine-tunes after probing)",
+            job.lp_epochs, cfg.epochs
+        )));
+    }
+    let classes = job.data.class_names;
+    let (config, mut store) = match job.head {
+        HeadChoice::Keep => {
+            if classes != parent.meta.class_names.as_slice() {
+                return Err(TuneError::Config(format!(
+                    "the data has {} classes [{}] but the checkpoint's head has {} [{}]; pass --head linear or mlp:N to replace it",
+                    classes.len(),
+                    classes.join(", "),
+                    parent.meta.num_classes,
+                    parent.meta.class_names.join(", ")
+                )));
+            }
+            (parent.config()?, parent.store.deep_clone()?)
+        }
+        HeadChoice::New(head) => {
+            let config = ModelConfig::new(parent.meta.arch, classes.len(), head)?;
+            (config, with_new_head(&parent.store, config, cfg.seed)?)
+        }
+    };
+    let head = config.head;
+    let mut meta = parent.meta.clone();
+    meta.head = head;
+    meta.num_classes = classes.len();
+    meta.class_names = classes.to_vec();
+    meta.parent_sha256 = Some(parent.sha256.clone());
+    meta.seed = Some(cfg.seed);
+    meta.finelens_version = env!("CARGO_PKG_VERSION").into();
+
+    let mut phases = Vec::new();
+    if job.lp_epochs > 0 {
+        phases.push(("linear probe", FreezePolicy::HeadOnly, job.lp_epochs));
+    }
+    phases.push(("fine-tune", job.freeze.clone(), cfg.epochs - job.lp_epochs));
+    let is_head = |n: &str| head.prefixes().iter().any(|p| n.starts_with(p));
+    let lr_mult = |n: &str| {
+        if is_head(n) {
+            1.0
+        } else {
+            cfg.backbone_lr_mult
+        }
+    };
+    let mut best: Option<(f64, usize)> = None;
+    let mut history: Vec<crate::EpochRecord> = Vec::new();
+    let mut save_error: Option<TuneError> = None;
+    for (name, policy, epochs) in phases {
+        let frozen = policy.apply(&mut store, head)?;
+        if frozen == 0 && matches!(policy, FreezePolicy::Globs(_)) {
+            events(FinetuneEvent::FreezesNothing);
+        }
+        let weights = store.names().filter(|n| !is_buffer(n)).count();
+        events(FinetuneEvent::Phase {
+            name,
+            epochs,
+            frozen,
+            weights,
+        });
+        let model = finelens_models::ResNet::new(config, &store)?;
+        let phase_cfg = TrainConfig {
+            epochs,
+            ..cfg.clone()
+        };
+        let offset = history.len();
+        fit(
+            &model,
+            &store,
+            &job.data,
+            &phase_cfg,
+            &lr_mult,
+            &candle_core::Device::Cpu,
+            &mut |p| match p {
+                Progress::Epoch(r) => {
+                    let mut r = r.clone();
+                    r.epoch += offset;
+                    history.push(r.clone());
+                    // Atomic writes: an interruption leaves the previous best intact.
+                    if save_error.is_none() && best.is_none_or(|(l, _)| r.val.loss < l) {
+                        best = Some((r.val.loss, r.epoch));
+                        let mut m = meta.clone();
+                        m.training = Some(serde_json::json!({
+                            "kind": "fine-tune", "parent": parent.path, "freeze": job.freeze_spec,
+                            "lp_epochs": job.lp_epochs, "config": cfg, "train_images": job.data.train.len(),
+                            "val_images": job.data.val.len(), "best_epoch": r.epoch,
+                            "history": crate::train::history_json(&history),
+                        }));
+                        if let Err(e) =
+                            finelens_models::checkpoint::save(job.checkpoint, &store, &m)
+                        {
+                            save_error = Some(e.into());
+                        }
+                    }
+                    events(FinetuneEvent::Progress(Progress::Epoch(&r)));
+                }
+                step => events(FinetuneEvent::Progress(step)),
+            },
+        )?;
+        if let Some(e) = save_error.take() {
+            return Err(e);
+        }
+    }
+    let (_, best_epoch) = best.expect("every phase has at least one epoch");
+    Ok(FinetuneOutcome {
+        history,
+        best_epoch,
+        meta,
+    })
+}

@@ -10,8 +10,13 @@ pub mod schedule;
 pub mod train;
 
 pub use error::{Result, TuneError};
-pub use finetune::{glob_match, with_new_head, FreezePolicy};
+pub use finetune::{
+    glob_match, with_new_head, FinetuneEvent, FinetuneJob, FinetuneOutcome, FreezePolicy,
+    HeadChoice,
+};
 pub use metrics::{cross_entropy, evaluate, Metrics};
 pub use optim::{Optimizer, OptimizerConfig};
 pub use schedule::Schedule;
-pub use train::{epochs_since_best, fit, EpochRecord, Progress, TrainConfig, TrainData};
+pub use train::{
+    epochs_since_best, fit, history_json, EpochRecord, Progress, TrainConfig, TrainData,
+};

@@ -202,6 +202,20 @@ pub fn fit(
     Ok(records)
 }
 
+/// Per-epoch numbers as JSON (for checkpoint metadata and metrics files).
+pub fn history_json(history: &[EpochRecord]) -> serde_json::Value {
+    history
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "epoch": r.epoch, "train_loss": r.train_loss, "train_accuracy": r.train_accuracy,
+                "val_loss": r.val.loss, "val_accuracy": r.val.accuracy, "lr_end": r.lr_end,
+                "seconds": r.seconds, "images_per_second": r.images_per_second,
+            })
+        })
+        .collect()
+}
+
 /// Epochs since the lowest validation loss so far (0 when the last epoch is the best).
 pub fn epochs_since_best(records: &[EpochRecord]) -> usize {
     let best = records
