@@ -484,6 +484,8 @@ fn finetune_head_only_keeps_the_body_bit_identical_and_records_the_parent() {
         serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
     assert_eq!(m["history"].as_array().unwrap().len(), 2);
     assert_eq!(m["parent_sha256"], parent.sha256.as_str());
+    let curves = image::open(out.join("curves.png")).unwrap();
+    assert_eq!((curves.width(), curves.height()), (960, 360));
 
     // Freezing everything is an error before any work; a glob that freezes nothing is a warning.
     let args = |freeze: &str, dir: &str| {

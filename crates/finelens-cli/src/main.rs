@@ -708,6 +708,8 @@ fn finetune_cmd(a: FinetuneArgs) -> Result<()> {
         "checkpoint": model_path,
     });
     write_json(&a.out.join("metrics.json"), &metrics)?;
+    let curves = a.out.join("curves.png");
+    write_curves(&curves, &outcome.history)?;
     println!(
         "best epoch {} of {}: validation accuracy {:.2}%, loss {:.4}",
         outcome.best_epoch + 1,
@@ -716,10 +718,34 @@ fn finetune_cmd(a: FinetuneArgs) -> Result<()> {
         best.val.loss
     );
     println!(
-        "checkpoint {}\nmetrics    {}",
+        "checkpoint {}
+metrics    {}
+curves     {}",
         model_path.display(),
-        a.out.join("metrics.json").display()
+        a.out.join("metrics.json").display(),
+        curves.display()
     );
+    Ok(())
+}
+
+/// Loss and accuracy per epoch, train and validation, as a PNG (written atomically).
+fn write_curves(path: &Path, history: &[finelens_tune::EpochRecord]) -> Result<()> {
+    let series =
+        |name: &str, f: &dyn Fn(&finelens_tune::EpochRecord) -> f64| finelens_report::Series {
+            name: name.into(),
+            values: history.iter().map(f).collect(),
+        };
+    let png = finelens_report::training_curves(
+        &[
+            series("train", &|r| r.train_loss),
+            series("val", &|r| r.val.loss),
+        ],
+        &[
+            series("train", &|r| r.train_accuracy),
+            series("val", &|r| r.val.accuracy),
+        ],
+    )?;
+    checkpoint::write_atomic(path, &png)?;
     Ok(())
 }
 

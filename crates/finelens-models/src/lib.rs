@@ -8,6 +8,8 @@ pub mod nn;
 pub mod params;
 pub mod pool;
 pub mod resnet;
+#[cfg(test)]
+mod testutil;
 
 pub use checkpoint::{Checkpoint, Metadata};
 pub use error::{ModelError, Result};

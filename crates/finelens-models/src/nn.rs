@@ -252,7 +252,7 @@ mod tests {
         let mut s = store(2);
         s.set_trainable(|_| false);
         let bn = BatchNorm2d::load(&s, "bn").unwrap();
-        let x = Tensor::randn(0f32, 1.0, (4, 2, 3, 3), &Device::Cpu).unwrap();
+        let x = crate::testutil::randn((4, 2, 3, 3), 0.0, 1.0, DType::F32, 0);
         bn.forward(&x, Mode::Train).unwrap();
         let rm: Vec<f32> = s.var("bn.running_mean").unwrap().to_vec1().unwrap();
         assert_eq!(rm, vec![0.0, 0.0]);

@@ -440,6 +440,7 @@ impl Classifier for ResNet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::{central_difference, randn};
     use candle_core::{DType, Device, Var};
 
     fn mini(classes: usize, head: Head) -> (ModelConfig, ParamStore) {
@@ -492,7 +493,7 @@ mod tests {
     fn forward_shapes_and_taps() {
         let (cfg, store) = mini(5, Head::Mlp { hidden: 32 });
         let m = ResNet::new(cfg, &store).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (2, 3, 64, 64), &Device::Cpu).unwrap();
+        let x = randn((2, 3, 64, 64), 0.0, 1.0, DType::F32, 0);
         let (logits, taps) = m
             .forward_with_taps(
                 &x,
@@ -528,7 +529,7 @@ mod tests {
         let cfg = ModelConfig::new(Arch::ResNet50, 3, Head::Linear).unwrap();
         let store = ParamStore::init(&cfg.param_specs(), 0, &Device::Cpu).unwrap();
         let m = ResNet::new(cfg, &store).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (1, 3, 64, 64), &Device::Cpu).unwrap();
+        let x = randn((1, 3, 64, 64), 0.0, 1.0, DType::F32, 1);
         let (y, t) = m.forward_with_taps(&x, Mode::Eval, &["layer4"]).unwrap();
         assert_eq!(y.dims(), &[1, 3]);
         assert_eq!(t[0].dims(), &[1, 2048, 2, 2]);
@@ -541,7 +542,7 @@ mod tests {
         let (cfg, store) = mini(4, Head::Linear);
         // Train the running statistics away from their initial values so eval BN is non-trivial.
         let m = ResNet::new(cfg, &store).unwrap();
-        let warm = Tensor::randn(0.5f32, 2.0, (4, 3, 32, 32), &Device::Cpu).unwrap();
+        let warm = randn((4, 3, 32, 32), 0.5, 2.0, DType::F32, 2);
         m.forward(&warm, Mode::Train).unwrap();
         let specs = cfg.param_specs();
         let map = store
@@ -565,7 +566,7 @@ mod tests {
         s64.set_trainable(|_| false);
         let m = ResNet::new(cfg, &s64).unwrap();
 
-        let x = Tensor::randn(0f64, 1.0, (1, 3, 24, 24), &Device::Cpu).unwrap();
+        let x = randn((1, 3, 24, 24), 0.0, 1.0, DType::F64, 3);
         let xv = Var::from_tensor(&x).unwrap();
         let target = |y: &Tensor| y.narrow(1, 2, 1).unwrap().sum_all().unwrap();
         let g = target(&m.forward(xv.as_tensor(), Mode::Eval).unwrap())
@@ -579,22 +580,17 @@ mod tests {
             .to_vec1()
             .unwrap();
         let base: Vec<f64> = x.flatten_all().unwrap().to_vec1().unwrap();
-        let f = |v: Vec<f64>| -> f64 {
-            let t = Tensor::from_vec(v, x.shape(), &Device::Cpu).unwrap();
+        let mut f = |v: &[f64]| -> f64 {
+            let t = Tensor::from_vec(v.to_vec(), x.shape(), &Device::Cpu).unwrap();
             target(&m.forward(&t, Mode::Eval).unwrap())
                 .to_scalar()
                 .unwrap()
         };
-        let eps = 1e-6;
         let scale = grad.iter().fold(0f64, |a, b| a.max(b.abs()));
         let mut worst = 0f64;
         // Every 7th input cell: enough to cover all channels and positions at low cost.
         for i in (0..base.len()).step_by(7) {
-            let mut p = base.clone();
-            p[i] += eps;
-            let mut q = base.clone();
-            q[i] -= eps;
-            let fd = (f(p) - f(q)) / (2.0 * eps);
+            let fd = central_difference(&mut f, &base, i);
             worst = worst.max((fd - grad[i]).abs() / scale);
         }
         assert!(
@@ -615,7 +611,7 @@ mod tests {
         }
         let store = ParamStore::init(&specs, 5, &Device::Cpu).unwrap();
         let m = ResNet::new(cfg, &store).unwrap();
-        let x = Tensor::randn(0f64, 1.0, (3, 3, 20, 20), &Device::Cpu).unwrap();
+        let x = randn((3, 3, 20, 20), 0.0, 1.0, DType::F64, 4);
         let labels = [0usize, 2, 1];
         // Σ of each sample's logit at its label, weighted to make every row matter differently.
         let objective = |y: &Tensor| -> Tensor {
@@ -660,19 +656,16 @@ mod tests {
             let base = var.as_detached_tensor().copy().unwrap();
             let flat: Vec<f64> = base.flatten_all().unwrap().to_vec1().unwrap();
             let scale = g.iter().fold(1e-3f64, |a, b| a.max(b.abs()));
-            let eps = 1e-5;
             let mut worst = 0f64;
+            let mut eval = |v: &[f64]| -> f64 {
+                var.set(&Tensor::from_vec(v.to_vec(), base.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+                objective(&m.forward(&x, Mode::Train).unwrap())
+                    .to_scalar()
+                    .unwrap()
+            };
             for i in (0..flat.len()).step_by((flat.len() / 6).max(1)) {
-                let eval = |delta: f64| -> f64 {
-                    let mut v = flat.clone();
-                    v[i] += delta;
-                    var.set(&Tensor::from_vec(v, base.shape(), &Device::Cpu).unwrap())
-                        .unwrap();
-                    objective(&m.forward(&x, Mode::Train).unwrap())
-                        .to_scalar()
-                        .unwrap()
-                };
-                let fd = (eval(eps) - eval(-eps)) / (2.0 * eps);
+                let fd = central_difference(&mut eval, &flat, i);
                 worst = worst.max((fd - g[i]).abs() / scale);
             }
             var.set(&base).unwrap();
