@@ -54,6 +54,15 @@ fn write_tensors(path: &Path, tensors: Vec<(String, Tensor)>) {
     .unwrap();
 }
 
+/// A resnet-mini state dict at `path` with tensor `name` replaced by `change(original)`.
+fn write_mini_with(path: &Path, name: &str, change: impl Fn(&Tensor) -> Tensor) {
+    let t = mini_tensors().into_iter().map(|(n, v)| {
+        let v = if n == name { change(&v) } else { v };
+        (n, v)
+    });
+    write_tensors(path, t.collect());
+}
+
 fn mini_tensors() -> Vec<(String, Tensor)> {
     let cfg = ModelConfig::new(Arch::ResNetMini, 3, Head::Linear).unwrap();
     let store = ParamStore::init(&cfg.param_specs(), 0, &Device::Cpu).unwrap();
@@ -133,39 +142,25 @@ fn corrupt_missing_and_mismatched_checkpoints_fail_with_one_line() {
     );
 
     let shape = d.path().join("shape.safetensors");
-    let mut t = mini_tensors();
-    for (n, v) in t.iter_mut() {
-        if n == "layer1.0.conv1.weight" {
-            *v = Tensor::zeros((16, 16, 5, 5), DType::F32, &Device::Cpu).unwrap();
-        }
-    }
-    write_tensors(&shape, t);
+    write_mini_with(&shape, "layer1.0.conv1.weight", |_| {
+        Tensor::zeros((16, 16, 5, 5), DType::F32, &Device::Cpu).unwrap()
+    });
     assert_one_line_error(
         &finelens(&["inspect", "--arch", "resnet-mini", &arg(&shape)]),
         "layer1.0.conv1.weight has shape [16, 16, 5, 5], resnet-mini expects [16, 16, 3, 3]",
     );
 
     let dtype = d.path().join("dtype.safetensors");
-    let mut t = mini_tensors();
-    for (n, v) in t.iter_mut() {
-        if n == "conv1.weight" {
-            *v = v.to_dtype(DType::I64).unwrap();
-        }
-    }
-    write_tensors(&dtype, t);
+    write_mini_with(&dtype, "conv1.weight", |v| v.to_dtype(DType::I64).unwrap());
     assert_one_line_error(
         &finelens(&["inspect", "--arch", "resnet-mini", &arg(&dtype)]),
         "conv1.weight has dtype i64, expected f32",
     );
 
     let nan = d.path().join("nan.safetensors");
-    let mut t = mini_tensors();
-    for (n, v) in t.iter_mut() {
-        if n == "fc.bias" {
-            *v = Tensor::new(&[f32::NAN, 0.0, 0.0], &Device::Cpu).unwrap();
-        }
-    }
-    write_tensors(&nan, t);
+    write_mini_with(&nan, "fc.bias", |_| {
+        Tensor::new(&[f32::NAN, 0.0, 0.0], &Device::Cpu).unwrap()
+    });
     assert_one_line_error(
         &finelens(&["inspect", "--arch", "resnet-mini", &arg(&nan)]),
         "fc.bias contains non-finite values",
