@@ -325,6 +325,24 @@ fn eval_reports_metrics_and_handles_bad_images_and_outputs() {
 }
 
 #[test]
+fn a_closed_output_pipe_is_not_a_panic() {
+    // `finelens inspect m.safetensors | head -1`: the reader goes away before the writer is done.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_finelens"))
+        .args(["inspect", fixture().to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("panicked"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn every_command_documents_its_options() {
     for cmd in [
         vec!["--help"],

@@ -335,6 +335,13 @@ struct DemoArgs {
 }
 
 fn main() -> ExitCode {
+    // Rust ignores SIGPIPE, so `finelens inspect m.safetensors | head` would panic on the closed
+    // pipe. Restore the Unix default: the process ends quietly when its reader goes away.
+    #[cfg(unix)]
+    // SAFETY: called before any other thread exists; SIG_DFL is a valid handler for SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
