@@ -301,26 +301,22 @@ fn eval_reports_metrics_and_handles_bad_images_and_outputs() {
     assert_eq!(std::fs::read_to_string(&blocker).unwrap(), "a file");
 
     // Training with an impossible learning rate or batch size never starts.
-    let o = finelens(&[
-        "train",
-        "--train",
-        data.to_str().unwrap(),
-        "--lr",
-        "0",
-        "--out",
-        d.path().join("x.safetensors").to_str().unwrap(),
-    ]);
-    assert_one_line_error(&o, "learning rate 0 must be a positive number");
-    let o = finelens(&[
-        "train",
-        "--train",
-        data.to_str().unwrap(),
-        "--batch-size",
-        "0",
-        "--out",
-        d.path().join("x.safetensors").to_str().unwrap(),
-    ]);
-    assert_one_line_error(&o, "batch size must be at least 1");
+    let out = d.path().join("x.safetensors");
+    for (flag, value, needle) in [
+        ("--lr", "0", "learning rate 0 must be a positive number"),
+        ("--batch-size", "0", "batch size must be at least 1"),
+    ] {
+        let o = finelens(&[
+            "train",
+            "--train",
+            data.to_str().unwrap(),
+            flag,
+            value,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert_one_line_error(&o, needle);
+    }
     assert!(!d.path().join("x.safetensors").exists());
 }
 
