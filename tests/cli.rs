@@ -625,3 +625,138 @@ fn finetune_keep_head_lp_ft_and_divergence() {
     assert_one_line_error(&o, "loss became");
     assert!(!d.path().join("diverged/model.safetensors").exists());
 }
+
+#[test]
+fn resume_after_a_kill_mid_epoch_gives_the_uninterrupted_weights() {
+    let d = tempfile::tempdir().unwrap();
+    let o = finelens(&[
+        "data",
+        "synth",
+        "--out",
+        d.path().to_str().unwrap(),
+        "--task",
+        "finetune",
+        "--train-per-class",
+        "40",
+        "--val-per-class",
+        "4",
+        "--test-per-class",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let args = |out: &Path| -> Vec<String> {
+        let images = d.path().join("finetune/images");
+        [
+            "finetune",
+            fixture().to_str().unwrap(),
+            "--train",
+            images.join("train").to_str().unwrap(),
+            "--val",
+            images.join("val").to_str().unwrap(),
+            "--lp-epochs",
+            "1",
+            "--epochs",
+            "3",
+            "--optimizer",
+            "sgd",
+            "--lr",
+            "0.01",
+            "--batch-size",
+            "8",
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let whole = d.path().join("whole");
+    let o = Command::new(env!("CARGO_BIN_EXE_finelens"))
+        .args(args(&whole))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // Start the same run and kill it as soon as epoch 3 has begun: the linear probe and one
+    // fine-tuning epoch are done, so resuming must restore the optimiser's momentum mid-phase.
+    let cut = d.path().join("cut");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_finelens"))
+        .args(args(&cut))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stderr.take().unwrap()));
+    let mut killed_after = None;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if line.starts_with("epoch   2") {
+            child.kill().unwrap();
+            killed_after = Some(line);
+            break;
+        }
+    }
+    child.wait().unwrap();
+    assert!(
+        killed_after.is_some(),
+        "the run ended before it could be interrupted"
+    );
+    let state: serde_json::Value = {
+        let (_, header) =
+            finelens_models::checkpoint::load_state(&cut.join("last.safetensors")).unwrap();
+        serde_json::from_str(&header["finelens-resume"]).unwrap()
+    };
+    assert!(
+        state["history"].as_array().unwrap().len() < 3,
+        "the kill came too late to test resuming"
+    );
+
+    let mut resumed = args(&cut);
+    resumed.push("--resume".into());
+    let o = Command::new(env!("CARGO_BIN_EXE_finelens"))
+        .args(&resumed)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // The final state — weights, batch-norm statistics, optimiser moments — is bit-identical.
+    let (a, _) = finelens_models::checkpoint::load_state(&whole.join("last.safetensors")).unwrap();
+    let (b, _) = finelens_models::checkpoint::load_state(&cut.join("last.safetensors")).unwrap();
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    assert!(
+        a.keys().any(|k| k.ends_with(".first")),
+        "no optimiser moments saved"
+    );
+    for (n, x) in &a {
+        let v = |t: &Tensor| {
+            t.to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+        };
+        assert_eq!(v(x), v(&b[n]), "{n} differs after resuming");
+    }
+    let m = |dir: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join("metrics.json")).unwrap()).unwrap()
+    };
+    assert_eq!(m(&whole)["history"].as_array().unwrap().len(), 3);
+    assert_eq!(m(&whole)["val"], m(&cut)["val"]);
+
+    // Resuming with other settings is refused.
+    let mut other = args(&cut);
+    other.extend([
+        "--resume".to_string(),
+        "--seed".to_string(),
+        "7".to_string(),
+    ]);
+    let o = Command::new(env!("CARGO_BIN_EXE_finelens"))
+        .args(&other)
+        .output()
+        .unwrap();
+    assert_one_line_error(
+        &o,
+        "cannot resume: it was written by a run with other settings",
+    );
+}

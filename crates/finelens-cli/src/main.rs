@@ -16,7 +16,7 @@ use finelens_models::checkpoint::{self, Metadata};
 use finelens_models::{Arch, Head, ModelConfig, ParamStore, ResNet};
 use finelens_tune::{
     evaluate, fit, history_json, FinetuneEvent, FinetuneJob, HeadChoice, Metrics, OptimizerConfig,
-    TrainConfig, TrainData,
+    Start, TrainConfig, TrainData,
 };
 
 /// The shipped pretrained checkpoint (resnet-mini trained on the synthetic `pretrain` task).
@@ -253,9 +253,14 @@ struct FinetuneArgs {
     /// The backbone's learning rate as a multiple of the head's (discriminative fine-tuning).
     #[arg(long, default_value_t = 1.0)]
     backbone_lr_mult: f64,
-    /// Output directory: model.safetensors (best epoch) and metrics.json.
+    /// Output directory: model.safetensors (best epoch), metrics.json, curves.png, and
+    /// last.safetensors (the state after the last completed epoch, for --resume).
     #[arg(long)]
     out: PathBuf,
+    /// Continue an interrupted run from --out's last.safetensors (same arguments as the run
+    /// that wrote it); the result is the same as an uninterrupted run's.
+    #[arg(long)]
+    resume: bool,
     #[command(flatten)]
     hp: Hyperparams,
     #[command(flatten)]
@@ -617,6 +622,7 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         train_loader: &train_loader,
         eval_loader: &val_loader,
         class_names: &classes,
+        device: &Device::Cpu,
     };
     let mut bar = progress::Reporter::new();
     let history = fit(
@@ -625,7 +631,7 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         &data,
         &cfg,
         &|_| 1.0,
-        &Device::Cpu,
+        Start::default(),
         &mut |p| bar.report(p),
     )?;
     bar.finish();
@@ -675,9 +681,12 @@ fn finetune_cmd(a: FinetuneArgs) -> Result<()> {
             train_loader: &train_loader,
             eval_loader: &val_loader,
             class_names: &classes,
+            device: &Device::Cpu,
         },
         checkpoint: &model_path,
         freeze_spec: a.freeze.clone(),
+        state: &a.out.join("last.safetensors"),
+        resume: a.resume,
     };
     let mut bar = progress::Reporter::new();
     let outcome = finelens_tune::finetune::run(&job, &mut |e| match e {
@@ -855,6 +864,7 @@ fn demo(a: DemoArgs) -> Result<()> {
         freeze: "none".into(),
         backbone_lr_mult: DEMO_BACKBONE_LR_MULT,
         out: a.out.join("finetune"),
+        resume: false,
         hp: Hyperparams {
             epochs: DEMO_EPOCHS,
             lr: 0.002,

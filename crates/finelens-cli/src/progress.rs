@@ -39,7 +39,7 @@ impl Reporter {
                 bar.set_message(format!("loss {loss:.4}"));
             }
             Progress::Step { .. } => {}
-            Progress::Epoch(r) => {
+            Progress::Epoch(r, _) => {
                 if let Some(b) = self.bar.take() {
                     b.finish_and_clear();
                 }

@@ -302,6 +302,23 @@ pub fn save(path: &Path, store: &ParamStore, meta: &Metadata) -> Result<String> 
     Ok(sha256_hex(&bytes))
 }
 
+/// Save arbitrary named tensors with a string header (a training run's resumable state), atomically.
+pub fn save_state(
+    path: &Path,
+    tensors: Vec<(String, Tensor)>,
+    header: HashMap<String, String>,
+) -> Result<()> {
+    let bytes = safetensors::serialize(tensors, Some(header))
+        .map_err(|e| ModelError::Config(format!("serialising {}: {e}", path.display())))?;
+    write_atomic(path, &bytes)
+}
+
+/// Read what [`save_state`] wrote: the tensors by name and the header.
+pub fn load_state(path: &Path) -> Result<(BTreeMap<String, Tensor>, HashMap<String, String>)> {
+    let raw = read_raw(path)?;
+    Ok((raw.tensors, raw.header.unwrap_or_default()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -116,6 +116,45 @@ fn is_buffer(name: &str) -> bool {
         || name.ends_with(".num_batches_tracked")
 }
 
+/// Everything needed to continue after the epoch just finished.
+fn save_resume_state(
+    job: &FinetuneJob,
+    store: &ParamStore,
+    opt: &crate::Optimizer,
+    history: &[crate::EpochRecord],
+    best: Option<(f64, usize)>,
+) -> Result<()> {
+    let state = opt.state();
+    let mut tensors: Vec<(String, candle_core::Tensor)> =
+        store.iter().map(|(n, t, _)| (n.to_owned(), t)).collect();
+    for (i, (first, second)) in state.moments.into_iter().enumerate() {
+        // A marker per parameter, so that a parameter without moments yet still counts.
+        tensors.push((
+            format!("optimizer.{i}.present"),
+            candle_core::Tensor::zeros(1, candle_core::DType::U8, &candle_core::Device::Cpu)?,
+        ));
+        if let Some(m) = first {
+            tensors.push((format!("optimizer.{i}.first"), m));
+        }
+        if let Some(m) = second {
+            tensors.push((format!("optimizer.{i}.second"), m));
+        }
+    }
+    let header = ResumeHeader {
+        fingerprint: fingerprint(job),
+        history: history.to_vec(),
+        best,
+        optimizer_steps: state.steps,
+    };
+    let header = std::collections::HashMap::from([(
+        RESUME_KEY.to_string(),
+        serde_json::to_string(&header).expect("serialisable"),
+    )]);
+    Ok(finelens_models::checkpoint::save_state(
+        job.state, tensors, header,
+    )?)
+}
+
 /// Residual block prefixes (`layer1.0` …) in network order.
 fn residual_blocks(store: &ParamStore) -> Vec<String> {
     let mut blocks: Vec<String> = Vec::new();
@@ -282,6 +321,32 @@ pub struct FinetuneJob<'a> {
     pub checkpoint: &'a std::path::Path,
     /// Recorded in the checkpoint's training metadata as the user wrote it.
     pub freeze_spec: String,
+    /// Where the resumable state is written after every epoch (weights, batch-norm statistics,
+    /// optimiser moments, history).
+    pub state: &'a std::path::Path,
+    /// Continue from `state` if it exists (it must come from a run with the same settings).
+    pub resume: bool,
+}
+
+/// Header key of the resumable state.
+const RESUME_KEY: &str = "finelens-resume";
+
+/// What a resumed run must agree on with the run that wrote the state.
+fn fingerprint(job: &FinetuneJob) -> String {
+    serde_json::json!({
+        "parent": job.parent.sha256, "config": job.config, "head": format!("{:?}", job.head),
+        "freeze": job.freeze_spec, "lp_epochs": job.lp_epochs, "classes": job.data.class_names,
+        "train": job.data.train.len(), "val": job.data.val.len(),
+    })
+    .to_string()
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ResumeHeader {
+    fingerprint: String,
+    history: Vec<crate::EpochRecord>,
+    best: Option<(f64, usize)>,
+    optimizer_steps: u64,
 }
 
 /// What a fine-tuning run reports as it goes.
@@ -359,8 +424,53 @@ pub fn run(job: &FinetuneJob, events: &mut dyn FnMut(FinetuneEvent)) -> Result<F
     };
     let mut best: Option<(f64, usize)> = None;
     let mut history: Vec<crate::EpochRecord> = Vec::new();
+    let mut saved_optimizer: Option<crate::OptimizerState> = None;
+    if job.resume && job.state.exists() {
+        let (tensors, header) = finelens_models::checkpoint::load_state(job.state)?;
+        let bad =
+            |why: &str| TuneError::Config(format!("{}: cannot resume: {why}", job.state.display()));
+        let h: ResumeHeader = header
+            .get(RESUME_KEY)
+            .and_then(|j| serde_json::from_str(j).ok())
+            .ok_or_else(|| bad("no resumable state in the file"))?;
+        if h.fingerprint != fingerprint(job) {
+            return Err(bad("it was written by a run with other settings or data; rerun with the same arguments"));
+        }
+        for name in store.names().map(str::to_owned).collect::<Vec<_>>() {
+            let t = tensors
+                .get(&name)
+                .ok_or_else(|| bad(&format!("tensor {name} is missing")))?;
+            store
+                .var(&name)?
+                .set(&t.to_dtype(store.var(&name)?.dtype())?)?;
+        }
+        let mut moments = Vec::new();
+        for i in 0.. {
+            let get = |k: &str| tensors.get(&format!("optimizer.{i}.{k}")).cloned();
+            match (
+                get("first"),
+                get("second"),
+                tensors.contains_key(&format!("optimizer.{i}.present")),
+            ) {
+                (first, second, true) => moments.push((first, second)),
+                _ => break,
+            }
+        }
+        saved_optimizer = Some(crate::OptimizerState {
+            steps: h.optimizer_steps,
+            moments,
+        });
+        history = h.history;
+        best = h.best;
+    }
     let mut save_error: Option<TuneError> = None;
+    let mut phase_start = 0;
     for (name, policy, epochs) in phases {
+        let done_here = history.len().saturating_sub(phase_start).min(epochs);
+        phase_start += epochs;
+        if done_here == epochs {
+            continue;
+        }
         let frozen = policy.apply(&mut store, head)?;
         if frozen == 0 && matches!(policy, FreezePolicy::Globs(_)) {
             events(FinetuneEvent::FreezesNothing);
@@ -377,36 +487,50 @@ pub fn run(job: &FinetuneJob, events: &mut dyn FnMut(FinetuneEvent)) -> Result<F
             epochs,
             ..cfg.clone()
         };
-        let offset = history.len();
+        let offset = phase_start - epochs;
+        // The optimiser's moments carry over only within the phase that saved them.
+        let start = crate::Start {
+            epoch: done_here,
+            optimizer: if done_here > 0 {
+                saved_optimizer.take()
+            } else {
+                None
+            },
+        };
         fit(
             &model,
             &store,
             &job.data,
             &phase_cfg,
             &lr_mult,
-            &candle_core::Device::Cpu,
+            start,
             &mut |p| match p {
-                Progress::Epoch(r) => {
+                Progress::Epoch(r, opt) => {
                     let mut r = r.clone();
                     r.epoch += offset;
                     history.push(r.clone());
-                    // Atomic writes: an interruption leaves the previous best intact.
-                    if save_error.is_none() && best.is_none_or(|(l, _)| r.val.loss < l) {
-                        best = Some((r.val.loss, r.epoch));
-                        let mut m = meta.clone();
-                        m.training = Some(serde_json::json!({
-                            "kind": "fine-tune", "parent": parent.path, "freeze": job.freeze_spec,
-                            "lp_epochs": job.lp_epochs, "config": cfg, "train_images": job.data.train.len(),
-                            "val_images": job.data.val.len(), "best_epoch": r.epoch,
-                            "history": crate::train::history_json(&history),
-                        }));
-                        if let Err(e) =
-                            finelens_models::checkpoint::save(job.checkpoint, &store, &m)
-                        {
-                            save_error = Some(e.into());
+                    if save_error.is_none() {
+                        // Atomic writes: an interruption leaves the previous best intact.
+                        if best.is_none_or(|(l, _)| r.val.loss < l) {
+                            best = Some((r.val.loss, r.epoch));
+                            let mut m = meta.clone();
+                            m.training = Some(serde_json::json!({
+                                "kind": "fine-tune", "parent": parent.path, "freeze": job.freeze_spec,
+                                "lp_epochs": job.lp_epochs, "config": cfg, "train_images": job.data.train.len(),
+                                "val_images": job.data.val.len(), "best_epoch": r.epoch,
+                                "history": crate::train::history_json(&history),
+                            }));
+                            if let Err(e) =
+                                finelens_models::checkpoint::save(job.checkpoint, &store, &m)
+                            {
+                                save_error = Some(e.into());
+                            }
+                        }
+                        if let Err(e) = save_resume_state(job, &store, opt, &history, best) {
+                            save_error = Some(e);
                         }
                     }
-                    events(FinetuneEvent::Progress(Progress::Epoch(&r)));
+                    events(FinetuneEvent::Progress(Progress::Epoch(&r, opt)));
                 }
                 step => events(FinetuneEvent::Progress(step)),
             },

@@ -15,8 +15,8 @@ pub use finetune::{
     HeadChoice,
 };
 pub use metrics::{cross_entropy, evaluate, Metrics};
-pub use optim::{Optimizer, OptimizerConfig};
+pub use optim::{Optimizer, OptimizerConfig, OptimizerState};
 pub use schedule::Schedule;
 pub use train::{
-    epochs_since_best, fit, history_json, EpochRecord, Progress, TrainConfig, TrainData,
+    epochs_since_best, fit, history_json, EpochRecord, Progress, Start, TrainConfig, TrainData,
 };

@@ -83,6 +83,13 @@ impl OptimizerConfig {
     }
 }
 
+/// A snapshot of an optimiser's state (see [`Optimizer::state`]).
+#[derive(Debug, Clone)]
+pub struct OptimizerState {
+    pub steps: u64,
+    pub moments: Vec<(Option<Tensor>, Option<Tensor>)>,
+}
+
 struct Slot {
     var: Var,
     lr_mult: f64,
@@ -118,6 +125,45 @@ impl Optimizer {
 
     pub fn steps(&self) -> u64 {
         self.steps
+    }
+
+    /// The moments (momentum buffer, or Adam's first and second moments) per parameter, in the
+    /// order the parameters were given, and the step count: what a resumed run needs.
+    pub fn state(&self) -> OptimizerState {
+        OptimizerState {
+            steps: self.steps,
+            moments: self
+                .slots
+                .iter()
+                .map(|s| (s.first.clone(), s.second.clone()))
+                .collect(),
+        }
+    }
+
+    /// Continue from a saved [`OptimizerState`] of an optimiser over the same parameters.
+    pub fn restore(&mut self, state: OptimizerState) -> Result<()> {
+        if state.moments.len() != self.slots.len() {
+            return Err(TuneError::Config(format!(
+                "saved optimiser state has {} parameters, this run trains {}",
+                state.moments.len(),
+                self.slots.len()
+            )));
+        }
+        for (slot, (first, second)) in self.slots.iter_mut().zip(state.moments) {
+            for m in [&first, &second].into_iter().flatten() {
+                if m.dims() != slot.var.dims() {
+                    return Err(TuneError::Config(format!(
+                        "saved optimiser state has shape {:?} for a parameter of shape {:?}",
+                        m.dims(),
+                        slot.var.dims()
+                    )));
+                }
+            }
+            slot.first = first;
+            slot.second = second;
+        }
+        self.steps = state.steps;
+        Ok(())
     }
 
     /// One update at learning rate `lr`. Parameters without a gradient are left untouched.

@@ -93,7 +93,17 @@ pub enum Progress<'a> {
         steps: usize,
         loss: f32,
     },
-    Epoch(&'a EpochRecord),
+    /// An epoch ended; the optimiser is there for whoever saves a resumable state.
+    Epoch(&'a EpochRecord, &'a Optimizer),
+}
+
+/// Where a run starts: from scratch, or part-way (a resumed run).
+#[derive(Debug, Clone, Default)]
+pub struct Start {
+    /// Epochs already done; the next epoch is this index (shuffling and augmentation are seeded
+    /// by epoch, so epoch k draws the same batches whether or not the run was interrupted).
+    pub epoch: usize,
+    pub optimizer: Option<crate::optim::OptimizerState>,
 }
 
 /// The data a run needs.
@@ -103,6 +113,8 @@ pub struct TrainData<'a> {
     pub train_loader: &'a Loader,
     pub eval_loader: &'a Loader,
     pub class_names: &'a [String],
+    /// Where batches are placed (the model's device).
+    pub device: &'a Device,
 }
 
 /// Train `model` (built from `store`) in place. `lr_mult(name)` gives each trainable parameter's
@@ -113,7 +125,7 @@ pub fn fit(
     data: &TrainData,
     cfg: &TrainConfig,
     lr_mult: &dyn Fn(&str) -> f64,
-    device: &Device,
+    start: Start,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Vec<EpochRecord>> {
     cfg.check()?;
@@ -133,16 +145,19 @@ pub fn fit(
         ));
     }
     let mut opt = Optimizer::new(cfg.optimizer, params)?;
+    if let Some(state) = start.optimizer {
+        opt.restore(state)?;
+    }
     let steps_per_epoch = data.train.len().div_ceil(cfg.batch_size);
     let schedule = cfg.schedule(steps_per_epoch);
     let mut records = Vec::new();
-    for epoch in 0..cfg.epochs {
+    for epoch in start.epoch..cfg.epochs {
         let start = Instant::now();
         let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
         let mut lr = cfg.lr;
         for (step, batch) in data
             .train_loader
-            .epoch(data.train, epoch as u64, device)?
+            .epoch(data.train, epoch as u64, data.device)?
             .enumerate()
         {
             let batch = batch?;
@@ -173,7 +188,13 @@ pub fn fit(
             });
         }
         let train_seconds = start.elapsed().as_secs_f64();
-        let val = evaluate(model, data.val, data.eval_loader, data.class_names, device)?;
+        let val = evaluate(
+            model,
+            data.val,
+            data.eval_loader,
+            data.class_names,
+            data.device,
+        )?;
         // A diverged model can keep a finite training loss for a batch or two while its outputs
         // already overflow; never hand such an epoch on (it would be saved as "best").
         if !val.loss.is_finite() {
@@ -191,7 +212,7 @@ pub fn fit(
             seconds: start.elapsed().as_secs_f64(),
             images_per_second: seen as f64 / train_seconds,
         };
-        progress(Progress::Epoch(&record));
+        progress(Progress::Epoch(&record, &opt));
         records.push(record);
         if let Some(patience) = cfg.patience {
             if epochs_since_best(&records) >= patience {
@@ -273,6 +294,7 @@ mod tests {
             train_loader: &tl,
             eval_loader: &el,
             class_names: &folder.classes,
+            device: &Device::Cpu,
         };
         let history = fit(
             &model,
@@ -280,7 +302,7 @@ mod tests {
             &data,
             &cfg,
             &|_| 1.0,
-            &Device::Cpu,
+            Start::default(),
             &mut |_| {},
         )
         .unwrap();
