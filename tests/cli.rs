@@ -523,6 +523,13 @@ fn finetune_head_only_keeps_the_body_bit_identical_and_records_the_parent() {
         stderr(&o)
     );
     assert_one_line_error(&args("last:x", "bad"), "last:N needs a whole number");
+
+    // An output directory that can't be created (its parent is a file) fails before any work.
+    std::fs::write(d.path().join("file"), "x").unwrap();
+    assert_one_line_error(
+        &args("none", "file/run"),
+        "file/run: cannot create output directory",
+    );
 }
 
 #[test]
