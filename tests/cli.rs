@@ -167,23 +167,29 @@ fn corrupt_missing_and_mismatched_checkpoints_fail_with_one_line() {
     );
 }
 
-/// A small 3-class ImageFolder of synthetic pretraining images under `root`.
-fn small_folder(root: &Path) -> PathBuf {
+/// `finelens data synth` of one task into `out`, with [train, val, test] images per class.
+fn synth(out: &Path, task: &str, [train, val, test]: [usize; 3]) {
+    let (train, val, test) = (train.to_string(), val.to_string(), test.to_string());
     let o = finelens(&[
         "data",
         "synth",
         "--out",
-        root.to_str().unwrap(),
+        out.to_str().unwrap(),
         "--task",
-        "pretrain",
+        task,
         "--train-per-class",
-        "2",
+        &train,
         "--val-per-class",
-        "1",
+        &val,
         "--test-per-class",
-        "3",
+        &test,
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// A small ImageFolder under `root`: the synthetic pretraining task's test split (6 classes × 3).
+fn small_folder(root: &Path) -> PathBuf {
+    synth(root, "pretrain", [2, 1, 3]);
     root.join("pretrain/images/test")
 }
 
@@ -420,21 +426,7 @@ fn fixture() -> PathBuf {
 #[test]
 fn finetune_head_only_keeps_the_body_bit_identical_and_records_the_parent() {
     let d = tempfile::tempdir().unwrap();
-    let o = finelens(&[
-        "data",
-        "synth",
-        "--out",
-        d.path().to_str().unwrap(),
-        "--task",
-        "finetune",
-        "--train-per-class",
-        "4",
-        "--val-per-class",
-        "2",
-        "--test-per-class",
-        "1",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    synth(d.path(), "finetune", [4, 2, 1]);
     let images = d.path().join("finetune/images");
     let out = d.path().join("run");
     let o = finelens(&[
@@ -536,21 +528,7 @@ fn finetune_head_only_keeps_the_body_bit_identical_and_records_the_parent() {
 fn finetune_keep_head_lp_ft_and_divergence() {
     let d = tempfile::tempdir().unwrap();
     for task in ["finetune", "pretrain"] {
-        let o = finelens(&[
-            "data",
-            "synth",
-            "--out",
-            d.path().to_str().unwrap(),
-            "--task",
-            task,
-            "--train-per-class",
-            "3",
-            "--val-per-class",
-            "1",
-            "--test-per-class",
-            "1",
-        ]);
-        assert!(o.status.success(), "{}", stderr(&o));
+        synth(d.path(), task, [3, 1, 1]);
     }
     let run = |task: &str, extra: &[&str], out: &str| {
         let train = d.path().join(task).join("images/train");
@@ -636,21 +614,7 @@ fn finetune_keep_head_lp_ft_and_divergence() {
 #[test]
 fn resume_after_a_kill_mid_epoch_gives_the_uninterrupted_weights() {
     let d = tempfile::tempdir().unwrap();
-    let o = finelens(&[
-        "data",
-        "synth",
-        "--out",
-        d.path().to_str().unwrap(),
-        "--task",
-        "finetune",
-        "--train-per-class",
-        "40",
-        "--val-per-class",
-        "4",
-        "--test-per-class",
-        "1",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    synth(d.path(), "finetune", [40, 4, 1]);
     let args = |out: &Path| -> Vec<String> {
         let images = d.path().join("finetune/images");
         [
