@@ -3,6 +3,7 @@
 //! named activation hooks, and safetensors checkpoints with metadata.
 
 pub mod checkpoint;
+pub mod conv;
 pub mod error;
 pub mod nn;
 pub mod params;

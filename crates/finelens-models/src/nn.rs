@@ -83,7 +83,12 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?)
+        Ok(crate::conv::conv2d(
+            x,
+            &self.weight,
+            self.stride,
+            self.padding,
+        )?)
     }
 }
 
