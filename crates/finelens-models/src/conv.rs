@@ -11,7 +11,7 @@
 //! * kernel: dW = X ⋆ dY (candle's formula), only when the kernel is tracked (a trainable `Var`).
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -238,7 +238,8 @@ mod tests {
 
     /// (input N×C×H×W, C_out, k, stride, padding): the ResNet shapes (7×7/2 stem, 3×3/1 and /2,
     /// 1×1/2 downsample) on odd sizes where a stride leaves cells that no window reads.
-    const CASES: [((usize, usize, usize, usize), usize, usize, usize, usize); 6] = [
+    type Case = ((usize, usize, usize, usize), usize, usize, usize, usize);
+    const CASES: [Case; 6] = [
         ((2, 3, 11, 9), 4, 7, 2, 3),
         ((2, 4, 7, 7), 5, 3, 1, 1),
         ((3, 4, 9, 8), 6, 3, 2, 1),
