@@ -304,6 +304,23 @@ impl ParamStore {
         }
         Ok(out)
     }
+    /// A frozen copy for analysis: every tensor detached (explaining a model needs no weight
+    /// gradient) and floating-point tensors cast to `dtype` (f64 for finite-difference checks).
+    pub fn frozen_as(&self, dtype: DType) -> Result<Self> {
+        let mut out = Self::empty();
+        for n in &self.order {
+            let e = &self.entries[n];
+            let t = e.var.as_detached_tensor();
+            let t = if t.dtype().is_float() {
+                t.to_dtype(dtype)?
+            } else {
+                t.copy()?
+            };
+            out.insert(n, t, e.kind)?;
+        }
+        out.set_trainable(|_| false);
+        Ok(out)
+    }
 }
 
 /// True when no element is NaN or ±∞.

@@ -350,6 +350,11 @@ pub trait Classifier {
 
     fn num_classes(&self) -> usize;
 
+    /// The last activation with spatial extent, Grad-CAM's default layer.
+    fn last_spatial_layer(&self) -> Option<String> {
+        None
+    }
+
     /// An error naming the valid layers when `name` is not one of them.
     fn check_layer(&self, name: &str) -> Result<()> {
         let names = self.layer_names();
@@ -434,6 +439,10 @@ impl Classifier for ResNet {
 
     fn num_classes(&self) -> usize {
         self.config.num_classes
+    }
+
+    fn last_spatial_layer(&self) -> Option<String> {
+        Some(format!("layer{}", self.layers.len()))
     }
 }
 
@@ -544,26 +553,7 @@ mod tests {
         let m = ResNet::new(cfg, &store).unwrap();
         let warm = randn((4, 3, 32, 32), 0.5, 2.0, DType::F32, 2);
         m.forward(&warm, Mode::Train).unwrap();
-        let specs = cfg.param_specs();
-        let map = store
-            .iter()
-            .map(|(n, t, _)| {
-                let t = if t.dtype() == DType::F32 {
-                    t.to_dtype(DType::F64).unwrap()
-                } else {
-                    t
-                };
-                (n.to_owned(), t)
-            })
-            .collect();
-        let mut specs64 = specs.clone();
-        for s in specs64.iter_mut().filter(|s| s.dtype == DType::F32) {
-            s.dtype = DType::F64;
-        }
-        let mut s64 =
-            ParamStore::from_tensors(&specs64, map, std::path::Path::new("mem"), "resnet-mini")
-                .unwrap();
-        s64.set_trainable(|_| false);
+        let s64 = store.frozen_as(DType::F64).unwrap();
         let m = ResNet::new(cfg, &s64).unwrap();
 
         let x = randn((1, 3, 24, 24), 0.0, 1.0, DType::F64, 3);
