@@ -1,8 +1,11 @@
 //! Rendering for finelens. This crate knows nothing of models or candle: it takes plain numbers
-//! and strings and returns encoded images, which the caller writes (atomically) where it wants.
+//! and strings (and `ndarray` arrays) and returns encoded images, which the caller writes (atomically) where it wants.
 
+pub mod heatmap;
+pub mod npy;
 pub mod plot;
 
+pub use heatmap::{heatmap_png, overlay_png, reduce_channels, ChannelReduce, Scale};
 pub use plot::{training_curves, Series};
 
 /// Rendering errors.
