@@ -28,7 +28,11 @@ fn assert_one_line_error(o: &Output, needle: &str) {
     let err = stderr(o);
     assert_eq!(o.status.code(), Some(2), "stderr: {err}");
     assert!(!err.contains("panicked"), "{err}");
-    let lines: Vec<&str> = err.lines().filter(|l| !l.starts_with("warning:")).collect();
+    // Warnings and progress lines (one per epoch or image, in CI logs) may come before it.
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| !["warning:", "explained ", "epoch "].iter().any(|p| l.starts_with(p)))
+        .collect();
     assert_eq!(lines.len(), 1, "expected one error line, got: {err}");
     assert!(
         lines[0].starts_with("error: ") && lines[0].contains(needle),
@@ -355,6 +359,8 @@ fn every_command_documents_its_options() {
         vec!["train", "--help"],
         vec!["finetune", "--help"],
         vec!["bench", "train", "--help"],
+        vec!["explain", "--help"],
+        vec!["bench", "explain", "--help"],
     ] {
         let o = finelens(&cmd);
         assert!(o.status.success(), "{cmd:?}");
@@ -730,4 +736,273 @@ fn resume_after_a_kill_mid_epoch_gives_the_uninterrupted_weights() {
         &o,
         "cannot resume: it was written by a run with other settings",
     );
+}
+
+fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// The shape in a `.npy` header, and the payload length in floats.
+fn npy_shape(path: &Path) -> (String, usize) {
+    let b = std::fs::read(path).unwrap();
+    assert_eq!(&b[..8], b"\x93NUMPY\x01\x00", "{}", path.display());
+    let hlen = u16::from_le_bytes([b[8], b[9]]) as usize;
+    let header = String::from_utf8_lossy(&b[10..10 + hlen]).into_owned();
+    assert!(header.contains("'descr': '<f4'"), "{header}");
+    let shape = header
+        .split("'shape': ")
+        .nth(1)
+        .unwrap()
+        .split(')')
+        .next()
+        .unwrap();
+    (format!("{shape})"), (b.len() - 10 - hlen) / 4)
+}
+
+#[test]
+fn explain_writes_arrays_heat_maps_overlays_and_json() {
+    let d = tempfile::tempdir().unwrap();
+    let folder = small_folder(d.path());
+    let out = d.path().join("explain");
+    let run = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "explain",
+            fixture().to_str().unwrap().to_owned().leak(),
+            folder.to_str().unwrap().to_owned().leak(),
+            "--out",
+            out.to_str().unwrap().to_owned().leak(),
+        ];
+        args.extend_from_slice(extra);
+        finelens(&args)
+    };
+    let o = run(
+        &out,
+        &[
+            "--methods",
+            "all",
+            "--limit",
+            "6",
+            "--steps",
+            "16",
+            "--samples",
+            "4",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j = read_json(&out.join("explain.json"));
+    let images = j["images"].as_array().unwrap();
+    assert_eq!(images.len(), 6);
+    let methods = [
+        "gradient",
+        "saliency",
+        "gradient_x_input",
+        "smoothgrad",
+        "smoothgrad_sq",
+        "vargrad",
+        "integrated_gradients",
+        "grad_cam",
+        "occlusion",
+    ];
+    let mut labels = std::collections::BTreeSet::new();
+    for img in images {
+        labels.insert(img["label"].as_str().unwrap().to_owned());
+        assert_eq!(img["top5"].as_array().unwrap().len(), 5);
+        assert_eq!(
+            img["target"], img["predicted"],
+            "the default target is the prediction"
+        );
+        let p = img["target_probability"].as_f64().unwrap();
+        assert!(p > 0.0 && p <= 1.0);
+        for m in methods {
+            let e = &img["methods"][m];
+            let (shape, n) = npy_shape(&out.join(e["npy"].as_str().unwrap()));
+            let want = if m == "grad_cam" {
+                "(1, 64, 64)"
+            } else {
+                "(3, 64, 64)"
+            };
+            assert_eq!(shape, want, "{m}");
+            assert_eq!(
+                n,
+                if m == "grad_cam" {
+                    64 * 64
+                } else {
+                    3 * 64 * 64
+                }
+            );
+            for key in ["heatmap", "overlay"] {
+                let png = image::open(out.join(e[key].as_str().unwrap())).unwrap();
+                assert_eq!((png.width(), png.height()), (256, 256), "{m} {key}");
+            }
+            assert!(e["seconds"].as_f64().unwrap() >= 0.0);
+        }
+        let c = &img["methods"]["integrated_gradients"]["completeness"];
+        let diff = c["output_difference"].as_f64().unwrap();
+        let sum = c["attribution_sum"].as_f64().unwrap();
+        assert!((c["delta"].as_f64().unwrap() - (sum - diff).abs()).abs() < 1e-9);
+        assert!(img["methods"]["saliency"]["completeness"].is_null());
+    }
+    assert_eq!(labels.len(), 6, "--limit takes every class in turn");
+
+    // Seeded: a second run writes the same SmoothGrad and IG arrays, byte for byte.
+    let again = d.path().join("again");
+    let o = run(
+        &again,
+        &[
+            "--methods",
+            "smoothgrad,ig",
+            "--limit",
+            "2",
+            "--steps",
+            "16",
+            "--samples",
+            "4",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let first = images[0]["id"].as_str().unwrap();
+    for f in ["smoothgrad.npy", "integrated_gradients.npy"] {
+        assert_eq!(
+            std::fs::read(out.join(first).join(f)).unwrap(),
+            std::fs::read(again.join(first).join(f)).unwrap(),
+            "{f}"
+        );
+    }
+
+    // One image file, a named target class, another baseline and rule.
+    let one = folder.join("star/00000.png");
+    let single = d.path().join("single");
+    let o = finelens(&[
+        "explain",
+        fixture().to_str().unwrap(),
+        one.to_str().unwrap(),
+        "--out",
+        single.to_str().unwrap(),
+        "--target",
+        "ring",
+        "--methods",
+        "ig",
+        "--baseline",
+        "black,blur,noise:2",
+        "--rule",
+        "riemann_trapezoid",
+        "--steps",
+        "8",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j = read_json(&single.join("explain.json"));
+    assert_eq!(j["images"][0]["target_class"], "ring");
+    assert_eq!(j["images"][0]["id"], "00000");
+}
+
+#[test]
+fn explain_rejects_bad_settings_and_bad_images_with_one_line() {
+    let d = tempfile::tempdir().unwrap();
+    let folder = small_folder(d.path());
+    let fx = fixture();
+    let fx = fx.to_str().unwrap();
+    let input = folder.to_str().unwrap();
+    let out = d.path().join("out");
+    let out = out.to_str().unwrap();
+    let explain = |extra: &[&str]| {
+        let mut args = vec!["explain", fx, input, "--out", out, "--limit", "1"];
+        args.extend_from_slice(extra);
+        finelens(&args)
+    };
+    assert_one_line_error(
+        &explain(&["--target", "9"]),
+        "target class 9 is out of range; valid classes: 0=circle, 1=cross",
+    );
+    assert_one_line_error(
+        &explain(&["--target", "hexagon"]),
+        "unknown target class `hexagon`",
+    );
+    assert_one_line_error(
+        &explain(&["--methods", "grad_cam", "--layer", "layer7"]),
+        "unknown layer `layer7`; layers are: conv1, bn1",
+    );
+    assert_one_line_error(
+        &explain(&["--methods", "ig", "--steps", "0"]),
+        "steps must be at least 1",
+    );
+    assert_one_line_error(
+        &explain(&["--methods", "smoothgrad", "--noise=-1"]),
+        "noise must be",
+    );
+    assert_one_line_error(&explain(&["--methods", "lime"]), "unknown method `lime`");
+    assert_one_line_error(
+        &explain(&["--methods", "ig", "--baseline", "grey"]),
+        "unknown baseline `grey`",
+    );
+    assert_one_line_error(
+        &explain(&["--methods", "ig", "--rule", "simpson"]),
+        "unknown quadrature rule",
+    );
+
+    // A folder with a good image and one whose header is fine but whose pixels are cut off.
+    let flat = d.path().join("flat");
+    std::fs::create_dir_all(&flat).unwrap();
+    std::fs::copy(folder.join("circle/00000.png"), flat.join("a.png")).unwrap();
+    let bytes = std::fs::read(folder.join("cross/00000.png")).unwrap();
+    std::fs::write(flat.join("b.png"), &bytes[..bytes.len() / 2]).unwrap();
+    let flat_out = d.path().join("flat_out");
+    let args = |strict: bool| {
+        let mut v = vec![
+            "explain".to_owned(),
+            fx.to_owned(),
+            flat.to_str().unwrap().to_owned(),
+            "--out".to_owned(),
+            flat_out.to_str().unwrap().to_owned(),
+            "--methods".to_owned(),
+            "saliency".to_owned(),
+        ];
+        if strict {
+            v.push("--strict".to_owned());
+        }
+        v
+    };
+    let o = finelens(&args(false).iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("warning: skipping") && stderr(&o).contains("b.png"));
+    let j = read_json(&flat_out.join("explain.json"));
+    assert_eq!(j["images"].as_array().unwrap().len(), 1);
+    assert!(j["skipped"][0]["path"].as_str().unwrap().ends_with("b.png"));
+    std::fs::remove_dir_all(&flat_out).unwrap();
+    let o = finelens(&args(true).iter().map(String::as_str).collect::<Vec<_>>());
+    assert_one_line_error(&o, "b.png");
+    // What was written before the failure is complete and valid.
+    let j = read_json(&flat_out.join("explain.json"));
+    assert_eq!(j["images"].as_array().unwrap().len(), 1);
+    npy_shape(&flat_out.join("a/saliency.npy"));
+
+    // Weights so large that the forward overflows: the attribution is not finite.
+    let huge = d.path().join("huge.safetensors");
+    write_tensors(
+        &huge,
+        mini_tensors()
+            .into_iter()
+            .map(|(n, t)| {
+                let t = if n == "conv1.weight" || n == "fc.weight" {
+                    (t * 1e30).unwrap()
+                } else {
+                    t
+                };
+                (n, t)
+            })
+            .collect(),
+    );
+    let o = finelens(&[
+        "explain",
+        huge.to_str().unwrap(),
+        "--arch",
+        "resnet-mini",
+        "--input-size",
+        "64",
+        folder.join("star/00000.png").to_str().unwrap(),
+        "--out",
+        d.path().join("huge_out").to_str().unwrap(),
+        "--methods",
+        "gradient",
+    ]);
+    assert_one_line_error(&o, "00000.png: gradient produced a non-finite attribution");
 }

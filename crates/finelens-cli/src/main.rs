@@ -1,6 +1,7 @@
 //! The `finelens` command. It parses arguments and wires the library crates together; every
 //! capability lives in a library crate.
 
+mod explain;
 mod progress;
 
 use std::path::{Path, PathBuf};
@@ -57,6 +58,9 @@ enum Command {
     /// Fine-tune a pretrained checkpoint on a new ImageFolder task: new head, freezing,
     /// discriminative learning rates; keeps the epoch with the lowest validation loss.
     Finetune(FinetuneArgs),
+    /// Attribute a model's predictions to input pixels: saliency, SmoothGrad, integrated
+    /// gradients, Grad-CAM, occlusion; writes .npy arrays, heat maps, overlays and explain.json.
+    Explain(explain::ExplainArgs),
     /// Benchmarks (speed is measured here, never in tests).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -66,6 +70,25 @@ enum Command {
 enum BenchCommand {
     /// Training throughput (images/s) for resnet-mini at 64×64 and resnet18 at 224×224, batch 32.
     Train(BenchTrainArgs),
+    /// Explanation speed (ms/image, batch 1) for resnet18 at 224×224 and resnet-mini at 64×64:
+    /// forward, forward + backward to the input, saliency, SmoothGrad-20, IG-50, Grad-CAM.
+    Explain(BenchExplainArgs),
+}
+
+#[derive(Args)]
+struct BenchExplainArgs {
+    /// Timed repeats per figure (the median is printed), after one warm-up run.
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Internal batch sizes to try for IG-50 (the fastest is reported).
+    #[arg(long, value_delimiter = ',', default_value = "5,10,25,50")]
+    ig_batches: Vec<usize>,
+    /// Skip resnet18 at 224×224.
+    #[arg(long)]
+    quick: bool,
+    /// Also write the figures as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -119,7 +142,7 @@ struct SynthArgs {
 }
 
 #[derive(Args)]
-struct CheckpointArgs {
+pub(crate) struct CheckpointArgs {
     /// Architecture, required for a checkpoint without finelens metadata (e.g. a torchvision
     /// state dict): resnet18, resnet34, resnet50, resnet-mini.
     #[arg(long)]
@@ -365,7 +388,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => eval_cmd(a),
         Command::Train(a) => train_cmd(a),
         Command::Finetune(a) => finetune_cmd(a),
+        Command::Explain(a) => explain::explain_cmd(a),
         Command::Bench(BenchCommand::Train(a)) => bench_train(a),
+        Command::Bench(BenchCommand::Explain(a)) => bench_explain(a),
     }
 }
 
@@ -781,6 +806,54 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
             "  {:<12} {:>3}×{:<3}  {:>8.2} s/step  {:>8.1} images/s",
             t.arch, size, size, t.seconds_per_step, t.images_per_second
         );
+        results.push(t);
+    }
+    if let Some(p) = &a.json {
+        write_json(p, &results)?;
+    }
+    Ok(())
+}
+
+fn bench_explain(a: BenchExplainArgs) -> Result<()> {
+    if a.repeats == 0 || a.ig_batches.is_empty() || a.ig_batches.contains(&0) {
+        bail!("--repeats and every --ig-batches entry must be at least 1");
+    }
+    let mut cases = vec![(Arch::ResNetMini, 64, 6)];
+    if !a.quick {
+        // ImageNet's 1000 classes, as in the reference figures.
+        cases.insert(0, (Arch::ResNet18, 224, 1000));
+    }
+    println!(
+        "explanation time, ms per image at batch 1 (median of {}), {} rayon threads",
+        a.repeats,
+        rayon_threads()
+    );
+    let mut results = Vec::new();
+    for (arch, size, classes) in cases {
+        let t =
+            finelens_attrib::bench::explain_timings(arch, size, classes, a.repeats, &a.ig_batches)?;
+        println!("  {} {}×{}", t.arch, size, size);
+        println!("    forward                      {:>9.1}", t.forward_ms);
+        println!(
+            "    forward + backward to input  {:>9.1}",
+            t.forward_backward_ms
+        );
+        println!("    saliency                     {:>9.1}", t.saliency_ms);
+        println!(
+            "    SmoothGrad-20                {:>9.1}",
+            t.smoothgrad_20_ms
+        );
+        println!(
+            "    IG-50 (internal batch {:>2})    {:>9.1}   [{}]",
+            t.integrated_gradients_50_batch,
+            t.integrated_gradients_50_ms,
+            t.integrated_gradients_50_by_batch
+                .iter()
+                .map(|(b, ms)| format!("batch {b}: {ms:.0}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        println!("    Grad-CAM                     {:>9.1}", t.grad_cam_ms);
         results.push(t);
     }
     if let Some(p) = &a.json {

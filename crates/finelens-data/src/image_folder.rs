@@ -170,6 +170,111 @@ impl ImageFolder {
     }
 }
 
+/// Images to analyse, from whatever a user points at.
+#[derive(Debug, Clone)]
+pub struct Inputs {
+    /// Each image with its class name when it came from an ImageFolder.
+    pub images: Vec<(PathBuf, Option<String>)>,
+    /// Files left out, with the reason (under [`OnBadImage::Skip`]).
+    pub skipped: Vec<(PathBuf, String)>,
+    /// The directory the images are under (the file's own directory for a single image).
+    pub root: PathBuf,
+}
+
+impl Inputs {
+    /// One image file; a folder of images; or an ImageFolder (class subfolders, each image keeps
+    /// its class name), in torchvision's order. At most `limit` images are kept, taken evenly
+    /// across classes for an ImageFolder (round robin) so that a small limit still shows every
+    /// class.
+    pub fn discover(path: &Path, on_bad: OnBadImage, limit: Option<usize>) -> Result<Self> {
+        if path.is_file() {
+            if !is_image_path(path) {
+                return Err(DataError::Decode {
+                    path: path.to_owned(),
+                    reason: format!(
+                        "not an image file (expected {})",
+                        IMAGE_EXTENSIONS.join(", ")
+                    ),
+                });
+            }
+            check_image_header(path).map_err(|reason| DataError::Decode {
+                path: path.to_owned(),
+                reason,
+            })?;
+            return Ok(Self {
+                images: vec![(path.to_owned(), None)],
+                skipped: Vec::new(),
+                root: path.parent().map(Path::to_owned).unwrap_or_default(),
+            });
+        }
+        if !path.is_dir() {
+            return Err(DataError::Io {
+                path: path.to_owned(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no such file or directory",
+                ),
+            });
+        }
+        let entries = sorted_entries(path)?;
+        let limit = limit.unwrap_or(usize::MAX);
+        if entries.iter().any(|p| p.is_dir()) && !entries.iter().any(|p| is_image_path(p)) {
+            let folder = ImageFolder::open(path, on_bad)?;
+            let mut per_class: Vec<std::collections::VecDeque<&Sample>> =
+                vec![Default::default(); folder.classes.len()];
+            for s in &folder.samples {
+                per_class[s.label].push_back(s);
+            }
+            let mut images = Vec::new();
+            while images.len() < limit && per_class.iter().any(|q| !q.is_empty()) {
+                for q in per_class.iter_mut() {
+                    if let Some(s) = q.pop_front() {
+                        if images.len() < limit {
+                            images.push((s.path.clone(), Some(folder.classes[s.label].clone())));
+                        }
+                    }
+                }
+            }
+            return Ok(Self {
+                images,
+                skipped: folder.skipped,
+                root: path.to_owned(),
+            });
+        }
+        let mut images = Vec::new();
+        let mut skipped = Vec::new();
+        for p in entries
+            .into_iter()
+            .filter(|p| p.is_file() && is_image_path(p))
+        {
+            if images.len() >= limit {
+                break;
+            }
+            match check_image_header(&p) {
+                Ok(_) => images.push((p, None)),
+                Err(reason) => match on_bad {
+                    OnBadImage::Skip => skipped.push((p, reason)),
+                    OnBadImage::Fail => return Err(DataError::Decode { path: p, reason }),
+                },
+            }
+        }
+        if images.is_empty() {
+            return Err(DataError::Decode {
+                path: path.to_owned(),
+                reason: format!(
+                    "no readable images (expected {})",
+                    IMAGE_EXTENSIONS.join(", ")
+                ),
+            });
+        }
+        Ok(Self {
+            images,
+            skipped,
+            root: path.to_owned(),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -250,5 +355,44 @@ mod tests {
         assert_eq!(v1.iter().filter(|s| s.label == 0).count(), 2);
         assert!(v1.iter().all(|s| !t1.contains(s)));
         assert!(f.split(1.0, 0).is_err());
+    }
+
+    #[test]
+    fn inputs_from_a_file_a_flat_folder_or_an_image_folder() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        for c in ["a", "b"] {
+            for i in 0..3 {
+                png(&r.join(format!("tree/{c}/{i}.png")));
+            }
+        }
+        png(&r.join("flat/2.png"));
+        png(&r.join("flat/1.png"));
+        std::fs::write(r.join("flat/0.png"), "garbage").unwrap();
+
+        let one = Inputs::discover(&r.join("flat/1.png"), OnBadImage::Fail, None).unwrap();
+        assert_eq!(one.images, vec![(r.join("flat/1.png"), None)]);
+
+        let flat = Inputs::discover(&r.join("flat"), OnBadImage::Skip, None).unwrap();
+        assert_eq!(flat.images.len(), 2);
+        assert_eq!(flat.skipped.len(), 1);
+        let e = Inputs::discover(&r.join("flat"), OnBadImage::Fail, None).unwrap_err();
+        assert!(e.to_string().contains("0.png"), "{e}");
+
+        // A limit takes classes in turn.
+        let tree = Inputs::discover(&r.join("tree"), OnBadImage::Fail, Some(3)).unwrap();
+        let labels: Vec<_> = tree
+            .images
+            .iter()
+            .map(|(_, l)| l.clone().unwrap())
+            .collect();
+        assert_eq!(labels, vec!["a", "b", "a"]);
+
+        std::fs::create_dir_all(r.join("empty")).unwrap();
+        assert!(Inputs::discover(&r.join("empty"), OnBadImage::Skip, None).is_err());
+        assert!(Inputs::discover(&r.join("missing"), OnBadImage::Skip, None).is_err());
+        std::fs::write(r.join("notes.txt"), "x").unwrap();
+        let e = Inputs::discover(&r.join("notes.txt"), OnBadImage::Skip, None).unwrap_err();
+        assert!(e.to_string().contains("not an image file"), "{e}");
     }
 }

@@ -9,6 +9,6 @@ pub mod transforms;
 
 pub use batch::{Batch, Loader};
 pub use error::{DataError, Result};
-pub use image_folder::{ImageFolder, OnBadImage, Sample};
+pub use image_folder::{ImageFolder, Inputs, OnBadImage, Sample};
 pub use synth::{Split, SynthConfig, Task};
 pub use transforms::{Augment, Preprocess};
