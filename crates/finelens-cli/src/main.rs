@@ -370,6 +370,7 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    keep_freed_memory();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -377,6 +378,19 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
         }
+    }
+}
+
+/// glibc returns every freed block above its mmap threshold (at most 32 MB) to the kernel, so a
+/// gradient pass that allocates the same large activations again takes fresh, zero-filled pages:
+/// page faults were ≈ 8% of explaining time at 224×224. Raising both thresholds keeps freed
+/// memory for reuse; the resident size stays at its peak, which the internal batch bounds.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tuning; called before any allocation-heavy work.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
 }
 

@@ -1,14 +1,15 @@
-//! 2-D convolution whose backward computes only the gradients that are needed, and computes the
-//! input gradient as one GEMM plus a col2im scatter.
+//! 2-D convolution as im2col + GEMM in both directions, with a backward that computes only the
+//! gradients that are needed.
 //!
 //! candle 0.11's conv backward always computes both gradients: the kernel's even when the kernel
 //! is a plain (frozen) tensor, and the input's, through a direct-loop `conv_transpose2d`, even when
-//! the input is an image that needs none (see shared/CANDLE-NOTES.md). Explaining a model wants the
-//! input gradient only; training never wants the stem's input gradient. Here the forward is
-//! candle's own (im2col + GEMM) on detached operands, and a custom op routes the gradient:
+//! the input is an image that needs none (see shared/CANDLE-NOTES.md); its forward gathers im2col
+//! tiles with strided single-element writes. Here, with X̂ = im2col(X) of shape N × (C_in·k·k) × L
+//! (L = output pixels) and W reshaped to C_out × (C_in·k·k):
 //!
-//! * input:  dX = col2im(Wᵀ · dY), W reshaped to C_out × (C_in·k·k): the adjoint of im2col + GEMM;
-//! * kernel: dW = X ⋆ dY (candle's formula), only when the kernel is tracked (a trainable `Var`).
+//! * forward: Y = W · X̂, one GEMM per image (candle's `gemm`, multi-threaded);
+//! * input:   dX = col2im(Wᵀ · dY), the adjoint of the forward, only when X is tracked;
+//! * kernel:  dW = Σₙ dYₙ · X̂ₙᵀ, only when W is tracked (a trainable `Var`).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
@@ -23,19 +24,87 @@ pub fn conv2d(
     stride: usize,
     padding: usize,
 ) -> candle_core::Result<Tensor> {
-    let y = x.detach().conv2d(&weight.detach(), padding, stride, 1, 1)?;
+    let g = Geometry::new(x.dims4()?, weight.dims4()?, stride, padding)?;
+    let cols = g.im2col(&x.detach())?;
+    let y = g
+        .flat_kernel(&weight.detach())?
+        .broadcast_left(g.n)?
+        .matmul(&cols)?
+        .reshape((g.n, g.c_out, g.oh, g.ow))?;
     if !x.track_op() && !weight.track_op() {
         return Ok(y);
     }
-    x.apply_op3(weight, &y, ConvGrad { stride, padding })
+    x.apply_op3(weight, &y, ConvGrad(g))
+}
+
+/// The shapes of one convolution.
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    n: usize,
+    c_in: usize,
+    h: usize,
+    w: usize,
+    c_out: usize,
+    k: usize,
+    stride: usize,
+    padding: usize,
+    oh: usize,
+    ow: usize,
+}
+
+impl Geometry {
+    fn new(
+        (n, c_in, h, w): (usize, usize, usize, usize),
+        (c_out, kc, kh, kw): (usize, usize, usize, usize),
+        stride: usize,
+        padding: usize,
+    ) -> candle_core::Result<Self> {
+        if kc != c_in || kh != kw || kh == 0 || stride == 0 {
+            candle_core::bail!(
+                "conv2d: a {c_out}×{kc}×{kh}×{kw} kernel (stride {stride}) does not fit a {c_in}-channel input"
+            );
+        }
+        if h + 2 * padding < kh || w + 2 * padding < kw {
+            candle_core::bail!("conv2d: the {h}×{w} input (padding {padding}) is smaller than the {kh}×{kw} kernel");
+        }
+        Ok(Self {
+            n,
+            c_in,
+            h,
+            w,
+            c_out,
+            k: kh,
+            stride,
+            padding,
+            oh: (h + 2 * padding - kh) / stride + 1,
+            ow: (w + 2 * padding - kw) / stride + 1,
+        })
+    }
+
+    fn rows(&self) -> usize {
+        self.c_in * self.k * self.k
+    }
+
+    /// W as C_out × (C_in·k·k).
+    fn flat_kernel(&self, weight: &Tensor) -> candle_core::Result<Tensor> {
+        weight.reshape((self.c_out, self.rows()))
+    }
+
+    fn im2col(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.contiguous()?.apply_op1_no_bwd(&Im2Col(*self))
+    }
+
+    /// Input cell (y, x) read by output (oy, ox) at kernel offset (ky, kx), if inside the input.
+    #[inline]
+    fn source(&self, o: usize, kk: usize, len: usize) -> Option<usize> {
+        let i = (o * self.stride + kk) as isize - self.padding as isize;
+        (i >= 0 && i < len as isize).then_some(i as usize)
+    }
 }
 
 /// Returns the precomputed convolution (its third operand) and, in backward, the gradients of the
 /// first two.
-struct ConvGrad {
-    stride: usize,
-    padding: usize,
-}
+struct ConvGrad(Geometry);
 
 impl CustomOp3 for ConvGrad {
     fn name(&self) -> &'static str {
@@ -75,13 +144,25 @@ impl CustomOp3 for ConvGrad {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // Gradients are values, never graph: detach so that no gradient keeps a forward alive.
         let grad = grad.detach();
+        let g = self.0;
+        let grad = grad.reshape((g.n, g.c_out, g.oh * g.ow))?;
         let dx = if x.track_op() {
-            Some(self.input_grad(&grad, &weight.detach(), x.dims4()?)?)
+            let cols = g
+                .flat_kernel(&weight.detach())?
+                .t()?
+                .broadcast_left(g.n)?
+                .matmul(&grad)?;
+            Some(cols.apply_op1_no_bwd(&Col2Im(g))?)
         } else {
             None
         };
         let dw = if weight.track_op() {
-            Some(self.kernel_grad(&grad, &x.detach(), weight.dims4()?)?)
+            let cols = g.im2col(&x.detach())?;
+            Some(
+                grad.matmul(&cols.transpose(1, 2)?)?
+                    .sum(0)?
+                    .reshape((g.c_out, g.c_in, g.k, g.k))?,
+            )
         } else {
             None
         };
@@ -89,109 +170,88 @@ impl CustomOp3 for ConvGrad {
     }
 }
 
-impl ConvGrad {
-    /// dX = col2im(Wᵀ · dY): one GEMM over the whole batch, then a scatter-add.
-    fn input_grad(
-        &self,
-        grad: &Tensor,
-        weight: &Tensor,
-        (n, c_in, h, w): (usize, usize, usize, usize),
-    ) -> candle_core::Result<Tensor> {
-        let (c_out, _, k, _) = weight.dims4()?;
-        let (_, _, oh, ow) = grad.dims4()?;
-        // dY as C_out × (N·L), L = oh·ow, so that a single GEMM covers the batch.
-        let g = grad
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((c_out, n * oh * ow))?;
-        let cols = weight
-            .reshape((c_out, c_in * k * k))?
-            .t()?
-            .matmul(&g)?
-            .contiguous()?;
-        cols.apply_op1_no_bwd(&Col2Im {
-            n,
-            c: c_in,
-            h,
-            w,
-            k,
-            stride: self.stride,
-            padding: self.padding,
-            oh,
-            ow,
-        })
+/// X (N×C×H×W) → X̂ (N × (C·k·k) × L), rows ordered (c, ky, kx) like a kernel reshaped to
+/// C_out × C·k·k; cells the window reads from the padding are 0.
+struct Im2Col(Geometry);
+
+impl Im2Col {
+    fn run<T: Float + Send + Sync>(&self, x: &[T]) -> Vec<T> {
+        let g = self.0;
+        let l = g.oh * g.ow;
+        let mut out = vec![T::zero(); g.n * g.rows() * l];
+        // One (image, channel) per task: k·k rows of L, disjoint between tasks.
+        out.par_chunks_mut(g.k * g.k * l)
+            .enumerate()
+            .for_each(|(plane, rows)| {
+                let src = &x[plane * g.h * g.w..][..g.h * g.w];
+                for ky in 0..g.k {
+                    for kx in 0..g.k {
+                        let row = &mut rows[(ky * g.k + kx) * l..][..l];
+                        for oy in 0..g.oh {
+                            let Some(iy) = g.source(oy, ky, g.h) else {
+                                continue;
+                            };
+                            let line = &src[iy * g.w..][..g.w];
+                            let dst = &mut row[oy * g.ow..][..g.ow];
+                            for (ox, d) in dst.iter_mut().enumerate() {
+                                if let Some(ix) = g.source(ox, kx, g.w) {
+                                    *d = line[ix];
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+        out
+    }
+}
+
+impl CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "finelens-im2col"
     }
 
-    /// dW = X ⋆ dY with batch and channels swapped (candle's own formula), cropped to k × k when
-    /// the stride leaves a remainder.
-    fn kernel_grad(
-        &self,
-        grad: &Tensor,
-        x: &Tensor,
-        (_, _, kh, kw): (usize, usize, usize, usize),
-    ) -> candle_core::Result<Tensor> {
-        let g = x
-            .transpose(0, 1)?
-            .conv2d(&grad.transpose(0, 1)?, self.padding, 1, self.stride, 1)?
-            .transpose(0, 1)?;
-        let (_, _, gh, gw) = g.dims4()?;
-        if gh != kh || gw != kw {
-            g.narrow(2, 0, kh)?.narrow(3, 0, kw)?.contiguous()
-        } else {
-            g.contiguous()
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let Some((start, end)) = l.contiguous_offsets() else {
+            candle_core::bail!("finelens-im2col: the input must be contiguous");
+        };
+        let shape = Shape::from((g.n, g.rows(), g.oh * g.ow));
+        match s {
+            CpuStorage::F32(v) => Ok((CpuStorage::F32(self.run(&v[start..end])), shape)),
+            CpuStorage::F64(v) => Ok((CpuStorage::F64(self.run(&v[start..end])), shape)),
+            other => candle_core::bail!(
+                "finelens-im2col: only f32 and f64 are supported, got {:?}",
+                other.dtype()
+            ),
         }
     }
 }
 
 /// The adjoint of im2col: sums each column entry back into the input cell it was read from.
-/// Input: (C·k·k) × (N·oh·ow), rows ordered (c, ky, kx) like a kernel reshaped to C_out × C·k·k.
-struct Col2Im {
-    n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    k: usize,
-    stride: usize,
-    padding: usize,
-    oh: usize,
-    ow: usize,
-}
+struct Col2Im(Geometry);
 
 impl Col2Im {
     fn run<T: Float + Send + Sync + std::ops::AddAssign>(&self, cols: &[T]) -> Vec<T> {
-        let Col2Im {
-            n,
-            c,
-            h,
-            w,
-            k,
-            stride,
-            padding,
-            oh,
-            ow,
-        } = *self;
-        let l = oh * ow;
-        let row_len = n * l;
-        let mut out = vec![T::zero(); n * c * h * w];
+        let g = self.0;
+        let l = g.oh * g.ow;
+        let mut out = vec![T::zero(); g.n * g.c_in * g.h * g.w];
         // One output plane per task: planes are disjoint, so the scatter needs no atomics.
-        out.par_chunks_mut(h * w)
+        out.par_chunks_mut(g.h * g.w)
             .enumerate()
             .for_each(|(plane, o)| {
-                let (img, ch) = (plane / c, plane % c);
-                for ky in 0..k {
-                    for kx in 0..k {
-                        let row = &cols[((ch * k + ky) * k + kx) * row_len + img * l..][..l];
-                        for oy in 0..oh {
-                            let iy = (oy * stride + ky) as isize - padding as isize;
-                            if iy < 0 || iy >= h as isize {
+                let rows = &cols[plane * g.k * g.k * l..][..g.k * g.k * l];
+                for ky in 0..g.k {
+                    for kx in 0..g.k {
+                        let row = &rows[(ky * g.k + kx) * l..][..l];
+                        for oy in 0..g.oh {
+                            let Some(iy) = g.source(oy, ky, g.h) else {
                                 continue;
-                            }
-                            let dst = &mut o[iy as usize * w..][..w];
-                            let src = &row[oy * ow..][..ow];
-                            for (ox, &v) in src.iter().enumerate() {
-                                let ix = (ox * stride + kx) as isize - padding as isize;
-                                if ix >= 0 && ix < w as isize {
-                                    dst[ix as usize] += v;
+                            };
+                            let dst = &mut o[iy * g.w..][..g.w];
+                            for (ox, &v) in row[oy * g.ow..][..g.ow].iter().enumerate() {
+                                if let Some(ix) = g.source(ox, kx, g.w) {
+                                    dst[ix] += v;
                                 }
                             }
                         }
@@ -208,17 +268,11 @@ impl CustomOp1 for Col2Im {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let expected = (self.c * self.k * self.k, self.n * self.oh * self.ow);
-        if l.shape().dims() != [expected.0, expected.1] {
-            candle_core::bail!(
-                "finelens-col2im: expected columns of shape {expected:?}, got {:?}",
-                l.shape()
-            );
-        }
+        let g = self.0;
         let Some((start, end)) = l.contiguous_offsets() else {
             candle_core::bail!("finelens-col2im: columns must be contiguous");
         };
-        let shape = Shape::from((self.n, self.c, self.h, self.w));
+        let shape = Shape::from((g.n, g.c_in, g.h, g.w));
         match s {
             CpuStorage::F32(v) => Ok((CpuStorage::F32(self.run(&v[start..end])), shape)),
             CpuStorage::F64(v) => Ok((CpuStorage::F64(self.run(&v[start..end])), shape)),
@@ -278,6 +332,9 @@ mod tests {
             ))
             .unwrap();
             let ours = conv2d(&x, &w, stride, padding).unwrap();
+            let theirs = x.conv2d(&w, padding, stride, 1, 1).unwrap();
+            let err = max_abs_diff(&ours, &theirs);
+            assert!(err < 1e-12, "case {i}: forward differs from candle's by {err}");
             // A non-uniform upstream gradient: weight each output by a fixed random tensor.
             let r = randn(ours.dims(), 0.0, 1.0, DType::F64, seed + 2);
             let grads = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
@@ -307,7 +364,6 @@ mod tests {
                 assert!(err < 1e-6, "case {i}: {name} gradient off by {err}");
             }
             if dims.2 == dims.3 {
-                let theirs = x.conv2d(&w, padding, stride, 1, 1).unwrap();
                 let gt = (theirs * &r)
                     .unwrap()
                     .sum_all()
