@@ -8,6 +8,11 @@ demo:
 test:
     cargo test -j 2
 
+# Benchmarks on this machine: training throughput, explanation time per method.
+bench:
+    cargo run --release -p finelens-cli -- bench train
+    cargo run --release -p finelens-cli -- bench explain
+
 # Regenerate the pretrained fixture checkpoint, deterministically (about 10 minutes on 2 cores):
 # resnet-mini trained from seed 0 on 1,000 synthetic pretraining images per class.
 fixtures:

@@ -31,7 +31,11 @@ fn assert_one_line_error(o: &Output, needle: &str) {
     // Warnings and progress lines (one per epoch or image, in CI logs) may come before it.
     let lines: Vec<&str> = err
         .lines()
-        .filter(|l| !["warning:", "explained ", "epoch "].iter().any(|p| l.starts_with(p)))
+        .filter(|l| {
+            !["warning:", "explained ", "epoch "]
+                .iter()
+                .any(|p| l.starts_with(p))
+        })
         .collect();
     assert_eq!(lines.len(), 1, "expected one error line, got: {err}");
     assert!(
@@ -423,6 +427,26 @@ fn demo_evaluates_the_shipped_fixture() {
     let parent = finelens_models::checkpoint::load(&fixture(), None).unwrap();
     assert_eq!(child.meta.parent_sha256, Some(parent.sha256));
     assert!(out.contains("best epoch"), "{out}");
+
+    // The fine-tuned model's explanations: two test images per class, five methods, and the
+    // model gets most of them right.
+    let ex = read_json(&d.path().join("out/explain/explain.json"));
+    let images = ex["images"].as_array().unwrap();
+    assert_eq!(images.len(), 8);
+    let right = images
+        .iter()
+        .filter(|i| i["label"] == i["predicted_class"])
+        .count();
+    assert!(right >= 6, "{right} of 8 test images predicted right");
+    for m in [
+        "saliency",
+        "smoothgrad",
+        "integrated_gradients",
+        "grad_cam",
+        "occlusion",
+    ] {
+        assert!(images[0]["methods"][m]["npy"].is_string(), "{m}");
+    }
 }
 
 fn fixture() -> PathBuf {

@@ -110,6 +110,21 @@ pub struct ExplainArgs {
     std: Option<Vec<f32>>,
 }
 
+/// `finelens explain`'s arguments parsed from a list (the demo runs explain as a user would).
+#[derive(clap::Parser)]
+struct Standalone {
+    #[command(flatten)]
+    args: ExplainArgs,
+}
+
+impl ExplainArgs {
+    pub fn from_args(args: &[&std::ffi::OsStr]) -> Result<Self> {
+        use clap::Parser;
+        let argv = std::iter::once(std::ffi::OsStr::new("explain")).chain(args.iter().copied());
+        Ok(Standalone::try_parse_from(argv)?.args)
+    }
+}
+
 fn three(v: &[f32], what: &str) -> Result<[f32; 3]> {
     match v {
         [a, b, c] => Ok([*a, *b, *c]),

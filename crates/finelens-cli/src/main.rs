@@ -29,6 +29,8 @@ const DEMO_DIR: &str = "reports/demo";
 /// The demo's fine-tuning run: 6 epochs reach ≥ 90% validation accuracy in under a minute.
 const DEMO_EPOCHS: usize = 6;
 const DEMO_BACKBONE_LR_MULT: f64 = 0.5;
+/// Test images the demo explains: two per class of the fine-tuning task.
+const DEMO_EXPLAIN_IMAGES: &str = "8";
 
 #[derive(Parser)]
 #[command(
@@ -970,6 +972,21 @@ fn demo(a: DemoArgs) -> Result<()> {
             batch_size: 32,
         },
     })?;
+
+    // Explain the fine-tuned model on a few test images, every class in turn.
+    let explain_out = a.out.join("explain");
+    println!("\nexplaining the fine-tuned model on its test split");
+    explain::explain_cmd(explain::ExplainArgs::from_args(&[
+        a.out.join("finetune/model.safetensors").as_os_str(),
+        ft.images(Split::Test).as_os_str(),
+        "--out".as_ref(),
+        explain_out.as_os_str(),
+        "--limit".as_ref(),
+        DEMO_EXPLAIN_IMAGES.as_ref(),
+        "--methods".as_ref(),
+        "saliency,smoothgrad,integrated_gradients,grad_cam,occlusion".as_ref(),
+        "--strict".as_ref(),
+    ])?)?;
     println!("\ndone in {:.1} s", start.elapsed().as_secs_f64());
     Ok(())
 }

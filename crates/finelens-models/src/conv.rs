@@ -334,7 +334,10 @@ mod tests {
             let ours = conv2d(&x, &w, stride, padding).unwrap();
             let theirs = x.conv2d(&w, padding, stride, 1, 1).unwrap();
             let err = max_abs_diff(&ours, &theirs);
-            assert!(err < 1e-12, "case {i}: forward differs from candle's by {err}");
+            assert!(
+                err < 1e-12,
+                "case {i}: forward differs from candle's by {err}"
+            );
             // A non-uniform upstream gradient: weight each output by a fixed random tensor.
             let r = randn(ours.dims(), 0.0, 1.0, DType::F64, seed + 2);
             let grads = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
