@@ -133,8 +133,34 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 /// Hex SHA-256 of a file.
+/// Hex SHA-256 of a file, read in 1 MiB pieces (checkpoints can be larger than memory).
 pub fn sha256_file(path: &Path) -> Result<String> {
-    Ok(sha256_hex(&std::fs::read(path).map_err(io_err(path))?))
+    let mut file = std::fs::File::open(path).map_err(io_err(path))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = std::io::Read::read(&mut file, &mut buf).map_err(io_err(path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// A checkpoint's recorded metadata (header or sidecar) from its header alone, without reading
+/// the tensors; `None` for a bare file.
+pub fn read_metadata(path: &Path, bytes: &[u8]) -> Result<Option<Metadata>> {
+    let (_, header) =
+        safetensors::SafeTensors::read_metadata(bytes).map_err(|e| ModelError::Corrupt {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+    recorded_metadata(path, header.metadata())
 }
 
 /// The parsed header of a safetensors file: metadata and raw tensors.
