@@ -365,6 +365,8 @@ fn every_command_documents_its_options() {
         vec!["bench", "train", "--help"],
         vec!["explain", "--help"],
         vec!["bench", "explain", "--help"],
+        vec!["drift", "--help"],
+        vec!["bench", "drift", "--help"],
     ] {
         let o = finelens(&cmd);
         assert!(o.status.success(), "{cmd:?}");
@@ -447,6 +449,27 @@ fn demo_evaluates_the_shipped_fixture() {
     ] {
         assert!(images[0]["methods"][m]["npy"].is_string(), "{m}");
     }
+
+    // Drift from the fixture: a new head, the body moved, deeper representations moved more.
+    let dr = read_json(&d.path().join("out/drift/drift.json"));
+    let reshaped: Vec<&str> = dr["weights"]["reshaped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r[0].as_str().unwrap())
+        .collect();
+    assert_eq!(reshaped, vec!["fc.weight", "fc.bias"]);
+    let diag: Vec<f64> = dr["representation"]["diagonal"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_f64().unwrap())
+        .collect();
+    assert!(
+        diag[0] > diag[4],
+        "layer1 keeps more than avgpool: {diag:?}"
+    );
+    assert_eq!(dr["explanation"]["target"], "embedding_norm");
 }
 
 fn fixture() -> PathBuf {
@@ -1029,4 +1052,133 @@ fn explain_rejects_bad_settings_and_bad_images_with_one_line() {
         "gradient",
     ]);
     assert_one_line_error(&o, "00000.png: gradient produced a non-finite attribution");
+}
+
+/// The fixture with `name` multiplied by `factor`, saved (with its metadata) at `path`.
+fn fixture_scaled(path: &Path, name: &str, factor: f64) {
+    let ck = finelens_models::checkpoint::load(&fixture(), None).unwrap();
+    let v = ck.store.var(name).unwrap();
+    v.set(&(v.as_tensor() * factor).unwrap()).unwrap();
+    finelens_models::checkpoint::save(path, &ck.store, &ck.meta).unwrap();
+}
+
+#[test]
+fn drift_is_zero_for_a_copy_and_finds_a_known_perturbation() {
+    let d = tempfile::tempdir().unwrap();
+    let fx = fixture();
+    let run = |after: &Path, out: &Path| {
+        finelens(&[
+            "drift",
+            fx.to_str().unwrap(),
+            after.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--limit",
+            "40",
+            "--batch-size",
+            "20",
+            "--explain-images",
+            "2",
+            "--explain-method",
+            "saliency",
+        ])
+    };
+    // A copy: nothing moved, every layer's representation is its own (CKA 1), same explanations.
+    let copy = d.path().join("copy.safetensors");
+    std::fs::copy(&fx, &copy).unwrap();
+    let o = run(&copy, &d.path().join("same"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j = read_json(&d.path().join("same/drift.json"));
+    assert_eq!(j["before"]["sha256"], j["after"]["sha256"]);
+    for t in j["weights"]["tensors"].as_array().unwrap() {
+        assert_eq!(t["relative_l2_change"], 0.0, "{}", t["name"]);
+        assert_eq!(t["max_abs_change"], 0.0);
+    }
+    for c in j["representation"]["diagonal"].as_array().unwrap() {
+        assert!((c.as_f64().unwrap() - 1.0).abs() < 1e-9, "{c}");
+    }
+    assert!((j["explanation"]["mean_spearman"].as_f64().unwrap() - 1.0).abs() < 1e-9);
+    assert_eq!(j["explanation"]["target"], "class_logit");
+
+    // One kernel scaled by 1.5: that tensor moved by exactly 0.5, nothing else did, and the
+    // representations before it are untouched.
+    let moved = d.path().join("moved.safetensors");
+    fixture_scaled(&moved, "layer4.0.conv2.weight", 1.5);
+    let o = run(&moved, &d.path().join("moved"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("layer4.0.conv2"), "{}", stdout(&o));
+    let j = read_json(&d.path().join("moved/drift.json"));
+    for t in j["weights"]["tensors"].as_array().unwrap() {
+        let r = t["relative_l2_change"].as_f64().unwrap();
+        if t["name"] == "layer4.0.conv2.weight" {
+            assert!((r - 0.5).abs() < 1e-6, "{r}");
+            let (s0, s1) = (
+                t["spectral_norm_before"].as_f64().unwrap(),
+                t["spectral_norm_after"].as_f64().unwrap(),
+            );
+            assert!((s1 / s0 - 1.5).abs() < 1e-4);
+        } else {
+            assert_eq!(r, 0.0, "{}", t["name"]);
+        }
+    }
+    let stages = j["weights"]["stages"].as_array().unwrap();
+    let layer4 = stages.iter().find(|s| s["name"] == "layer4").unwrap();
+    assert!(layer4["relative_l2_change"].as_f64().unwrap() > 0.0);
+    let layers: Vec<&str> = j["representation"]["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap())
+        .collect();
+    let diag = j["representation"]["diagonal"].as_array().unwrap();
+    for (l, c) in layers.iter().zip(diag) {
+        let c = c.as_f64().unwrap();
+        if ["layer1", "layer2", "layer3"].contains(l) {
+            assert!((c - 1.0).abs() < 1e-9, "{l}: {c}");
+        } else {
+            assert!(c < 1.0 - 1e-6, "{l}: {c}");
+        }
+    }
+    for f in ["layers.png", "cka.png"] {
+        image::open(d.path().join("moved").join(f)).unwrap();
+    }
+}
+
+#[test]
+fn drift_rejects_other_architectures_nan_weights_and_an_empty_probe() {
+    let d = tempfile::tempdir().unwrap();
+    let fx = fixture();
+    let fx = fx.to_str().unwrap();
+    let out = d.path().join("out");
+    let out = out.to_str().unwrap();
+    let r18 = d.path().join("resnet18.safetensors");
+    write_torchvision_state_dict(&r18, Arch::ResNet18, 10);
+    assert_one_line_error(
+        &finelens(&["drift", fx, r18.to_str().unwrap(), "--out", out]),
+        "different architectures: tensor",
+    );
+    let nan = d.path().join("nan.safetensors");
+    write_mini_with(&nan, "layer2.1.conv1.weight", |t| {
+        let mut v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        v[3] = f32::NAN;
+        Tensor::from_vec(v, t.shape(), &Device::Cpu).unwrap()
+    });
+    assert_one_line_error(
+        &finelens(&["drift", fx, nan.to_str().unwrap(), "--out", out]),
+        "nan.safetensors: tensor layer2.1.conv1.weight contains NaN",
+    );
+    let empty = d.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    assert_one_line_error(
+        &finelens(&[
+            "drift",
+            fx,
+            fx,
+            "--out",
+            out,
+            "--probe",
+            empty.to_str().unwrap(),
+        ]),
+        "empty: no readable images",
+    );
 }

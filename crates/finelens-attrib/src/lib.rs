@@ -32,7 +32,7 @@ pub use integrated_gradients::IntegratedGradients;
 pub use occlusion::{Fill, Occlusion};
 pub use quadrature::Rule;
 pub use saliency::{Aggregate, GradientKind, Saliency, SmoothGrad};
-pub use target::{input_gradients, predict, target_logits, Prediction, Target};
+pub use target::{input_gradients, predict, target_logits, EmbeddingNorm, Prediction, Target};
 
 /// How an attribution's values read, which decides how it is drawn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

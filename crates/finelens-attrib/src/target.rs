@@ -176,6 +176,55 @@ pub(crate) fn backward_targets(
     Ok(picked(logits, targets)?.sum_all()?.backward()?)
 }
 
+/// A classifier whose single output is the L2 norm of another's activation at `layer` (the
+/// penultimate embedding, `avgpool` for a ResNet): a target two models share even when their heads
+/// differ, for comparing a fine-tuned model's explanations with its parent's.
+pub struct EmbeddingNorm<'a> {
+    pub model: &'a dyn Classifier,
+    pub layer: String,
+}
+
+impl Classifier for EmbeddingNorm<'_> {
+    fn forward_hooked(
+        &self,
+        x: &Tensor,
+        mode: Mode,
+        mut hook: Option<finelens_models::resnet::Hook>,
+    ) -> finelens_models::Result<Tensor> {
+        let mut embedding = None;
+        // The hook's signature is the models crate's (`Hook`).
+        #[allow(clippy::result_large_err)]
+        let mut inner = |name: &str, t: &Tensor| -> finelens_models::Result<Option<Tensor>> {
+            let replaced = match hook.as_mut() {
+                Some(h) => h(name, t)?,
+                None => None,
+            };
+            if name == self.layer {
+                embedding = Some(replaced.clone().unwrap_or_else(|| t.clone()));
+            }
+            Ok(replaced)
+        };
+        self.model.forward_hooked(x, mode, Some(&mut inner))?;
+        let e = embedding.ok_or_else(|| finelens_models::ModelError::UnknownLayer {
+            name: self.layer.clone(),
+            known: self.model.layer_names().join(", "),
+        })?;
+        Ok(e.flatten_from(1)?.sqr()?.sum_keepdim(1)?.sqrt()?)
+    }
+
+    fn layer_names(&self) -> Vec<String> {
+        self.model.layer_names()
+    }
+
+    fn num_classes(&self) -> usize {
+        1
+    }
+
+    fn last_spatial_layer(&self) -> Option<String> {
+        self.model.last_spatial_layer()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,6 +248,40 @@ mod tests {
         );
         let e = Target::parse("horse", &names).unwrap_err().to_string();
         assert!(e.starts_with("unknown target class `horse`"), "{e}");
+    }
+
+    #[test]
+    fn embedding_norm_is_the_norm_of_the_pooled_features() {
+        let model = crate::testutil::fixture_model(DType::F64);
+        let x = crate::testutil::fixture_image(1, 0, DType::F64);
+        let (_, taps) = model
+            .forward_with_taps(&x, Mode::Eval, &["avgpool"])
+            .unwrap();
+        let want: f64 = taps[0]
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        let e = EmbeddingNorm {
+            model: &model,
+            layer: "avgpool".into(),
+        };
+        let got = target_logits(&e, &x, &[0]).unwrap()[0];
+        assert!((got - want).abs() < 1e-12 * want);
+        // Gradients flow through it: IG's completeness holds on the embedding norm too.
+        let ig = crate::IntegratedGradients {
+            steps: 256,
+            ..crate::IntegratedGradients::new(crate::Normalisation {
+                mean: [0.0; 3],
+                std: [1.0; 3],
+            })
+        };
+        let a = crate::Attributor::attribute(&ig, &e, &x, &[0]).unwrap();
+        assert!(a[0].completeness.unwrap().relative_delta < 0.02);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The `finelens` command. It parses arguments and wires the library crates together; every
 //! capability lives in a library crate.
 
+mod drift;
 mod explain;
 mod progress;
 
@@ -63,6 +64,9 @@ enum Command {
     /// Attribute a model's predictions to input pixels: saliency, SmoothGrad, integrated
     /// gradients, Grad-CAM, occlusion; writes .npy arrays, heat maps, overlays and explain.json.
     Explain(explain::ExplainArgs),
+    /// Where a fine-tuned checkpoint moved from its parent: weight drift per tensor, layer, block
+    /// and stage; representation drift (CKA) and explanation drift on a probe set.
+    Drift(drift::DriftArgs),
     /// Benchmarks (speed is measured here, never in tests).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -75,6 +79,25 @@ enum BenchCommand {
     /// Explanation speed (ms/image, batch 1) for resnet18 at 224×224 and resnet-mini at 64×64:
     /// forward, forward + backward to the input, saliency, SmoothGrad-20, IG-50, Grad-CAM.
     Explain(BenchExplainArgs),
+    /// Weight drift over two generated checkpoints (GB/s, peak resident memory) and minibatch
+    /// CKA over 2,000 probe images for resnet-mini's five tapped layers (seconds).
+    Drift(BenchDriftArgs),
+}
+
+#[derive(Args)]
+struct BenchDriftArgs {
+    /// Size of each generated checkpoint, in GiB.
+    #[arg(long, default_value_t = 1.0)]
+    gigabytes: f64,
+    /// Where the generated checkpoints are written (and reused by later runs).
+    #[arg(long, default_value = "target/drift-bench")]
+    dir: PathBuf,
+    /// Probe images for the CKA figure.
+    #[arg(long, default_value_t = 2000)]
+    cka_images: usize,
+    /// Also write the figures as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -405,6 +428,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => train_cmd(a),
         Command::Finetune(a) => finetune_cmd(a),
         Command::Explain(a) => explain::explain_cmd(a),
+        Command::Drift(a) => drift::drift_cmd(a),
+        Command::Bench(BenchCommand::Drift(a)) => bench_drift(a),
         Command::Bench(BenchCommand::Train(a)) => bench_train(a),
         Command::Bench(BenchCommand::Explain(a)) => bench_explain(a),
     }
@@ -878,6 +903,45 @@ fn bench_explain(a: BenchExplainArgs) -> Result<()> {
     Ok(())
 }
 
+fn bench_drift(a: BenchDriftArgs) -> Result<()> {
+    if a.gigabytes.is_nan() || a.gigabytes <= 0.0 || a.cka_images < 4 {
+        bail!("--gigabytes must be positive and --cka-images at least 4");
+    }
+    println!(
+        "drift: {} rayon threads; generating (once) two {:.1} GiB checkpoints in {}",
+        rayon_threads(),
+        a.gigabytes,
+        a.dir.display()
+    );
+    let w = finelens_drift::bench::weight_drift_bench(&a.dir, a.gigabytes)?;
+    println!(
+        "  weight drift: {} tensors of {:.0} MiB, {:.2} s → {:.2} GB/s of tensor data read; peak RSS {}",
+        w.tensors,
+        w.largest_tensor_bytes as f64 / (1u64 << 20) as f64,
+        w.seconds,
+        w.gigabytes_per_second,
+        w.peak_rss_bytes.map_or("unknown".into(), |b| format!(
+            "{:.0} MiB ({:.1}× the largest tensor)",
+            b as f64 / (1u64 << 20) as f64,
+            b as f64 / w.largest_tensor_bytes as f64
+        ))
+    );
+    let c = finelens_drift::bench::cka_bench(a.cka_images, 100)?;
+    println!(
+        "  minibatch CKA: {} images at {}×{}, batch {}, layers {}: {:.2} s",
+        c.images,
+        c.size,
+        c.size,
+        c.batch,
+        c.layers.join(", "),
+        c.seconds
+    );
+    if let Some(p) = &a.json {
+        write_json(p, &serde_json::json!({"weights": w, "cka": c}))?;
+    }
+    Ok(())
+}
+
 fn rayon_threads() -> String {
     std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| {
         std::thread::available_parallelism().map_or("?".into(), |n| n.to_string())
@@ -985,6 +1049,19 @@ fn demo(a: DemoArgs) -> Result<()> {
         DEMO_EXPLAIN_IMAGES.as_ref(),
         "--methods".as_ref(),
         "saliency,smoothgrad,integrated_gradients,grad_cam,occlusion".as_ref(),
+        "--strict".as_ref(),
+    ])?)?;
+
+    // Where fine-tuning moved the fixture: weights, representations and explanations on the
+    // pretraining task's test images (the parent's own data).
+    println!("\ndrift from the fixture to the fine-tuned model");
+    drift::drift_cmd(drift::DriftArgs::from_args(&[
+        fixture.as_os_str(),
+        a.out.join("finetune/model.safetensors").as_os_str(),
+        "--probe".as_ref(),
+        test.as_os_str(),
+        "--out".as_ref(),
+        a.out.join("drift").as_os_str(),
         "--strict".as_ref(),
     ])?)?;
     println!("\ndone in {:.1} s", start.elapsed().as_secs_f64());

@@ -15,6 +15,8 @@ pub enum DataError {
     NotADirectory { path: PathBuf },
     #[error("{path}: no class folders found (expected root/<class>/<image>.png)")]
     NoClasses { path: PathBuf },
+    #[error("{path}: no readable images (.png, .jpg, .jpeg)")]
+    NoImages { path: PathBuf },
     #[error("{path}: class folder has no readable images (.png, .jpg, .jpeg)")]
     EmptyClass { path: PathBuf },
     #[error("{path}: cannot write image ({reason})")]

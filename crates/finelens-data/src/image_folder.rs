@@ -259,12 +259,8 @@ impl Inputs {
             }
         }
         if images.is_empty() {
-            return Err(DataError::Decode {
+            return Err(DataError::NoImages {
                 path: path.to_owned(),
-                reason: format!(
-                    "no readable images (expected {})",
-                    IMAGE_EXTENSIONS.join(", ")
-                ),
             });
         }
         Ok(Self {

@@ -1,6 +1,7 @@
 //! Rendering for finelens. This crate knows nothing of models or candle: it takes plain numbers
 //! and strings (and `ndarray` arrays) and returns encoded images, which the caller writes (atomically) where it wants.
 
+pub mod drift_plot;
 pub mod heatmap;
 pub mod npy;
 pub mod plot;

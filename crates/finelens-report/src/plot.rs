@@ -12,7 +12,7 @@ use crate::{ReportError, Result};
 static FONT: &[u8] = include_bytes!("../fonts/DejaVuSans.ttf");
 static REGISTER: Once = Once::new();
 
-fn register_font() {
+pub(crate) fn register_font() {
     REGISTER.call_once(|| {
         // The bytes are a valid TrueType font checked in with the crate; failure is a build defect.
         let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
