@@ -9,8 +9,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
 use finelens_attrib::{
-    Attributor, EmbeddingNorm, GradCam, GradientKind, IntegratedGradients, Normalisation, Saliency,
-    Target,
+    Aggregate, Attributor, EmbeddingNorm, Fill, GradCam, GradientKind, IntegratedGradients,
+    Normalisation, Occlusion, Saliency, SmoothGrad, Target,
 };
 use finelens_data::synth::{render, Split, SynthConfig, Task};
 use finelens_data::transforms::load_rgb;
@@ -51,7 +51,7 @@ pub struct DriftArgs {
     #[arg(long)]
     pooled: bool,
     /// Attribution method for explanation drift: saliency, gradient, gradient_x_input,
-    /// integrated_gradients, grad_cam.
+    /// smoothgrad, integrated_gradients, grad_cam, occlusion.
     #[arg(long, default_value = "integrated_gradients")]
     explain_method: String,
     /// Probe images whose explanations are compared (0 skips explanation drift).
@@ -89,7 +89,7 @@ impl DriftArgs {
 /// How many layers the summary names.
 const SUMMARY_TOP: usize = 5;
 
-fn attributor(name: &str, norm: Normalisation) -> Result<Box<dyn Attributor>> {
+fn attributor(name: &str, norm: Normalisation, size: usize) -> Result<Box<dyn Attributor>> {
     Ok(match name {
         "saliency" => Box::new(Saliency {
             kind: GradientKind::Absolute,
@@ -105,8 +105,16 @@ fn attributor(name: &str, norm: Normalisation) -> Result<Box<dyn Attributor>> {
             ..IntegratedGradients::new(norm)
         }),
         "grad_cam" => Box::new(GradCam::default()),
+        "smoothgrad" => Box::new(SmoothGrad::new(20, 0.15, Aggregate::Mean, 0)),
+        "occlusion" => Box::new(Occlusion {
+            window: (size / 8).max(1),
+            stride: (size / 16).max(1),
+            fill: Fill::Value(0.0),
+            internal_batch: finelens_attrib::default_internal_batch(3, size, size),
+            normalisation: norm,
+        }),
         other => bail!(
-            "--explain-method: unknown method `{other}`; use saliency, gradient, gradient_x_input, integrated_gradients or grad_cam"
+            "--explain-method: unknown method `{other}`; use saliency, gradient, gradient_x_input, smoothgrad, integrated_gradients, grad_cam or occlusion"
         ),
     })
 }
@@ -281,7 +289,7 @@ pub fn drift_cmd(a: DriftArgs) -> Result<()> {
                 mean: pre.mean,
                 std: pre.std,
             };
-            let method = attributor(&a.explain_method, norm)?;
+            let method = attributor(&a.explain_method, norm, pre.size)?;
             let shared = ck0.meta.class_names == ck1.meta.class_names;
             // With different heads the class logits mean different things: explain the norm of
             // the penultimate embedding, which both models have.
