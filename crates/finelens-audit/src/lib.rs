@@ -1,0 +1,13 @@
+//! The audit a fine-tuned model goes through before it ships: are its explanations about the
+//! model ([`sanity`]), faithful to it ([`faithfulness`]), on the object ([`localisation`]), free
+//! of shortcuts ([`shortcut`]) — and does it pass the team's thresholds ([`policy`])?
+
+pub mod error;
+pub mod faithfulness;
+pub mod localisation;
+pub mod policy;
+pub mod sanity;
+pub mod shortcut;
+pub mod similarity;
+
+pub use error::{AuditError, Result};

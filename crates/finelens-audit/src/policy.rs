@@ -1,0 +1,315 @@
+//! Policy gates: thresholds per check, from a TOML file over documented defaults, turned into a
+//! pass/fail table that a CI job gates a deployment on.
+//!
+//! ```toml
+//! [sanity]
+//! max_spearman_after_randomisation = 0.5
+//! [localisation]
+//! min_relevance_mass_accuracy = 0.3
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::error::{AuditError, Result};
+
+/// Which side of the threshold passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Bound {
+    /// The figure must be at least the threshold.
+    Min,
+    /// The figure must be at most the threshold.
+    Max,
+}
+
+/// A threshold's definition: check, key, bound, default, and what the figure means.
+pub struct Rule {
+    pub check: &'static str,
+    pub key: &'static str,
+    pub bound: Bound,
+    pub default: f64,
+    pub meaning: &'static str,
+}
+
+/// Every threshold a policy may set, with its default and a sentence a reviewer can read.
+pub const RULES: &[Rule] = &[
+    Rule {
+        check: "sanity",
+        key: "max_spearman_after_randomisation",
+        bound: Bound::Max,
+        default: 0.5,
+        meaning: "rank correlation between the trained model's maps and those of the same model with every weight re-initialised; a high value means the maps show the input, not the model (Adebayo et al. 2018)",
+    },
+    Rule {
+        check: "faithfulness",
+        key: "min_gain_over_random",
+        bound: Bound::Min,
+        default: 0.0,
+        meaning: "how much better than a random pixel order the map's order deletes and inserts the evidence for the prediction (deletion and insertion AUCs, Petsiuk et al. 2018)",
+    },
+    Rule {
+        check: "localisation",
+        key: "min_relevance_mass_accuracy",
+        bound: Bound::Min,
+        default: 0.25,
+        meaning: "share of the positive attribution that falls on the object (Arras et al. 2022)",
+    },
+    Rule {
+        check: "localisation",
+        key: "min_pointing_game",
+        bound: Bound::Min,
+        default: 0.5,
+        meaning: "share of images whose most attributed pixel is on the object (Zhang et al. 2018)",
+    },
+    Rule {
+        check: "shortcut",
+        key: "max_mass_outside_mask",
+        bound: Bound::Max,
+        default: 0.85,
+        meaning: "for the worst class, the mean share of positive attribution outside the object: evidence taken from something other than the object",
+    },
+    Rule {
+        check: "shortcut",
+        key: "max_hotspot_concentration",
+        bound: Bound::Max,
+        default: 0.25,
+        meaning: "for the worst class, the share of its mean attribution map in the hottest 2% of pixels: evidence that sits in the same place in every image, whatever the object",
+    },
+    Rule {
+        check: "completeness",
+        key: "max_relative_delta",
+        bound: Bound::Max,
+        default: 0.05,
+        meaning: "worst relative gap between the sum of integrated gradients and F(x) − F(baseline); larger means too few integration steps",
+    },
+    Rule {
+        check: "drift",
+        key: "min_cka_penultimate",
+        bound: Bound::Min,
+        default: 0.2,
+        meaning: "linear CKA between the base and the fine-tuned model's penultimate representations; near 0, fine-tuning replaced what the base model knew",
+    },
+];
+
+/// Thresholds in force: the defaults, overridden by a policy file.
+#[derive(Debug, Clone, Serialize)]
+pub struct Policy {
+    pub thresholds: BTreeMap<String, f64>,
+    pub source: Option<String>,
+}
+
+fn id(check: &str, key: &str) -> String {
+    format!("{check}.{key}")
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            thresholds: RULES
+                .iter()
+                .map(|r| (id(r.check, r.key), r.default))
+                .collect(),
+            source: None,
+        }
+    }
+}
+
+/// 1-based line of byte `offset` in `text`.
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// The line where `key` is set inside section `[check]` (or the section header itself).
+fn find_line(text: &str, check: &str, key: Option<&str>) -> usize {
+    let mut in_section = false;
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            in_section = t.trim_matches(|c| c == '[' || c == ']').trim() == check;
+            if in_section && key.is_none() {
+                return i + 1;
+            }
+            continue;
+        }
+        if let Some(k) = key {
+            if in_section && t.split('=').next().map(str::trim) == Some(k) {
+                return i + 1;
+            }
+        }
+    }
+    1
+}
+
+impl Policy {
+    /// Read a policy file: sections are checks, keys thresholds (numbers). Unknown checks or keys
+    /// and malformed values are errors naming the line.
+    pub fn parse(path: &Path, text: &str) -> Result<Self> {
+        let err = |line: usize, reason: String| AuditError::Policy {
+            path: path.to_owned(),
+            line,
+            reason,
+        };
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            let line = e.span().map_or(1, |s| line_of(text, s.start));
+            err(line, e.message().to_owned())
+        })?;
+        let mut policy = Policy {
+            source: Some(path.display().to_string()),
+            ..Policy::default()
+        };
+        let checks: Vec<&str> = {
+            let mut c: Vec<&str> = RULES.iter().map(|r| r.check).collect();
+            c.dedup();
+            c
+        };
+        for (check, value) in &table {
+            let Some(section) = value.as_table() else {
+                return Err(err(
+                    find_line(text, check, None).max(line_of_key(text, check)),
+                    format!("`{check}` must be a [section] of thresholds"),
+                ));
+            };
+            if !checks.contains(&check.as_str()) {
+                return Err(err(
+                    find_line(text, check, None),
+                    format!("unknown check `{check}`; checks are: {}", checks.join(", ")),
+                ));
+            }
+            for (key, v) in section {
+                let line = find_line(text, check, Some(key));
+                let Some(rule) = RULES.iter().find(|r| r.check == check && r.key == key) else {
+                    let keys: Vec<&str> = RULES
+                        .iter()
+                        .filter(|r| r.check == check)
+                        .map(|r| r.key)
+                        .collect();
+                    return Err(err(
+                        line,
+                        format!(
+                            "unknown threshold `{key}` for check `{check}`; it has: {}",
+                            keys.join(", ")
+                        ),
+                    ));
+                };
+                let x = v
+                    .as_float()
+                    .or_else(|| v.as_integer().map(|i| i as f64))
+                    .filter(|x| x.is_finite())
+                    .ok_or_else(|| err(line, format!("`{key}` must be a number, got {v}")))?;
+                policy.thresholds.insert(id(rule.check, rule.key), x);
+            }
+        }
+        Ok(policy)
+    }
+
+    /// The verdict of every threshold for the measured `figures` (keyed `check.key`); a figure
+    /// not measured is reported as such and does not fail.
+    pub fn evaluate(&self, figures: &BTreeMap<String, f64>) -> Vec<Verdict> {
+        RULES
+            .iter()
+            .map(|r| {
+                let key = id(r.check, r.key);
+                let threshold = self.thresholds[&key];
+                let figure = figures.get(&key).copied();
+                let pass = figure.map(|f| match r.bound {
+                    Bound::Min => f >= threshold,
+                    Bound::Max => f <= threshold,
+                });
+                Verdict {
+                    check: r.check.into(),
+                    key: r.key.into(),
+                    figure,
+                    threshold,
+                    bound: r.bound,
+                    pass,
+                    meaning: r.meaning.into(),
+                }
+            })
+            .collect()
+    }
+}
+
+fn line_of_key(text: &str, key: &str) -> usize {
+    text.lines()
+        .position(|l| l.trim_start().starts_with(key))
+        .map_or(1, |i| i + 1)
+}
+
+/// One row of the pass/fail table.
+#[derive(Debug, Clone, Serialize)]
+pub struct Verdict {
+    pub check: String,
+    pub key: String,
+    pub figure: Option<f64>,
+    pub threshold: f64,
+    pub bound: Bound,
+    /// None: not measured (no masks, no base checkpoint…).
+    pub pass: Option<bool>,
+    pub meaning: String,
+}
+
+/// True when no measured check failed.
+pub fn all_pass(verdicts: &[Verdict]) -> bool {
+    verdicts.iter().all(|v| v.pass != Some(false))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_overrides_and_verdicts() {
+        let p = Policy::parse(
+            Path::new("p.toml"),
+            "# gates\n[sanity]\nmax_spearman_after_randomisation = 0.3\n\n[localisation]\nmin_pointing_game = 1\n",
+        )
+        .unwrap();
+        assert_eq!(p.thresholds["sanity.max_spearman_after_randomisation"], 0.3);
+        assert_eq!(p.thresholds["localisation.min_pointing_game"], 1.0);
+        assert_eq!(p.thresholds["shortcut.max_hotspot_concentration"], 0.25);
+        let figures: BTreeMap<String, f64> = [
+            ("sanity.max_spearman_after_randomisation".to_string(), 0.31),
+            ("localisation.min_pointing_game".to_string(), 1.0),
+        ]
+        .into();
+        let v = p.evaluate(&figures);
+        let get = |k: &str| v.iter().find(|x| x.key == k).unwrap().pass;
+        assert_eq!(get("max_spearman_after_randomisation"), Some(false));
+        assert_eq!(get("min_pointing_game"), Some(true));
+        assert_eq!(get("max_mass_outside_mask"), None);
+        assert!(!all_pass(&v));
+    }
+
+    #[test]
+    fn bad_policies_name_the_line() {
+        let path = Path::new("policy.toml");
+        let e = Policy::parse(
+            path,
+            "[sanity]\nmax_spearman_after_randomisation = 0.5\n[vibes]\nx = 1\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("policy.toml:3: unknown check `vibes`"), "{e}");
+        let e = Policy::parse(path, "[shortcut]\n\nmax_hotspot = 0.2\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("policy.toml:3: unknown threshold `max_hotspot`"),
+            "{e}"
+        );
+        let e = Policy::parse(path, "[drift]\nmin_cka_penultimate = \"high\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("policy.toml:2: `min_cka_penultimate` must be a number"),
+            "{e}"
+        );
+        let e = Policy::parse(path, "[sanity]\nmax_spearman_after_randomisation = = 2\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("policy.toml:2:"), "{e}");
+    }
+}
