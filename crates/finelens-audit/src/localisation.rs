@@ -71,6 +71,9 @@ pub struct Localisation {
     pub relevance_rank_accuracy: f64,
 }
 
+/// A per-image score, `None` when it is undefined for that image.
+type Score = fn(&Array2<f32>, &Array2<bool>) -> Option<f64>;
+
 /// Mean localisation scores over (relevance, mask) pairs.
 pub fn localisation(pairs: &[(Array2<f32>, Array2<bool>)], tolerance: usize) -> Localisation {
     let n = pairs.len().max(1) as f64;
@@ -78,15 +81,15 @@ pub fn localisation(pairs: &[(Array2<f32>, Array2<bool>)], tolerance: usize) -> 
         .iter()
         .filter(|(r, m)| pointing_game(r, m, tolerance))
         .count();
-    let mean = |f: &dyn Fn(&Array2<f32>, &Array2<bool>) -> Option<f64>| {
+    let mean = |f: Score| {
         let v: Vec<f64> = pairs.iter().filter_map(|(r, m)| f(r, m)).collect();
         v.iter().sum::<f64>() / v.len().max(1) as f64
     };
     Localisation {
         images: pairs.len(),
         pointing_game_hit_rate: hits as f64 / n,
-        relevance_mass_accuracy: mean(&relevance_mass_accuracy),
-        relevance_rank_accuracy: mean(&relevance_rank_accuracy),
+        relevance_mass_accuracy: mean(relevance_mass_accuracy),
+        relevance_rank_accuracy: mean(relevance_rank_accuracy),
     }
 }
 
