@@ -366,6 +366,7 @@ fn every_command_documents_its_options() {
         vec!["explain", "--help"],
         vec!["bench", "explain", "--help"],
         vec!["drift", "--help"],
+        vec!["audit", "--help"],
         vec!["bench", "drift", "--help"],
     ] {
         let o = finelens(&cmd);
@@ -470,6 +471,47 @@ fn demo_evaluates_the_shipped_fixture() {
         "layer1 keeps more than avgpool: {diag:?}"
     );
     assert_eq!(dr["explanation"]["target"], "embedding_norm");
+
+    // The same recipe on the shortcut task: the clean model passes the audit, the shortcut model
+    // is flagged by the shortcut and localisation checks, with its hotspot on the planted patch.
+    let clean = read_json(&d.path().join("out/audit-finetune/report.json"));
+    assert_eq!(clean["pass"], true, "{}", clean["verdicts"]);
+    let sc = read_json(&d.path().join("out/audit-shortcut/report.json"));
+    assert_eq!(sc["pass"], false);
+    let failed: Vec<String> = sc["verdicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["pass"] == false)
+        .map(|v| {
+            format!(
+                "{}.{}",
+                v["check"].as_str().unwrap(),
+                v["key"].as_str().unwrap()
+            )
+        })
+        .collect();
+    for k in [
+        "shortcut.max_mass_outside_mask",
+        "shortcut.max_hotspot_concentration",
+    ] {
+        assert!(failed.contains(&k.to_string()), "{k} not in {failed:?}");
+    }
+    // The planted patch: side 8 at offset 2 in a 64-pixel image.
+    for c in sc["audit"]["shortcut"].as_array().unwrap() {
+        let b: Vec<u64> = c["hotspot_box"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        assert!(
+            b[2] < 12 && b[3] < 12,
+            "{}: hotspot {b:?} is not the patch",
+            c["class"]
+        );
+    }
+    assert!(out.contains("shortcut  FLAGGED"), "{out}");
 }
 
 fn fixture() -> PathBuf {
@@ -1180,5 +1222,94 @@ fn drift_rejects_other_architectures_nan_weights_and_an_empty_probe() {
             empty.to_str().unwrap(),
         ]),
         "empty: no readable images",
+    );
+}
+
+#[test]
+fn audit_exit_status_gates_and_bad_input() {
+    let d = tempfile::tempdir().unwrap();
+    synth(d.path(), "pretrain", [1, 2, 1]);
+    let data = d.path().join("pretrain/images/val");
+    let fx = fixture();
+    let audit = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "audit".to_owned(),
+            fx.to_str().unwrap().to_owned(),
+            "--data".to_owned(),
+            data.to_str().unwrap().to_owned(),
+            "--out".to_owned(),
+            out.to_str().unwrap().to_owned(),
+            "--methods".to_owned(),
+            "saliency".to_owned(),
+            "--limit".to_owned(),
+            "6".to_owned(),
+            "--sanity-images".to_owned(),
+            "2".to_owned(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        finelens(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let policy = |name: &str, text: &str| {
+        let p = d.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    // An impossible threshold fails the gate: exit 1, and the report says which check.
+    let strict = policy("strict.toml", "[localisation]\nmin_pointing_game = 1.5\n");
+    let out = d.path().join("strict");
+    let o = audit(&out, &["--policy", strict.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stdout(&o).contains("min_pointing_game") && stdout(&o).contains("FAIL"));
+    let j = read_json(&out.join("report.json"));
+    assert_eq!(j["pass"], false);
+    assert_eq!(j["audit"]["methods"][0]["localisation"]["images"], 6);
+
+    // Lenient thresholds: exit 0.
+    let lenient = policy(
+        "lenient.toml",
+        "[sanity]\nmax_spearman_after_randomisation = 1\n[faithfulness]\nmin_gain_over_random = -2\n\
+         [localisation]\nmin_relevance_mass_accuracy = 0\nmin_pointing_game = 0\n\
+         [shortcut]\nmax_mass_outside_mask = 1\nmax_hotspot_concentration = 1\n",
+    );
+    let o = audit(
+        &d.path().join("lenient"),
+        &["--policy", lenient.to_str().unwrap()],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+
+    // An existing report directory is refused without --force, and replaced whole with it.
+    let o = audit(&out, &["--policy", lenient.to_str().unwrap()]);
+    assert_one_line_error(&o, "the report directory exists; pass --force");
+    let o = audit(&out, &["--policy", lenient.to_str().unwrap(), "--force"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(read_json(&out.join("report.json"))["pass"], true);
+
+    // Bad policies name the line; a mask folder that doesn't mirror the images names the mask.
+    let bad = policy(
+        "bad.toml",
+        "[sanity]\nmax_spearman_after_randomisation = 0.5\n\n[karma]\nx = 1\n",
+    );
+    assert_one_line_error(
+        &audit(&d.path().join("x"), &["--policy", bad.to_str().unwrap()]),
+        "bad.toml:4: unknown check `karma`",
+    );
+    let bad = policy(
+        "bad2.toml",
+        "[shortcut]\nmax_hotspot_concentration = \"low\"\n",
+    );
+    assert_one_line_error(
+        &audit(&d.path().join("x"), &["--policy", bad.to_str().unwrap()]),
+        "bad2.toml:2: `max_hotspot_concentration` must be a number",
+    );
+    let masks = d.path().join("pretrain/masks/val");
+    let first_mask = masks.join("circle/00000.png");
+    std::fs::remove_file(&first_mask).unwrap();
+    assert_one_line_error(
+        &audit(&d.path().join("x"), &[]),
+        &format!("{}: no mask for", first_mask.display()),
+    );
+    assert!(
+        !d.path().join("x").exists(),
+        "nothing written on an input error"
     );
 }

@@ -6,6 +6,7 @@ pub mod error;
 pub mod faithfulness;
 pub mod localisation;
 pub mod policy;
+pub mod run;
 pub mod sanity;
 pub mod shortcut;
 pub mod similarity;

@@ -80,10 +80,10 @@ pub const RULES: &[Rule] = &[
     },
     Rule {
         check: "completeness",
-        key: "max_relative_delta",
+        key: "max_mean_relative_delta",
         bound: Bound::Max,
         default: 0.05,
-        meaning: "worst relative gap between the sum of integrated gradients and F(x) − F(baseline); larger means too few integration steps",
+        meaning: "mean relative gap, over the images, between the sum of integrated gradients and F(x) − F(baseline) (Sundararajan et al.'s completeness); larger means too few integration steps",
     },
     Rule {
         check: "drift",

@@ -5,8 +5,11 @@
 //! - `pretrain`: circle, square, triangle, cross, ring, star — what the fixture checkpoint learns;
 //! - `finetune`: arrow, crescent, diamond, heart — other classes, for fine-tuning;
 //! - `shortcut`: the fine-tuning classes, but the train and val splits carry a small patch in the
-//!   top-left corner whose colour gives the class away; the test split has none. A model that
-//!   learns the patch instead of the shape is what the audit must catch.
+//!   top-left corner whose colour gives the class away, and in half of their images the shape is
+//!   another class's: the patch predicts the label perfectly, the shape only 5 times in 8 — a
+//!   spurious cue stronger than the real one, as in the datasets where shortcut learning bites
+//!   (Geirhos et al. 2020). The test split has no patch and true shapes. A model that learns the
+//!   patch instead of the shape is what the audit must catch.
 //!
 //! Layout: `<out>/<task>/images/<split>/<class>/<n>.png` (an ImageFolder per split) and
 //! `<out>/<task>/masks/<split>/<class>/<n>.png` (255 = object) mirroring it, plus `synth.json`.
@@ -26,7 +29,7 @@ use crate::batch::mix_seed;
 use crate::error::{io_err, DataError, Result};
 
 /// Version of the drawing code; bump when images change for the same seed.
-pub const GENERATOR: &str = "finelens-synth/1";
+pub const GENERATOR: &str = "finelens-synth/2";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -181,6 +184,9 @@ impl Split {
         }
     }
 }
+
+/// Share of patched (shortcut train/val) images whose shape is drawn from another class.
+pub const SHORTCUT_SHAPE_NOISE: f32 = 0.5;
 
 /// Shortcut patch colours by class index: saturated and unlike the textured backgrounds.
 const PATCH_COLOURS: [[f32; 3]; 6] = [
@@ -347,7 +353,13 @@ pub fn render(
         }
         oc = colour(&mut rng, 0.0, 1.0);
     }
-    let shape = task.shapes()[class];
+    let shapes = task.shapes();
+    let shape_class = if patch.is_some() && rng.random::<f32>() < SHORTCUT_SHAPE_NOISE {
+        (class + rng.random_range(1..shapes.len())) % shapes.len()
+    } else {
+        class
+    };
+    let shape = shapes[shape_class];
     let mut mask = GrayImage::new(n as u32, n as u32);
     // 4×4 supersampling: smooth edges in the image, a crisp half-coverage mask.
     const SUB: usize = 4;
