@@ -12,6 +12,8 @@ test:
 bench:
     cargo run --release -p finelens-cli -- bench train
     cargo run --release -p finelens-cli -- bench explain
+    cargo run --release -p finelens-cli -- bench drift
+    cargo run --release -p finelens-cli -- bench demo
 
 # Regenerate the pretrained fixture checkpoint, deterministically (about 10 minutes on 2 cores):
 # resnet-mini trained from seed 0 on 1,000 synthetic pretraining images per class.

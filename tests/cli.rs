@@ -512,6 +512,33 @@ fn demo_evaluates_the_shipped_fixture() {
         );
     }
     assert!(out.contains("shortcut  FLAGGED"), "{out}");
+
+    // Drift from the base, explanations included (different heads: the embedding norm).
+    assert_eq!(sc["drift"]["explanation"]["target"], "embedding_norm");
+    assert_eq!(
+        sc["drift"]["explanation"]["spearman"]
+            .as_array()
+            .unwrap()
+            .len(),
+        8
+    );
+
+    // The page's figures are also files beside each report.
+    for f in [
+        "training-curves.png",
+        "relative-change-per-layer.png",
+        "CKA-between-the-base-s-and-the-audited-model-s-layers.png",
+    ] {
+        image::open(d.path().join("out/audit-shortcut").join(f)).unwrap();
+    }
+
+    // One self-contained page for both models.
+    let html = std::fs::read_to_string(d.path().join("out/index.html")).unwrap();
+    assert!(html.contains("finetune: all checks pass") && html.contains("shortcut: FLAGGED"));
+    assert!(html.contains("data:image/png;base64,"));
+    for needle in ["http://", "https://", "src=\"/"] {
+        assert!(!html.contains(needle), "{needle}");
+    }
 }
 
 fn fixture() -> PathBuf {
@@ -1312,4 +1339,157 @@ fn audit_exit_status_gates_and_bad_input() {
         !d.path().join("x").exists(),
         "nothing written on an input error"
     );
+}
+
+/// Class and file names from data are text in the page: a class named like a script and a file
+/// named like an image tag render as text, never as markup.
+#[test]
+fn audit_report_escapes_names_from_data() {
+    let d = tempfile::tempdir().unwrap();
+    let evil_class = "<script>alert(1)</script>";
+    let ck = finelens_models::checkpoint::load(&fixture(), None).unwrap();
+    let mut meta = ck.meta.clone();
+    meta.class_names[0] = evil_class.into();
+    let model = d.path().join("evil.safetensors");
+    finelens_models::checkpoint::save(&model, &ck.store, &meta).unwrap();
+    let folder = small_folder(&d.path().join("data"));
+    let flat = d.path().join("flat");
+    std::fs::create_dir_all(&flat).unwrap();
+    let evil_file = "<img src=x onerror=alert(2)>.png";
+    std::fs::copy(folder.join("circle/00000.png"), flat.join(evil_file)).unwrap();
+    std::fs::copy(folder.join("ring/00000.png"), flat.join("b.png")).unwrap();
+    let out = d.path().join("report");
+    let o = finelens(&[
+        "audit",
+        model.to_str().unwrap(),
+        "--data",
+        flat.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--methods",
+        "saliency",
+        "--sanity-images",
+        "1",
+    ]);
+    assert!(
+        o.status.code() == Some(0) || o.status.code() == Some(1),
+        "{}",
+        stderr(&o)
+    );
+    let html = std::fs::read_to_string(out.join("index.html")).unwrap();
+    assert!(
+        !html.contains(evil_class) && !html.contains("<img src=x"),
+        "unescaped data"
+    );
+    assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
+    assert!(html.contains("&lt;img src=x onerror=alert(2)&gt;"));
+    assert_eq!(
+        html.matches("<script>").count(),
+        1,
+        "only the page's own script"
+    );
+}
+
+/// Chromium for the browser test: `FINELENS_CHROMIUM`, else `chromium` on the PATH.
+fn chromium() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("FINELENS_CHROMIUM") {
+        return Some(PathBuf::from(p));
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("chromium"))
+            .find(|p| p.is_file())
+    })
+}
+
+/// The report opened by a real browser (headless Chromium, which `.ci/run` installs): it renders,
+/// logs nothing to the console, and makes no network request of its own; the screenshot is kept
+/// in `target/browser-test/`. Without Chromium the test is skipped, unless
+/// `FINELENS_REQUIRE_BROWSER` is set (as `.ci/run` does).
+#[test]
+fn report_renders_in_headless_chromium_without_errors_or_requests() {
+    let Some(browser) = chromium() else {
+        assert!(
+            std::env::var_os("FINELENS_REQUIRE_BROWSER").is_none(),
+            "FINELENS_REQUIRE_BROWSER is set but no chromium was found"
+        );
+        eprintln!("skipping the browser test: no chromium (set FINELENS_CHROMIUM)");
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    synth(d.path(), "shortcut", [1, 2, 1]);
+    let report = d.path().join("report");
+    let o = finelens(&[
+        "audit",
+        fixture().to_str().unwrap(),
+        "--data",
+        d.path().join("shortcut/images/val").to_str().unwrap(),
+        "--base",
+        fixture().to_str().unwrap(),
+        "--out",
+        report.to_str().unwrap(),
+        "--methods",
+        "saliency",
+        "--sanity-images",
+        "1",
+    ]);
+    assert!(matches!(o.status.code(), Some(0 | 1)), "{}", stderr(&o));
+    let keep = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/browser-test");
+    std::fs::create_dir_all(&keep).unwrap();
+    let shot = keep.join("report.png");
+    let _ = std::fs::remove_file(&shot);
+    let netlog = d.path().join("net.json");
+    let page = format!("file://{}", report.join("index.html").display());
+    let b = Command::new(&browser)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            &format!("--user-data-dir={}", d.path().join("profile").display()),
+            "--enable-logging=stderr",
+            "--v=0",
+            &format!("--log-net-log={}", netlog.display()),
+            "--window-size=1280,2400",
+            &format!("--screenshot={}", shot.display()),
+            &page,
+        ])
+        .output()
+        .expect("chromium runs");
+    let log = String::from_utf8_lossy(&b.stderr);
+    assert!(b.status.success(), "chromium failed: {log}");
+    let console: Vec<&str> = log.lines().filter(|l| l.contains(":CONSOLE")).collect();
+    assert!(console.is_empty(), "console messages: {console:?}");
+
+    // The page's own requests carry its file:// origin; the browser's background ones don't.
+    let net: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&netlog).unwrap()).unwrap();
+    let start_job = net["constants"]["logEventTypes"]["URL_REQUEST_START_JOB"].clone();
+    let page_requests: Vec<String> = net["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == start_job && e["params"]["url"].is_string())
+        .filter(|e| e["params"]["initiator"] != "not an origin")
+        .map(|e| e["params"]["url"].to_string())
+        .collect();
+    assert!(
+        page_requests.is_empty(),
+        "the page fetched {page_requests:?}"
+    );
+
+    // It rendered: a full-size screenshot with the page's colours, not a blank one.
+    let img = image::open(&shot).unwrap().to_rgb8();
+    assert_eq!(img.dimensions(), (1280, 2400));
+    let colours: std::collections::HashSet<[u8; 3]> = img.pixels().map(|p| p.0).collect();
+    assert!(
+        colours.len() > 100,
+        "only {} colours: a blank page?",
+        colours.len()
+    );
+    // The fail badge's background (#fbd9d6) is on screen: the styles applied.
+    assert!(colours.contains(&[0xfb, 0xd9, 0xd6]) || colours.contains(&[0xd7, 0xf0, 0xdd]));
 }

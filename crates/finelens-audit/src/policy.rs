@@ -283,6 +283,15 @@ mod tests {
         assert!(!all_pass(&v));
     }
 
+    /// The shipped example writes out every default: it parses, and changes nothing.
+    #[test]
+    fn the_example_policy_is_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/policy.toml");
+        let p = Policy::parse(&path, &std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(p.thresholds, Policy::default().thresholds);
+        assert_eq!(p.thresholds.len(), RULES.len());
+    }
+
     #[test]
     fn bad_policies_name_the_line() {
         let path = Path::new("policy.toml");

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use finelens_attrib::{predict, Attributor, Completeness, Target};
 use finelens_models::{Classifier, ParamSpec, ParamStore};
 use ndarray::Array2;
@@ -43,8 +43,11 @@ pub struct AuditSettings {
     pub sanity_images: usize,
     /// Steps of the deletion and insertion curves.
     pub faithfulness_steps: usize,
-    /// Gaussian blur σ (pixels) of the image that deleted pixels are replaced with.
-    pub blur_sigma: f32,
+    /// What deleted pixels are replaced with (RISE uses a blurred copy for insertion and a
+    /// constant for deletion; one replacement serves both here), and the normalisation the
+    /// baseline is built in.
+    pub replacement: finelens_attrib::Baseline,
+    pub normalisation: finelens_attrib::Normalisation,
     pub pointing_tolerance: usize,
     pub seed: u64,
 }
@@ -78,6 +81,12 @@ pub struct AuditReport {
     pub accuracy: Option<f64>,
     /// The figures the policy gates on, keyed `check.threshold`.
     pub figures: BTreeMap<String, f64>,
+    /// Per method (in `methods` order), the relevance map (H×W) of every image and whether the
+    /// method's maps are signed: for the report's gallery.
+    #[serde(skip)]
+    pub relevance: Vec<(Vec<Array2<f32>>, bool)>,
+    /// The method the policy gates on.
+    pub primary: String,
 }
 
 /// Run every check. The explained class is the model's prediction.
@@ -112,21 +121,26 @@ pub fn audit(
         });
     }
     let mut methods = Vec::new();
-    let mut primary_relevance: Vec<Array2<f32>> = Vec::new();
-    for (mi, method) in settings.methods.iter().enumerate() {
+    let mut all_relevance: Vec<(Vec<Array2<f32>>, bool)> = Vec::new();
+    for method in &settings.methods {
         let mut curves = Vec::new();
         let mut pairs = Vec::new();
+        let mut maps = Vec::new();
         for (k, img) in images.iter().enumerate() {
             let a = method.attribute(model, &img.x, &[targets[k]])?.remove(0);
             if let Some(c) = a.completeness {
                 results[k].completeness = Some(c);
             }
             let rel = relevance(&a.map);
-            let (_, c, h, w) = img.x.dims4()?;
-            let v: Vec<f32> = img.x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-            let blurred =
-                finelens_attrib::baseline::gaussian_blur(&v, c, h, w, settings.blur_sigma);
-            let replacement = Tensor::from_vec(blurred, (1, c, h, w), img.x.device())?;
+            let mut replacement = settings
+                .replacement
+                .materialise(&img.x, &settings.normalisation)?;
+            if replacement.len() != 1 {
+                return Err(AuditError::Settings(
+                    "the faithfulness replacement must be a single baseline".into(),
+                ));
+            }
+            let replacement = replacement.remove(0);
             curves.push(faithfulness::curves(
                 model,
                 &img.x,
@@ -139,10 +153,9 @@ pub fn audit(
             if let Some(m) = &img.mask {
                 pairs.push((rel.clone(), m.clone()));
             }
-            if mi == 0 {
-                primary_relevance.push(rel);
-            }
+            maps.push(rel);
         }
+        all_relevance.push((maps, method.sign() == finelens_attrib::Sign::Signed));
         let n = settings.sanity_images.clamp(1, images.len());
         let xs = Tensor::cat(
             &images[..n].iter().map(|i| i.x.clone()).collect::<Vec<_>>(),
@@ -174,7 +187,7 @@ pub fn audit(
         if idx.is_empty() {
             continue;
         }
-        let maps: Vec<Array2<f32>> = idx.iter().map(|&k| primary_relevance[k].clone()).collect();
+        let maps: Vec<Array2<f32>> = idx.iter().map(|&k| all_relevance[0].0[k].clone()).collect();
         let masks: Option<Vec<Array2<bool>>> =
             idx.iter().map(|&k| images[k].mask.clone()).collect();
         shortcut.push(class_shortcut(name, &maps, masks.as_deref()));
@@ -231,5 +244,7 @@ pub fn audit(
         shortcut,
         accuracy,
         figures,
+        relevance: all_relevance,
+        primary: settings.methods[0].name().into(),
     })
 }

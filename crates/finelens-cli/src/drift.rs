@@ -158,7 +158,7 @@ fn batch(images: &[Vec<f32>], size: usize) -> Result<Tensor> {
 }
 
 /// |map| summed over channels, flattened: what "where does it look" compares.
-fn magnitude(map: &ndarray::Array3<f32>) -> Vec<f32> {
+pub(crate) fn magnitude(map: &ndarray::Array3<f32>) -> Vec<f32> {
     map.map(|v| v.abs())
         .sum_axis(ndarray::Axis(0))
         .iter()

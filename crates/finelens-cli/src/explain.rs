@@ -133,7 +133,7 @@ fn three(v: &[f32], what: &str) -> Result<[f32; 3]> {
 }
 
 /// The baseline spec, parsed; `image:PATH` is loaded through the model's preprocessing.
-fn parse_baseline(spec: &str, seed: u64, pre: &Preprocess) -> Result<Baseline> {
+pub(crate) fn parse_baseline(spec: &str, seed: u64, pre: &Preprocess) -> Result<Baseline> {
     let mut parts = Vec::new();
     for item in spec.split(',').map(str::trim) {
         let (name, arg) = item.split_once(':').unwrap_or((item, ""));

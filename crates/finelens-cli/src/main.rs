@@ -87,9 +87,19 @@ enum BenchCommand {
     /// Explanation speed (ms/image, batch 1) for resnet18 at 224×224 and resnet-mini at 64×64:
     /// forward, forward + backward to the input, saliency, SmoothGrad-20, IG-50, Grad-CAM.
     Explain(BenchExplainArgs),
+    /// The demo end to end (fine-tuning both tasks, explaining, drift, both audits, the page),
+    /// timed: the target is under 5 minutes on 2 cores.
+    Demo(BenchDemoArgs),
     /// Weight drift over two generated checkpoints (GB/s, peak resident memory) and minibatch
     /// CKA over 2,000 probe images for resnet-mini's five tapped layers (seconds).
     Drift(BenchDriftArgs),
+}
+
+#[derive(Args)]
+struct BenchDemoArgs {
+    /// Where the timed demo writes its outputs.
+    #[arg(long, default_value = "target/bench-demo")]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -440,6 +450,21 @@ fn run(cli: Cli) -> Result<u8> {
         Command::Explain(a) => explain::explain_cmd(a),
         Command::Drift(a) => drift::drift_cmd(a),
         Command::Bench(BenchCommand::Drift(a)) => bench_drift(a),
+        Command::Bench(BenchCommand::Demo(a)) => {
+            let start = Instant::now();
+            demo(DemoArgs {
+                fixture: PathBuf::from(FIXTURE),
+                data: PathBuf::from(DATA_DIR),
+                out: a.out,
+            })?;
+            let s = start.elapsed().as_secs_f64();
+            println!(
+                "\nbench demo: {s:.1} s end to end with {} rayon threads ({} the 5-minute target)",
+                rayon_threads(),
+                if s < 300.0 { "within" } else { "OVER" }
+            );
+            Ok(())
+        }
         Command::Bench(BenchCommand::Train(a)) => bench_train(a),
         Command::Bench(BenchCommand::Explain(a)) => bench_explain(a),
     }?;
@@ -1091,7 +1116,7 @@ fn demo(a: DemoArgs) -> Result<()> {
     for (name, dir) in [("finetune", &ft), ("shortcut", &sc)] {
         println!("\nauditing the {name} model");
         let out = a.out.join(format!("audit-{name}"));
-        let pass = audit::audit_cmd(audit::AuditArgs::from_args(&[
+        let (pass, blocks) = audit::run_audit(audit::AuditArgs::from_args(&[
             a.out.join(name).join("model.safetensors").as_os_str(),
             "--data".as_ref(),
             dir.images(Split::Val).as_os_str(),
@@ -1102,10 +1127,59 @@ fn demo(a: DemoArgs) -> Result<()> {
             "--force".as_ref(),
             "--strict".as_ref(),
         ])?)?;
-        verdicts.push((name, pass, out));
+        verdicts.push((name, pass, out, blocks));
     }
+    // One page for both: the summary first, then each model's audit.
+    let mut page = finelens_report::html::Page {
+        title: "finelens demo: a clean and a shortcut fine-tune of the same checkpoint".into(),
+        blocks: vec![
+            finelens_report::html::Block::Paragraph(format!(
+                "The pretrained fixture {} was fine-tuned with one recipe on the clean task and on \
+                 its shortcut variant, whose corner patch gives the class away; both were audited \
+                 on their validation images against the fixture with the default policy.",
+                fixture.display()
+            )),
+            finelens_report::html::Block::Badges(
+                verdicts
+                    .iter()
+                    .map(|(name, pass, _, _)| {
+                        if *pass {
+                            (
+                                format!("{name}: all checks pass"),
+                                finelens_report::html::Status::Pass,
+                            )
+                        } else {
+                            (
+                                format!("{name}: FLAGGED"),
+                                finelens_report::html::Status::Fail,
+                            )
+                        }
+                    })
+                    .collect(),
+            ),
+        ],
+    };
+    let drift_json: serde_json::Value = std::fs::read_to_string(a.out.join("drift/drift.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    let ex = &drift_json["explanation"];
+    if let (Some(rho), Some(iou)) = (ex["mean_spearman"].as_f64(), ex["mean_top_iou"].as_f64()) {
+        page.blocks
+            .push(finelens_report::html::Block::Paragraph(format!(
+                "Explanation drift from the fixture to the clean model ({} on the embedding norm, \
+             pretraining test images): Spearman ρ of |attribution| {rho:.3}, overlap of the top \
+             10% pixels {iou:.3}. Each model's weight and representation drift is in its section.",
+                ex["method"].as_str().unwrap_or("?")
+            )));
+    }
+    for (_, _, _, blocks) in &verdicts {
+        page.blocks.extend(blocks.iter().cloned());
+    }
+    let index = a.out.join("index.html");
+    checkpoint::write_atomic(&index, finelens_report::html::render(&page).as_bytes())?;
     println!();
-    for (name, pass, out) in &verdicts {
+    for (name, pass, out, _) in &verdicts {
         println!(
             "{name:<9} {}  ({})",
             if *pass {
@@ -1116,6 +1190,7 @@ fn demo(a: DemoArgs) -> Result<()> {
             out.join("report.json").display()
         );
     }
-    println!("\ndone in {:.1} s", start.elapsed().as_secs_f64());
+    println!("\nreport: {}", index.display());
+    println!("done in {:.1} s", start.elapsed().as_secs_f64());
     Ok(())
 }

@@ -128,7 +128,8 @@ pub fn display_factor(side: usize) -> usize {
     256usize.div_ceil(side.max(1)).max(1)
 }
 
-fn png(img: &RgbImage) -> Result<Vec<u8>> {
+/// PNG bytes of an image.
+pub fn png(img: &RgbImage) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     image::codecs::png::PngEncoder::new(&mut out)
         .write_image(
@@ -154,14 +155,22 @@ fn upscale(img: RgbImage, k: usize) -> RgbImage {
     })
 }
 
-/// An H×W map (already reduced over channels) as a colour-mapped PNG.
-pub fn heatmap_png(a: ArrayView2<f32>, scale: Scale, outlier_perc: f32) -> Result<Vec<u8>> {
+/// An H×W map (already reduced over channels) as a colour-mapped image at its own size.
+pub fn heatmap_rgb(a: ArrayView2<f32>, scale: Scale, outlier_perc: f32) -> RgbImage {
     let n = normalise(a, scale, outlier_perc);
     let (h, w) = n.dim();
-    let img = RgbImage::from_fn(w as u32, h as u32, |x, y| {
+    RgbImage::from_fn(w as u32, h as u32, |x, y| {
         image::Rgb(colour(n[[y as usize, x as usize]], scale))
-    });
-    png(&upscale(img, display_factor(h.max(w))))
+    })
+}
+
+/// An H×W map as a colour-mapped PNG, upscaled to at least 256 pixels a side.
+pub fn heatmap_png(a: ArrayView2<f32>, scale: Scale, outlier_perc: f32) -> Result<Vec<u8>> {
+    let (h, w) = a.dim();
+    png(&upscale(
+        heatmap_rgb(a, scale, outlier_perc),
+        display_factor(h.max(w)),
+    ))
 }
 
 /// How strongly the heat map covers the image where attribution is strongest.
@@ -176,6 +185,18 @@ pub fn overlay_png(
     scale: Scale,
     outlier_perc: f32,
 ) -> Result<Vec<u8>> {
+    let img = overlay_rgb(input, a, scale, outlier_perc)?;
+    let side = img.width().max(img.height()) as usize;
+    png(&upscale(img, display_factor(side)))
+}
+
+/// The overlay at the input's own size.
+pub fn overlay_rgb(
+    input: &RgbImage,
+    a: ArrayView2<f32>,
+    scale: Scale,
+    outlier_perc: f32,
+) -> Result<RgbImage> {
     let n = normalise(a, scale, outlier_perc);
     let (h, w) = n.dim();
     if (input.width() as usize, input.height() as usize) != (w, h) {
@@ -197,7 +218,7 @@ pub fn overlay_png(
         let mix = |c: u8| ((1.0 - alpha) * grey + alpha * c as f32).round() as u8;
         image::Rgb([mix(c[0]), mix(c[1]), mix(c[2])])
     });
-    png(&upscale(img, display_factor(h.max(w))))
+    Ok(img)
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 
 pub mod drift_plot;
 pub mod heatmap;
+pub mod html;
 pub mod npy;
 pub mod plot;
 
