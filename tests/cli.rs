@@ -531,6 +531,20 @@ fn demo_evaluates_the_shipped_fixture() {
     ] {
         image::open(d.path().join("out/audit-shortcut").join(f)).unwrap();
     }
+    let gallery = d.path().join("out/audit-shortcut/gallery");
+    let first = std::fs::read_dir(&gallery)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    // input, mask, then a heat map and an overlay for each of the three methods.
+    assert_eq!(
+        std::fs::read_dir(&first).unwrap().count(),
+        8,
+        "{}",
+        first.display()
+    );
 
     // One self-contained page for both models.
     let html = std::fs::read_to_string(d.path().join("out/index.html")).unwrap();
@@ -1327,6 +1341,10 @@ fn audit_exit_status_gates_and_bad_input() {
     assert_one_line_error(
         &audit(&d.path().join("x"), &["--policy", bad.to_str().unwrap()]),
         "bad2.toml:2: `max_hotspot_concentration` must be a number",
+    );
+    assert_one_line_error(
+        &audit(&d.path().join("x"), &["--replacement", "grey"]),
+        "--replacement: unknown baseline `grey`",
     );
     let masks = d.path().join("pretrain/masks/val");
     let first_mask = masks.join("circle/00000.png");

@@ -254,7 +254,7 @@ pub fn run_audit(a: AuditArgs) -> Result<(bool, Vec<Block>)> {
         methods,
         sanity_images: a.sanity_images,
         faithfulness_steps: 16,
-        replacement: crate::explain::parse_baseline(&a.replacement, a.seed, &pre)?,
+        replacement: crate::explain::parse_baseline("--replacement", &a.replacement, a.seed, &pre)?,
         normalisation: norm,
         pointing_tolerance: 0,
         seed: a.seed,
@@ -415,7 +415,12 @@ pub fn run_audit(a: AuditArgs) -> Result<(bool, Vec<Block>)> {
     write_report_dir(&a.out, a.force, |dir| {
         write_json(&dir.join("report.json"), &doc)?;
         for (name, bytes) in &files {
-            checkpoint::write_atomic(&dir.join(name), bytes)?;
+            let path = dir.join(name);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("{}: cannot create directory", parent.display()))?;
+            }
+            checkpoint::write_atomic(&path, bytes)?;
         }
         checkpoint::write_atomic(&dir.join("index.html"), render(&page).as_bytes())?;
         Ok(())
@@ -919,20 +924,38 @@ fn page_blocks(p: &PageInput) -> Result<Vec<Block>> {
     Ok(b)
 }
 
-/// The page's figures (training curves, drift charts) as files beside it: `<alt>.png` with the
-/// alt text made file-name safe.
+/// The page's pictures as files beside it: figures as `<alt>.png`, gallery pictures as
+/// `gallery/<image id>/<n>-<caption>.png`, names made file-name safe.
 fn figure_files(blocks: &[Block]) -> Vec<(String, Vec<u8>)> {
-    blocks
-        .iter()
-        .filter_map(|b| match b {
-            Block::Image { png, alt } => {
-                let name: String = alt
-                    .chars()
-                    .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-                    .collect();
-                Some((format!("{}.png", name.trim_matches('-')), png.clone()))
+    let safe = |s: &str| -> String {
+        let t: String = s
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '_' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        t.trim_matches('-').to_owned()
+    };
+    let mut out = Vec::new();
+    for b in blocks {
+        match b {
+            Block::Image { png, alt } => out.push((format!("{}.png", safe(alt)), png.clone())),
+            Block::Gallery(cards) => {
+                for c in cards {
+                    for (k, f) in c.figures.iter().enumerate() {
+                        out.push((
+                            format!("gallery/{}/{k}-{}.png", safe(&c.title), safe(&f.caption)),
+                            f.png.clone(),
+                        ));
+                    }
+                }
             }
-            _ => None,
-        })
-        .collect()
+            _ => {}
+        }
+    }
+    out
 }

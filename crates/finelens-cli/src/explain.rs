@@ -133,7 +133,13 @@ fn three(v: &[f32], what: &str) -> Result<[f32; 3]> {
 }
 
 /// The baseline spec, parsed; `image:PATH` is loaded through the model's preprocessing.
-pub(crate) fn parse_baseline(spec: &str, seed: u64, pre: &Preprocess) -> Result<Baseline> {
+/// `flag` names the option in errors (`--baseline`, `--replacement`).
+pub(crate) fn parse_baseline(
+    flag: &str,
+    spec: &str,
+    seed: u64,
+    pre: &Preprocess,
+) -> Result<Baseline> {
     let mut parts = Vec::new();
     for item in spec.split(',').map(str::trim) {
         let (name, arg) = item.split_once(':').unwrap_or((item, ""));
@@ -146,7 +152,7 @@ pub(crate) fn parse_baseline(spec: &str, seed: u64, pre: &Preprocess) -> Result<
                     pre.size as f32 / 10.0
                 } else {
                     arg.parse()
-                        .with_context(|| format!("--baseline {item}: sigma must be a number"))?
+                        .with_context(|| format!("{flag} {item}: sigma must be a number"))?
                 };
                 parts.push(Baseline::Blur { sigma });
             }
@@ -155,10 +161,10 @@ pub(crate) fn parse_baseline(spec: &str, seed: u64, pre: &Preprocess) -> Result<
                     1
                 } else {
                     arg.parse()
-                        .with_context(|| format!("--baseline {item}: K must be a count"))?
+                        .with_context(|| format!("{flag} {item}: K must be a count"))?
                 };
                 if k == 0 {
-                    bail!("--baseline {item}: K must be at least 1");
+                    bail!("{flag} {item}: K must be at least 1");
                 }
                 parts.extend((0..k).map(|i| Baseline::UniformNoise { seed: seed + i }));
             }
@@ -173,7 +179,7 @@ pub(crate) fn parse_baseline(spec: &str, seed: u64, pre: &Preprocess) -> Result<
                 )?));
             }
             _ => bail!(
-                "--baseline: unknown baseline `{item}`; baselines are zeros, black, blur[:SIGMA], noise[:K], image:PATH"
+                "{flag}: unknown baseline `{item}`; baselines are zeros, black, blur[:SIGMA], noise[:K], image:PATH"
             ),
         }
     }
@@ -197,7 +203,7 @@ fn parse_methods(a: &ExplainArgs, pre: &Preprocess) -> Result<Vec<Box<dyn Attrib
             .map(|s| s.trim().to_ascii_lowercase().replace('-', "_"))
             .collect()
     };
-    let baseline = || parse_baseline(&a.baseline, a.seed, pre);
+    let baseline = || parse_baseline("--baseline", &a.baseline, a.seed, pre);
     let smoothgrad = |aggregate| -> Box<dyn Attributor> {
         Box::new(SmoothGrad {
             internal_batch: a.internal_batch,
