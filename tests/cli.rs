@@ -1343,6 +1343,19 @@ fn audit_exit_status_gates_and_bad_input() {
         "bad2.toml:2: `max_hotspot_concentration` must be a number",
     );
     assert_one_line_error(
+        &finelens(&[
+            "audit",
+            fx.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            d.path().join("x").to_str().unwrap(),
+            "--methods",
+            "saliency,lime",
+        ]),
+        "--methods: unknown method `lime`",
+    );
+    assert_one_line_error(
         &audit(&d.path().join("x"), &["--replacement", "grey"]),
         "--replacement: unknown baseline `grey`",
     );

@@ -8,9 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
-use finelens_attrib::{
-    Attributor, EmbeddingNorm, GradCam, GradientKind, IntegratedGradients, Normalisation, Saliency,
-};
+use finelens_attrib::{EmbeddingNorm, Normalisation};
 use finelens_audit::policy::{all_pass, Policy};
 use finelens_audit::run::{audit, AuditImage, AuditSettings, Rebuild};
 use finelens_audit::sanity::resnet_stages;
@@ -49,7 +47,7 @@ pub struct AuditArgs {
     #[arg(long)]
     policy: Option<PathBuf>,
     /// Methods to check, comma-separated; the first is the one the policy gates on:
-    /// integrated_gradients, saliency, gradient, gradient_x_input, grad_cam.
+    /// integrated_gradients, saliency, gradient, gradient_x_input, smoothgrad, grad_cam, occlusion.
     #[arg(long, default_value = "integrated_gradients,saliency,grad_cam")]
     methods: String,
     /// Images audited (taken across classes in turn).
@@ -95,32 +93,6 @@ impl AuditArgs {
         let argv = std::iter::once(std::ffi::OsStr::new("audit")).chain(args.iter().copied());
         Ok(Standalone::try_parse_from(argv)?.args)
     }
-}
-
-fn methods(spec: &str, norm: Normalisation, steps: usize) -> Result<Vec<Box<dyn Attributor>>> {
-    spec.split(',')
-        .map(|m| -> Result<Box<dyn Attributor>> {
-            Ok(match m.trim() {
-                "integrated_gradients" | "ig" => Box::new(IntegratedGradients {
-                    steps,
-                    ..IntegratedGradients::new(norm)
-                }),
-                "saliency" => Box::new(Saliency {
-                    kind: GradientKind::Absolute,
-                }),
-                "gradient" => Box::new(Saliency {
-                    kind: GradientKind::Signed,
-                }),
-                "gradient_x_input" => Box::new(Saliency {
-                    kind: GradientKind::TimesInput,
-                }),
-                "grad_cam" => Box::new(GradCam::default()),
-                other => bail!(
-                    "--methods: unknown method `{other}`; use integrated_gradients, saliency, gradient, gradient_x_input or grad_cam"
-                ),
-            })
-        })
-        .collect()
 }
 
 /// `<task>/images/<split>` → `<task>/masks/<split>`, when that exists.
@@ -172,7 +144,11 @@ pub fn run_audit(a: AuditArgs) -> Result<(bool, Vec<Block>)> {
         mean: pre.mean,
         std: pre.std,
     };
-    let methods = methods(&a.methods, norm, a.steps)?;
+    let methods = a
+        .methods
+        .split(',')
+        .map(|m| crate::drift::attributor("--methods", m, norm, pre.size, a.steps))
+        .collect::<Result<Vec<_>>>()?;
     let config = ck.config()?;
     let store = ck.store.frozen_as(DType::F32)?;
     let model = ResNet::new(config, &store)?;

@@ -89,8 +89,16 @@ impl DriftArgs {
 /// How many layers the summary names.
 const SUMMARY_TOP: usize = 5;
 
-fn attributor(name: &str, norm: Normalisation, size: usize) -> Result<Box<dyn Attributor>> {
-    Ok(match name {
+/// A method by name with its usual settings, for `drift` and `audit` (`explain` exposes every
+/// setting as a flag instead); `flag` names the option in errors.
+pub(crate) fn attributor(
+    flag: &str,
+    name: &str,
+    norm: Normalisation,
+    size: usize,
+    ig_steps: usize,
+) -> Result<Box<dyn Attributor>> {
+    Ok(match name.trim() {
         "saliency" => Box::new(Saliency {
             kind: GradientKind::Absolute,
         }),
@@ -101,7 +109,7 @@ fn attributor(name: &str, norm: Normalisation, size: usize) -> Result<Box<dyn At
             kind: GradientKind::TimesInput,
         }),
         "integrated_gradients" | "ig" => Box::new(IntegratedGradients {
-            steps: 32,
+            steps: ig_steps,
             ..IntegratedGradients::new(norm)
         }),
         "grad_cam" => Box::new(GradCam::default()),
@@ -114,7 +122,7 @@ fn attributor(name: &str, norm: Normalisation, size: usize) -> Result<Box<dyn At
             normalisation: norm,
         }),
         other => bail!(
-            "--explain-method: unknown method `{other}`; use saliency, gradient, gradient_x_input, smoothgrad, integrated_gradients, grad_cam or occlusion"
+            "{flag}: unknown method `{other}`; use saliency, gradient, gradient_x_input, smoothgrad, integrated_gradients, grad_cam or occlusion"
         ),
     })
 }
@@ -289,7 +297,7 @@ pub fn drift_cmd(a: DriftArgs) -> Result<()> {
                 mean: pre.mean,
                 std: pre.std,
             };
-            let method = attributor(&a.explain_method, norm, pre.size)?;
+            let method = attributor("--explain-method", &a.explain_method, norm, pre.size, 32)?;
             let shared = ck0.meta.class_names == ck1.meta.class_names;
             // With different heads the class logits mean different things: explain the norm of
             // the penultimate embedding, which both models have.
