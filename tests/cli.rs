@@ -32,7 +32,7 @@ fn assert_one_line_error(o: &Output, needle: &str) {
     let lines: Vec<&str> = err
         .lines()
         .filter(|l| {
-            !["warning:", "explained ", "epoch "]
+            !["warning:", "explained ", "explain ", "epoch "]
                 .iter()
                 .any(|p| l.starts_with(p))
         })
@@ -478,6 +478,23 @@ fn demo_evaluates_the_shipped_fixture() {
     assert_eq!(clean["pass"], true, "{}", clean["verdicts"]);
     let sc = read_json(&d.path().join("out/audit-shortcut/report.json"));
     assert_eq!(sc["pass"], false);
+
+    // Every document the demo wrote reads back through its typed struct, and writing that
+    // struct again gives the same JSON.
+    fn round_trip<T: finelens_pipeline::Versioned>(path: &Path) {
+        let doc: T = finelens_pipeline::read_json(path).unwrap();
+        let again = serde_json::to_value(&doc).unwrap();
+        assert_eq!(again, read_json(path), "{}", path.display());
+    }
+    round_trip::<finelens_pipeline::explain::ExplainReport>(
+        &d.path().join("out/explain/explain.json"),
+    );
+    round_trip::<finelens_pipeline::drift::DriftReport>(&d.path().join("out/drift/drift.json"));
+    for name in ["audit-finetune", "audit-shortcut"] {
+        round_trip::<finelens_pipeline::audit::AuditDocument>(
+            &d.path().join("out").join(name).join("report.json"),
+        );
+    }
     let failed: Vec<String> = sc["verdicts"]
         .as_array()
         .unwrap()
@@ -1100,10 +1117,15 @@ fn explain_rejects_bad_settings_and_bad_images_with_one_line() {
     std::fs::remove_dir_all(&flat_out).unwrap();
     let o = finelens(&args(true).iter().map(String::as_str).collect::<Vec<_>>());
     assert_one_line_error(&o, "b.png");
-    // What was written before the failure is complete and valid.
-    let j = read_json(&flat_out.join("explain.json"));
+    // Nothing appears at --out; what was written before the failure is kept, complete and
+    // valid, as <out>.partial, and the error says so.
+    assert!(!flat_out.exists());
+    let kept = PathBuf::from(format!("{}.partial", flat_out.display()));
+    assert!(stderr(&o).contains(&format!("outputs so far are in {}", kept.display())));
+    let j = read_json(&kept.join("explain.json"));
     assert_eq!(j["images"].as_array().unwrap().len(), 1);
-    npy_shape(&flat_out.join("a/saliency.npy"));
+    assert_eq!(j["schema_version"], "finelens-explain/1");
+    npy_shape(&kept.join("a/saliency.npy"));
 
     // Weights so large that the forward overflows: the attribution is not finite.
     let huge = d.path().join("huge.safetensors");
@@ -1320,7 +1342,7 @@ fn audit_exit_status_gates_and_bad_input() {
 
     // An existing report directory is refused without --force, and replaced whole with it.
     let o = audit(&out, &["--policy", lenient.to_str().unwrap()]);
-    assert_one_line_error(&o, "the report directory exists; pass --force");
+    assert_one_line_error(&o, "the output directory exists; pass --force");
     let o = audit(&out, &["--policy", lenient.to_str().unwrap(), "--force"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(read_json(&out.join("report.json"))["pass"], true);
@@ -1353,11 +1375,11 @@ fn audit_exit_status_gates_and_bad_input() {
             "--methods",
             "saliency,lime",
         ]),
-        "--methods: unknown method `lime`",
+        "methods: unknown method `lime`",
     );
     assert_one_line_error(
         &audit(&d.path().join("x"), &["--replacement", "grey"]),
-        "--replacement: unknown baseline `grey`",
+        "--replacement grey: baseline: unknown baseline `grey`",
     );
     let masks = d.path().join("pretrain/masks/val");
     let first_mask = masks.join("circle/00000.png");

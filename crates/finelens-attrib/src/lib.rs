@@ -16,6 +16,7 @@ pub mod grad_cam;
 pub mod integrated_gradients;
 pub mod occlusion;
 pub mod quadrature;
+pub mod registry;
 pub mod saliency;
 pub mod target;
 #[cfg(test)]
@@ -31,11 +32,12 @@ pub use grad_cam::GradCam;
 pub use integrated_gradients::IntegratedGradients;
 pub use occlusion::{Fill, Occlusion};
 pub use quadrature::Rule;
+pub use registry::{BaselineSpec, BuildContext, Method, MethodOptions, MethodSpec};
 pub use saliency::{Aggregate, GradientKind, Saliency, SmoothGrad};
 pub use target::{input_gradients, predict, target_logits, EmbeddingNorm, Prediction, Target};
 
 /// How an attribution's values read, which decides how it is drawn.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Sign {
     /// Positive and negative evidence (a diverging colour map centred on zero).
@@ -45,14 +47,18 @@ pub enum Sign {
 }
 
 /// Integrated gradients' completeness axiom, Σᵢ attributionᵢ = F(x) − F(x′), checked.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Completeness {
+    #[serde(deserialize_with = "finelens_models::json::f64_or_nan")]
     pub attribution_sum: f64,
     /// F(x) − F(x′) for the target logit (x′ averaged over the baselines).
+    #[serde(deserialize_with = "finelens_models::json::f64_or_nan")]
     pub output_difference: f64,
     /// |Σ attributions − (F(x) − F(x′))|.
+    #[serde(deserialize_with = "finelens_models::json::f64_or_nan")]
     pub delta: f64,
     /// `delta` / |F(x) − F(x′)|.
+    #[serde(deserialize_with = "finelens_models::json::f64_or_nan")]
     pub relative_delta: f64,
 }
 

@@ -7,7 +7,7 @@
 use crate::error::{settings, Result};
 
 /// The rules Captum offers, under its names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Rule {
     /// α = k/n, k = 0 … n−1.

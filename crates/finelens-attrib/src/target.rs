@@ -220,8 +220,8 @@ impl Classifier for EmbeddingNorm<'_> {
         1
     }
 
-    fn last_spatial_layer(&self) -> Option<String> {
-        self.model.last_spatial_layer()
+    fn describe(&self) -> finelens_models::ModelDescription {
+        self.model.describe()
     }
 }
 

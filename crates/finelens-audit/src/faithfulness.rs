@@ -10,16 +10,20 @@ use ndarray::Array2;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 
 /// One image's curves: the target's probability after each step (step 0 = no pixel moved).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Curves {
+    #[serde(deserialize_with = "finelens_models::json::vec_f64_or_nan")]
     pub deletion: Vec<f64>,
+    #[serde(deserialize_with = "finelens_models::json::vec_f64_or_nan")]
     pub insertion: Vec<f64>,
+    #[serde(deserialize_with = "finelens_models::json::vec_f64_or_nan")]
     pub deletion_random: Vec<f64>,
+    #[serde(deserialize_with = "finelens_models::json::vec_f64_or_nan")]
     pub insertion_random: Vec<f64>,
 }
 
@@ -93,15 +97,20 @@ pub fn curves(
 }
 
 /// Mean AUCs over images.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Faithfulness {
     pub images: usize,
+    #[serde(deserialize_with = "finelens_models::json::f64_or_nan")]
     pub deletion_auc: f64,
+    #[serde(deserialize_with = "finelens_models::json::f64_or_nan")]
     pub insertion_auc: f64,
+    #[serde(deserialize_with = "finelens_models::json::f64_or_nan")]
     pub deletion_auc_random: f64,
+    #[serde(deserialize_with = "finelens_models::json::f64_or_nan")]
     pub insertion_auc_random: f64,
     /// (random deletion AUC − deletion AUC) + (insertion AUC − random insertion AUC): above 0
     /// when the map orders pixels better than chance.
+    #[serde(deserialize_with = "finelens_models::json::f64_or_nan")]
     pub gain_over_random: f64,
 }
 

@@ -3,7 +3,7 @@
 //! evidence *for* the target.
 
 use ndarray::{Array2, Array3, Axis};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A C×H×W attribution as one H×W relevance map (Σ over channels).
 pub fn relevance(map: &Array3<f32>) -> Array2<f32> {
@@ -63,11 +63,14 @@ pub fn relevance_rank_accuracy(rel: &Array2<f32>, mask: &Array2<bool>) -> Option
 }
 
 /// Localisation over a set of images.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Localisation {
     pub images: usize,
+    #[serde(deserialize_with = "finelens_models::json::f64_or_nan")]
     pub pointing_game_hit_rate: f64,
+    #[serde(deserialize_with = "finelens_models::json::f64_or_nan")]
     pub relevance_mass_accuracy: f64,
+    #[serde(deserialize_with = "finelens_models::json::f64_or_nan")]
     pub relevance_rank_accuracy: f64,
 }
 

@@ -11,12 +11,12 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{AuditError, Result};
 
 /// Which side of the threshold passes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Bound {
     /// The figure must be at least the threshold.
@@ -25,8 +25,70 @@ pub enum Bound {
     Max,
 }
 
+/// Every figure a policy can gate on. Serialised as `check.key`
+/// (`sanity.max_spearman_after_randomisation`), as policies and verdicts name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub enum Figure {
+    SanityMaxSpearman,
+    FaithfulnessMinGain,
+    LocalisationMinMassAccuracy,
+    LocalisationMinPointingGame,
+    ShortcutMaxMassOutsideMask,
+    ShortcutMaxHotspotConcentration,
+    CompletenessMaxMeanRelativeDelta,
+    DriftMinCkaPenultimate,
+}
+
+impl Figure {
+    pub const ALL: [Figure; 8] = [
+        Figure::SanityMaxSpearman,
+        Figure::FaithfulnessMinGain,
+        Figure::LocalisationMinMassAccuracy,
+        Figure::LocalisationMinPointingGame,
+        Figure::ShortcutMaxMassOutsideMask,
+        Figure::ShortcutMaxHotspotConcentration,
+        Figure::CompletenessMaxMeanRelativeDelta,
+        Figure::DriftMinCkaPenultimate,
+    ];
+
+    /// The figure's definition.
+    pub fn rule(self) -> &'static Rule {
+        RULES
+            .iter()
+            .find(|r| r.figure == self)
+            .expect("RULES defines every figure")
+    }
+
+    /// `check.key`.
+    pub fn id(self) -> String {
+        let r = self.rule();
+        id(r.check, r.key)
+    }
+}
+
+impl From<Figure> for String {
+    fn from(f: Figure) -> String {
+        f.id()
+    }
+}
+
+impl TryFrom<String> for Figure {
+    type Error = String;
+    fn try_from(s: String) -> std::result::Result<Self, String> {
+        Figure::ALL
+            .into_iter()
+            .find(|f| f.id() == s)
+            .ok_or_else(|| format!("unknown policy figure `{s}`"))
+    }
+}
+
+/// The figures an audit measured.
+pub type Figures = BTreeMap<Figure, f64>;
+
 /// A threshold's definition: check, key, bound, default, and what the figure means.
 pub struct Rule {
+    pub figure: Figure,
     pub check: &'static str,
     pub key: &'static str,
     pub bound: Bound,
@@ -37,6 +99,7 @@ pub struct Rule {
 /// Every threshold a policy may set, with its default and a sentence a reviewer can read.
 pub const RULES: &[Rule] = &[
     Rule {
+        figure: Figure::SanityMaxSpearman,
         check: "sanity",
         key: "max_spearman_after_randomisation",
         bound: Bound::Max,
@@ -44,6 +107,7 @@ pub const RULES: &[Rule] = &[
         meaning: "rank correlation between the trained model's maps and those of the same model with every weight re-initialised; a high value means the maps show the input, not the model (Adebayo et al. 2018)",
     },
     Rule {
+        figure: Figure::FaithfulnessMinGain,
         check: "faithfulness",
         key: "min_gain_over_random",
         bound: Bound::Min,
@@ -51,6 +115,7 @@ pub const RULES: &[Rule] = &[
         meaning: "how much better than a random pixel order the map's order deletes and inserts the evidence for the prediction (deletion and insertion AUCs, Petsiuk et al. 2018)",
     },
     Rule {
+        figure: Figure::LocalisationMinMassAccuracy,
         check: "localisation",
         key: "min_relevance_mass_accuracy",
         bound: Bound::Min,
@@ -58,6 +123,7 @@ pub const RULES: &[Rule] = &[
         meaning: "share of the positive attribution that falls on the object (Arras et al. 2022)",
     },
     Rule {
+        figure: Figure::LocalisationMinPointingGame,
         check: "localisation",
         key: "min_pointing_game",
         bound: Bound::Min,
@@ -65,6 +131,7 @@ pub const RULES: &[Rule] = &[
         meaning: "share of images whose most attributed pixel is on the object (Zhang et al. 2018)",
     },
     Rule {
+        figure: Figure::ShortcutMaxMassOutsideMask,
         check: "shortcut",
         key: "max_mass_outside_mask",
         bound: Bound::Max,
@@ -72,6 +139,7 @@ pub const RULES: &[Rule] = &[
         meaning: "for the worst class, the mean share of positive attribution outside the object: evidence taken from something other than the object",
     },
     Rule {
+        figure: Figure::ShortcutMaxHotspotConcentration,
         check: "shortcut",
         key: "max_hotspot_concentration",
         bound: Bound::Max,
@@ -79,6 +147,7 @@ pub const RULES: &[Rule] = &[
         meaning: "for the worst class, the share of its mean attribution map in the hottest 2% of pixels: evidence that sits in the same place in every image, whatever the object",
     },
     Rule {
+        figure: Figure::CompletenessMaxMeanRelativeDelta,
         check: "completeness",
         key: "max_mean_relative_delta",
         bound: Bound::Max,
@@ -86,6 +155,7 @@ pub const RULES: &[Rule] = &[
         meaning: "mean relative gap, over the images, between the sum of integrated gradients and F(x) − F(baseline) (Sundararajan et al.'s completeness); larger means too few integration steps",
     },
     Rule {
+        figure: Figure::DriftMinCkaPenultimate,
         check: "drift",
         key: "min_cka_penultimate",
         bound: Bound::Min,
@@ -95,7 +165,7 @@ pub const RULES: &[Rule] = &[
 ];
 
 /// Thresholds in force: the defaults, overridden by a policy file.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Policy {
     pub thresholds: BTreeMap<String, f64>,
     pub source: Option<String>,
@@ -205,19 +275,22 @@ impl Policy {
         Ok(policy)
     }
 
-    /// The verdict of every threshold for the measured `figures` (keyed `check.key`); a figure
-    /// not measured is reported as such and does not fail.
-    pub fn evaluate(&self, figures: &BTreeMap<String, f64>) -> Vec<Verdict> {
+    /// The verdict of every threshold for the measured `figures`. A figure not measured (no
+    /// masks, no base checkpoint…) is reported as such; it fails only under `require_all`.
+    pub fn evaluate(&self, figures: &Figures, require_all: bool) -> Vec<Verdict> {
         RULES
             .iter()
             .map(|r| {
-                let key = id(r.check, r.key);
-                let threshold = self.thresholds[&key];
-                let figure = figures.get(&key).copied();
-                let pass = figure.map(|f| match r.bound {
-                    Bound::Min => f >= threshold,
-                    Bound::Max => f <= threshold,
-                });
+                let threshold = self.thresholds[&r.figure.id()];
+                let figure = figures.get(&r.figure).copied();
+                let pass = match figure {
+                    Some(f) => Some(match r.bound {
+                        Bound::Min => f >= threshold,
+                        Bound::Max => f <= threshold,
+                    }),
+                    None if require_all => Some(false),
+                    None => None,
+                };
                 Verdict {
                     check: r.check.into(),
                     key: r.key.into(),
@@ -239,7 +312,7 @@ fn line_of_key(text: &str, key: &str) -> usize {
 }
 
 /// One row of the pass/fail table.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Verdict {
     pub check: String,
     pub key: String,
@@ -270,17 +343,30 @@ mod tests {
         assert_eq!(p.thresholds["sanity.max_spearman_after_randomisation"], 0.3);
         assert_eq!(p.thresholds["localisation.min_pointing_game"], 1.0);
         assert_eq!(p.thresholds["shortcut.max_hotspot_concentration"], 0.25);
-        let figures: BTreeMap<String, f64> = [
-            ("sanity.max_spearman_after_randomisation".to_string(), 0.31),
-            ("localisation.min_pointing_game".to_string(), 1.0),
+        let figures: Figures = [
+            (Figure::SanityMaxSpearman, 0.31),
+            (Figure::LocalisationMinPointingGame, 1.0),
         ]
         .into();
-        let v = p.evaluate(&figures);
+        let v = p.evaluate(&figures, false);
         let get = |k: &str| v.iter().find(|x| x.key == k).unwrap().pass;
         assert_eq!(get("max_spearman_after_randomisation"), Some(false));
         assert_eq!(get("min_pointing_game"), Some(true));
         assert_eq!(get("max_mass_outside_mask"), None);
         assert!(!all_pass(&v));
+
+        // Everything measured and within bounds passes; under require_all a figure not measured
+        // fails, and only that one.
+        let good: Figures = Figure::ALL
+            .into_iter()
+            .map(|f| (f, Policy::default().thresholds[&f.id()]))
+            .collect();
+        assert!(all_pass(&Policy::default().evaluate(&good, true)));
+        let mut partial = good.clone();
+        partial.remove(&Figure::DriftMinCkaPenultimate);
+        assert!(all_pass(&Policy::default().evaluate(&partial, false)));
+        let strict = Policy::default().evaluate(&partial, true);
+        assert_eq!(strict.iter().filter(|v| v.pass == Some(false)).count(), 1);
     }
 
     /// The shipped example writes out every default: it parses, and changes nothing.
@@ -290,6 +376,16 @@ mod tests {
         let p = Policy::parse(&path, &std::fs::read_to_string(&path).unwrap()).unwrap();
         assert_eq!(p.thresholds, Policy::default().thresholds);
         assert_eq!(p.thresholds.len(), RULES.len());
+    }
+
+    #[test]
+    fn figures_serialise_as_their_policy_names() {
+        for f in Figure::ALL {
+            let json = serde_json::to_string(&f).unwrap();
+            assert_eq!(json, format!("\"{}\"", f.id()));
+            assert_eq!(serde_json::from_str::<Figure>(&json).unwrap(), f);
+        }
+        assert!(serde_json::from_str::<Figure>("\"sanity.typo\"").is_err());
     }
 
     #[test]

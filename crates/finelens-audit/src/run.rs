@@ -1,18 +1,18 @@
 //! The whole audit of one model on one set of images: every check, for every method, and the
 //! figures a policy gates on (taken from the primary method, the first one).
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use candle_core::Tensor;
 use finelens_attrib::{predict, Attributor, Completeness, Target};
 use finelens_models::{Classifier, ParamSpec, ParamStore};
 use ndarray::Array2;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{AuditError, Result};
 use crate::faithfulness::{self, Faithfulness};
 use crate::localisation::{localisation, relevance, Localisation};
+use crate::policy::{Figure, Figures};
 use crate::sanity::{parameter_randomisation, Sanity, Stage};
 use crate::shortcut::{class_shortcut, ClassShortcut};
 
@@ -52,7 +52,7 @@ pub struct AuditSettings {
     pub seed: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ImageResult {
     pub id: String,
     pub path: PathBuf,
@@ -64,7 +64,7 @@ pub struct ImageResult {
     pub completeness: Option<Completeness>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MethodResult {
     pub method: String,
     pub sanity: Sanity,
@@ -72,15 +72,15 @@ pub struct MethodResult {
     pub localisation: Option<Localisation>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AuditReport {
     pub images: Vec<ImageResult>,
     pub methods: Vec<MethodResult>,
     /// Per class, from the primary method.
     pub shortcut: Vec<ClassShortcut>,
     pub accuracy: Option<f64>,
-    /// The figures the policy gates on, keyed `check.threshold`.
-    pub figures: BTreeMap<String, f64>,
+    /// The figures the policy gates on.
+    pub figures: Figures,
     /// Per method (in `methods` order), the relevance map (H×W) of every image and whether the
     /// method's maps are signed: for the report's gallery.
     #[serde(skip)]
@@ -193,23 +193,23 @@ pub fn audit(
         shortcut.push(class_shortcut(name, &maps, masks.as_deref()));
     }
 
-    let mut figures = BTreeMap::new();
+    let mut figures = Figures::new();
     let primary = &methods[0];
     figures.insert(
-        "sanity.max_spearman_after_randomisation".into(),
+        Figure::SanityMaxSpearman,
         primary.sanity.fully_randomised_spearman(),
     );
     figures.insert(
-        "faithfulness.min_gain_over_random".into(),
+        Figure::FaithfulnessMinGain,
         primary.faithfulness.gain_over_random,
     );
     if let Some(l) = &primary.localisation {
         figures.insert(
-            "localisation.min_relevance_mass_accuracy".into(),
+            Figure::LocalisationMinMassAccuracy,
             l.relevance_mass_accuracy,
         );
         figures.insert(
-            "localisation.min_pointing_game".into(),
+            Figure::LocalisationMinPointingGame,
             l.pointing_game_hit_rate,
         );
     }
@@ -220,10 +220,10 @@ pub fn audit(
             .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))))
     };
     if let Some(v) = worst(&|c| c.mass_outside_mask) {
-        figures.insert("shortcut.max_mass_outside_mask".into(), v);
+        figures.insert(Figure::ShortcutMaxMassOutsideMask, v);
     }
     if let Some(v) = worst(&|c| Some(c.hotspot_concentration)) {
-        figures.insert("shortcut.max_hotspot_concentration".into(), v);
+        figures.insert(Figure::ShortcutMaxHotspotConcentration, v);
     }
     let deltas: Vec<f64> = results
         .iter()
@@ -231,7 +231,7 @@ pub fn audit(
         .collect();
     if !deltas.is_empty() {
         figures.insert(
-            "completeness.max_mean_relative_delta".into(),
+            Figure::CompletenessMaxMeanRelativeDelta,
             deltas.iter().sum::<f64>() / deltas.len() as f64,
         );
     }

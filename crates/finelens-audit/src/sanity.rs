@@ -6,49 +6,43 @@
 
 use candle_core::{DType, Tensor};
 use finelens_attrib::Attributor;
-use finelens_models::{Classifier, ParamKind, ParamSpec, ParamStore};
-use serde::Serialize;
+use finelens_models::{Classifier, ModelDescription, ParamKind, ParamSpec, ParamStore};
+use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::localisation::relevance;
 use crate::similarity::{normalised_magnitude, rank_correlation, ssim};
 
 /// A group of parameters randomised together: those whose names start with one of `prefixes`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Stage {
     pub name: String,
     pub prefixes: Vec<String>,
 }
 
-/// A ResNet's stages from the head down: fc, layer4 … layer1, the stem (conv1, bn1).
-pub fn resnet_stages(stages: usize) -> Vec<Stage> {
-    let mut out = vec![Stage {
-        name: "fc".into(),
-        prefixes: vec!["fc.".into()],
-    }];
-    for s in (1..=stages).rev() {
-        out.push(Stage {
-            name: format!("layer{s}"),
-            prefixes: vec![format!("layer{s}.")],
-        });
-    }
-    out.push(Stage {
-        name: "stem".into(),
-        prefixes: vec!["conv1.".into(), "bn1.".into()],
-    });
-    out
+/// A model's stages from the head down (its own description): the order of cascading
+/// randomisation.
+pub fn randomisation_stages(desc: &ModelDescription) -> Vec<Stage> {
+    desc.stages_from_head()
+        .map(|s| Stage {
+            name: s.name.clone(),
+            prefixes: s.prefixes.clone(),
+        })
+        .collect()
 }
 
 /// Mean similarity of the randomised model's maps to the trained model's.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StageSimilarity {
     /// For cascading: every stage down to and including this one is random.
     pub stage: String,
+    #[serde(deserialize_with = "finelens_models::json::f64_or_nan")]
     pub spearman: f64,
+    #[serde(deserialize_with = "finelens_models::json::f64_or_nan")]
     pub ssim: f64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Sanity {
     pub method: String,
     pub images: usize,
@@ -176,7 +170,7 @@ mod tests {
         let method = Saliency {
             kind: GradientKind::Absolute,
         };
-        let stages = resnet_stages(4);
+        let stages = randomisation_stages(&cfg.describe());
         let s = parameter_randomisation(
             &ck.store,
             &cfg.param_specs(),

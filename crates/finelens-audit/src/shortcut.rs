@@ -8,7 +8,7 @@
 //!   [`HOTSPOT_SHARE`] of pixels (uniform: that share itself).
 
 use ndarray::Array2;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::localisation::relevance_mass_accuracy;
 
@@ -16,13 +16,14 @@ use crate::localisation::relevance_mass_accuracy;
 pub const HOTSPOT_SHARE: f64 = 0.02;
 
 /// One class's shortcut statistics.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClassShortcut {
     pub class: String,
     pub images: usize,
     /// Mean share of positive relevance outside the object mask (None without masks).
     pub mass_outside_mask: Option<f64>,
     /// Share of the class-mean |relevance| in its hottest [`HOTSPOT_SHARE`] of pixels.
+    #[serde(deserialize_with = "finelens_models::json::f64_or_nan")]
     pub hotspot_concentration: f64,
     /// Bounding box (y0, x0, y1, x1), inclusive, of the class-mean map's pixels at half its
     /// maximum or more: where the hotspot is.

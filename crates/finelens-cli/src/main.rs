@@ -13,10 +13,12 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::{Args, Parser, Subcommand};
+use finelens_attrib::{BaselineSpec, Method, MethodOptions, MethodSpec};
 use finelens_data::synth::{self, Split, SynthConfig, Task};
 use finelens_data::{Augment, ImageFolder, Loader, OnBadImage, Preprocess, Sample};
 use finelens_models::checkpoint::{self, Metadata};
 use finelens_models::{Arch, Head, ModelConfig, ParamStore, ResNet};
+use finelens_pipeline::{ModelSource, PreprocessSettings};
 use finelens_tune::{
     evaluate, fit, history_json, FinetuneEvent, FinetuneJob, HeadChoice, Metrics, OptimizerConfig,
     Start, TrainConfig, TrainData,
@@ -35,7 +37,9 @@ const DEMO_DIR: &str = "reports/demo";
 const DEMO_EPOCHS: usize = 8;
 const DEMO_LR: f64 = 0.005;
 /// Test images the demo explains: two per class of the fine-tuning task.
-const DEMO_EXPLAIN_IMAGES: &str = "8";
+const DEMO_EXPLAIN_IMAGES: usize = 8;
+/// The methods the demo explains with.
+const DEMO_METHODS: &str = "saliency,smoothgrad,integrated_gradients,grad_cam,occlusion";
 
 #[derive(Parser)]
 #[command(
@@ -194,8 +198,46 @@ pub(crate) struct CheckpointArgs {
 
 impl CheckpointArgs {
     fn load(&self, path: &Path) -> Result<checkpoint::Checkpoint> {
-        let arch = self.arch.as_deref().map(Arch::parse).transpose()?;
-        Ok(checkpoint::load(path, arch)?)
+        Ok(self.source(path)?.load()?)
+    }
+
+    fn source(&self, path: &Path) -> Result<ModelSource> {
+        Ok(ModelSource {
+            path: path.to_owned(),
+            arch: self.arch.as_deref().map(Arch::parse).transpose()?,
+        })
+    }
+}
+
+/// How images become model inputs; each overrides what the checkpoint records (for a bare
+/// checkpoint: the architecture's size, crop 0.875, ImageNet's mean and std).
+#[derive(Args)]
+pub(crate) struct PreprocessArgs {
+    /// Input side in pixels.
+    #[arg(long)]
+    input_size: Option<usize>,
+    /// Share of the resized image the centre crop keeps: the shorter side is resized to
+    /// input-size / crop-pct (torchvision's 0.875). 1 resizes the shorter side to the input
+    /// size exactly, so an image already at that size is used as it is.
+    #[arg(long)]
+    crop_pct: Option<f32>,
+    /// Normalisation mean, three comma-separated values.
+    #[arg(long, value_delimiter = ',', num_args = 3)]
+    mean: Option<Vec<f32>>,
+    /// Normalisation std, three comma-separated values.
+    #[arg(long, value_delimiter = ',', num_args = 3)]
+    std: Option<Vec<f32>>,
+}
+
+impl PreprocessArgs {
+    fn settings(&self) -> PreprocessSettings {
+        let three = |v: &Option<Vec<f32>>| v.as_deref().map(|v| [v[0], v[1], v[2]]);
+        PreprocessSettings {
+            input_size: self.input_size,
+            crop_pct: self.crop_pct,
+            mean: three(&self.mean),
+            std: three(&self.std),
+        }
     }
 }
 
@@ -734,7 +776,7 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         &cfg,
         &|_| 1.0,
         Start::default(),
-        &mut |p| bar.report(p),
+        &mut |p| bar.train(p),
     )?;
     bar.finish();
     let last = history.last().expect("at least one epoch");
@@ -813,7 +855,7 @@ fn finetune_cmd(a: FinetuneArgs) -> Result<()> {
             "warning: --freeze {} matches no parameter; everything trains",
             a.freeze
         ),
-        FinetuneEvent::Progress(p) => bar.report(p),
+        FinetuneEvent::Progress(p) => bar.train(p),
     });
     bar.finish();
     let outcome = outcome.with_context(|| a.split.train.display().to_string())?;
@@ -1083,32 +1125,54 @@ fn demo(a: DemoArgs) -> Result<()> {
     }
 
     // Explain the fine-tuned model on a few test images, every class in turn.
-    let explain_out = a.out.join("explain");
+    let model = a.out.join("finetune/model.safetensors");
+    let mut bar = progress::Reporter::new();
     println!("\nexplaining the fine-tuned model on its test split");
-    explain::explain_cmd(explain::ExplainArgs::from_args(&[
-        a.out.join("finetune/model.safetensors").as_os_str(),
-        ft.images(Split::Test).as_os_str(),
-        "--out".as_ref(),
-        explain_out.as_os_str(),
-        "--limit".as_ref(),
-        DEMO_EXPLAIN_IMAGES.as_ref(),
-        "--methods".as_ref(),
-        "saliency,smoothgrad,integrated_gradients,grad_cam,occlusion".as_ref(),
-        "--strict".as_ref(),
-    ])?)?;
+    let explained = finelens_pipeline::explain::explain(
+        &finelens_pipeline::explain::ExplainSettings {
+            model: ModelSource::new(&model),
+            preprocess: PreprocessSettings::default(),
+            input: ft.images(Split::Test),
+            methods: MethodSpec::parse_list(DEMO_METHODS)?,
+            shared: MethodOptions::default(),
+            target: "predicted".into(),
+            limit: Some(DEMO_EXPLAIN_IMAGES),
+            strict: true,
+            outlier_perc: finelens_report::heatmap::DEFAULT_OUTLIER_PERC,
+            out: a.out.join("explain"),
+            force: true,
+        },
+        &mut |e| bar.event(e),
+    );
+    bar.finish();
+    explained?;
 
     // Where fine-tuning moved the fixture: weights, representations and explanations on the
     // pretraining task's test images (the parent's own data).
     println!("\ndrift from the fixture to the fine-tuned model");
-    drift::drift_cmd(drift::DriftArgs::from_args(&[
-        fixture.as_os_str(),
-        a.out.join("finetune/model.safetensors").as_os_str(),
-        "--probe".as_ref(),
-        test.as_os_str(),
-        "--out".as_ref(),
-        a.out.join("drift").as_os_str(),
-        "--strict".as_ref(),
-    ])?)?;
+    let drift = finelens_pipeline::drift::drift(
+        &finelens_pipeline::drift::DriftSettings {
+            before: ModelSource::new(&fixture),
+            after: ModelSource::new(&model),
+            preprocess: PreprocessSettings::default(),
+            probe: finelens_pipeline::drift::Probe::Folder(test.clone()),
+            limit: 300,
+            batch_size: 50,
+            layers: Vec::new(),
+            pooled: false,
+            explain_method: MethodSpec::new(Method::IntegratedGradients),
+            shared: MethodOptions::default(),
+            explain_images: 16,
+            top_fraction: 0.1,
+            spectral: true,
+            strict: true,
+            out: a.out.join("drift"),
+            force: true,
+        },
+        &mut |e| bar.event(e),
+    );
+    bar.finish();
+    let drift = drift?;
 
     // Audit both on their validation images (the shortcut's carry the patch), against the
     // fixture as base, with the default policy.
@@ -1116,18 +1180,27 @@ fn demo(a: DemoArgs) -> Result<()> {
     for (name, dir) in [("finetune", &ft), ("shortcut", &sc)] {
         println!("\nauditing the {name} model");
         let out = a.out.join(format!("audit-{name}"));
-        let (pass, blocks) = audit::run_audit(audit::AuditArgs::from_args(&[
-            a.out.join(name).join("model.safetensors").as_os_str(),
-            "--data".as_ref(),
-            dir.images(Split::Val).as_os_str(),
-            "--base".as_ref(),
-            fixture.as_os_str(),
-            "--out".as_ref(),
-            out.as_os_str(),
-            "--force".as_ref(),
-            "--strict".as_ref(),
-        ])?)?;
-        verdicts.push((name, pass, out, blocks));
+        let outcome = audit::run_audit(&finelens_pipeline::audit::AuditJob {
+            model: ModelSource::new(a.out.join(name).join("model.safetensors")),
+            preprocess: PreprocessSettings::default(),
+            data: dir.images(Split::Val),
+            masks: None,
+            no_masks: false,
+            base: Some(ModelSource::new(&fixture)),
+            policy: None,
+            require_all: false,
+            methods: MethodSpec::parse_list("integrated_gradients,saliency,grad_cam")?,
+            shared: MethodOptions::default(),
+            limit: 48,
+            replacement: BaselineSpec::Blur(None),
+            sanity_images: 4,
+            seed: 0,
+            strict: true,
+            out: out.clone(),
+            force: true,
+            command_line: std::env::args().collect(),
+        })?;
+        verdicts.push((name, outcome.document.pass, out, outcome.blocks));
     }
     // One page for both: the summary first, then each model's audit.
     let mut page = finelens_report::html::Page {
@@ -1159,18 +1232,13 @@ fn demo(a: DemoArgs) -> Result<()> {
             ),
         ],
     };
-    let drift_json: serde_json::Value = std::fs::read_to_string(a.out.join("drift/drift.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or_default();
-    let ex = &drift_json["explanation"];
-    if let (Some(rho), Some(iou)) = (ex["mean_spearman"].as_f64(), ex["mean_top_iou"].as_f64()) {
+    if let Some(ex) = &drift.explanation {
         page.blocks
             .push(finelens_report::html::Block::Paragraph(format!(
                 "Explanation drift from the fixture to the clean model ({} on the embedding norm, \
-             pretraining test images): Spearman ρ of |attribution| {rho:.3}, overlap of the top \
-             10% pixels {iou:.3}. Each model's weight and representation drift is in its section.",
-                ex["method"].as_str().unwrap_or("?")
+             pretraining test images): Spearman ρ of |attribution| {:.3}, overlap of the top \
+             10% pixels {:.3}. Each model's weight and representation drift is in its section.",
+                ex.method, ex.mean_spearman, ex.mean_top_iou
             )));
     }
     for (_, _, _, blocks) in &verdicts {

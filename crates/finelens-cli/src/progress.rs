@@ -1,48 +1,93 @@
-//! Training progress: a bar with ETA on a terminal, one plain line per epoch otherwise (CI logs).
+//! Progress display: a bar with ETA on a terminal, plain lines otherwise (CI logs). Jobs report
+//! `finelens_pipeline::Event`s; this only draws them.
 
 use std::io::IsTerminal;
 
+use finelens_pipeline::Event;
 use finelens_tune::Progress;
 use indicatif::{ProgressBar, ProgressStyle};
 
 pub struct Reporter {
     bar: Option<ProgressBar>,
+    tty: bool,
+    /// The current stage and its size, for the plain lines of a log.
+    stage: (String, usize),
 }
 
 impl Reporter {
     pub fn new() -> Self {
-        Self { bar: None }
+        Self {
+            bar: None,
+            tty: std::io::stderr().is_terminal(),
+            stage: (String::new(), 0),
+        }
     }
 
-    pub fn report(&mut self, p: Progress) {
-        let tty = std::io::stderr().is_terminal();
+    fn bar(&mut self, len: usize, template: &str) -> &ProgressBar {
+        self.bar.get_or_insert_with(|| {
+            let b = ProgressBar::new(len as u64);
+            b.set_style(
+                ProgressStyle::with_template(template)
+                    .expect("valid template")
+                    .progress_chars("=> "),
+            );
+            b
+        })
+    }
+
+    fn line(&self, text: &str) {
+        match &self.bar {
+            Some(b) => b.println(text),
+            None => eprintln!("{text}"),
+        }
+    }
+
+    /// Draw one job event.
+    pub fn event(&mut self, e: Event) {
+        match e {
+            Event::Stage { name, total, unit } => {
+                self.finish();
+                self.stage = (name.to_owned(), total);
+                if self.tty {
+                    let template =
+                        format!("{name} [{{bar:30}}] {{pos}}/{{len}} {unit}, ETA {{eta}}");
+                    self.bar(total, &template);
+                }
+            }
+            Event::Advance { done, item } => match &self.bar {
+                Some(b) => b.set_position(done as u64),
+                None => eprintln!("{} {done}/{}: {item}", self.stage.0, self.stage.1),
+            },
+            Event::StageEnd => self.finish(),
+            Event::Warning(w) => self.line(&w),
+            Event::Info(text) => match &self.bar {
+                Some(b) => b.println(text),
+                None => println!("{text}"),
+            },
+            Event::Train(p) => self.train(p),
+        }
+    }
+
+    /// Draw training progress.
+    pub fn train(&mut self, p: Progress) {
         match p {
             Progress::Step {
                 epoch,
                 step,
                 steps,
                 loss,
-            } if tty => {
-                let bar = self.bar.get_or_insert_with(|| {
-                    let b = ProgressBar::new(steps as u64);
-                    b.set_style(
-                        ProgressStyle::with_template(
-                            "epoch {prefix} [{bar:30}] {pos}/{len} batches, {msg}, ETA {eta}",
-                        )
-                        .expect("valid template")
-                        .progress_chars("=> "),
-                    );
-                    b
-                });
+            } if self.tty => {
+                let bar = self.bar(
+                    steps,
+                    "epoch {prefix} [{bar:30}] {pos}/{len} batches, {msg}, ETA {eta}",
+                );
                 bar.set_prefix(format!("{}", epoch + 1));
                 bar.set_position(step as u64 + 1);
                 bar.set_message(format!("loss {loss:.4}"));
             }
             Progress::Step { .. } => {}
             Progress::Epoch(r, _) => {
-                if let Some(b) = self.bar.take() {
-                    b.finish_and_clear();
-                }
+                self.finish();
                 eprintln!(
                     "epoch {:>3}  train loss {:.4} acc {:.2}%  val loss {:.4} acc {:.2}%  lr {:.2e}  {:.1} s ({:.0} img/s)",
                     r.epoch + 1,

@@ -163,10 +163,7 @@ pub fn cka_bench(images: usize, batch: usize) -> Result<CkaBench> {
     let a = ParamStore::init(&cfg.param_specs(), 1, &dev)?.frozen_as(DType::F32)?;
     let b = ParamStore::init(&cfg.param_specs(), 2, &dev)?.frozen_as(DType::F32)?;
     let (ma, mb) = (ResNet::new(cfg, &a)?, ResNet::new(cfg, &b)?);
-    let layers: Vec<String> = ["layer1", "layer2", "layer3", "layer4", "avgpool"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let layers = cfg.describe().representation_layers;
     let size = 64;
     let batches = (0..images.div_ceil(batch)).map(|i| {
         let n = batch.min(images - i * batch);

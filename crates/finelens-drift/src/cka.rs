@@ -6,7 +6,7 @@
 use candle_core::{DType, Tensor};
 use finelens_models::{Classifier, Mode};
 use ndarray::Array2;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{DriftError, Result};
 
@@ -103,12 +103,14 @@ pub fn linear_cka(x: &Tensor, y: &Tensor) -> Result<f64> {
 }
 
 /// Two models' representations compared at named layers.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RepresentationDrift {
     pub layers: Vec<String>,
     /// CKA(layer i of the parent, layer j of the fine-tuned model).
+    #[serde(deserialize_with = "finelens_models::json::matrix_f64_or_nan")]
     pub matrix: Vec<Vec<f64>>,
     /// CKA of each layer with itself across the two models.
+    #[serde(deserialize_with = "finelens_models::json::vec_f64_or_nan")]
     pub diagonal: Vec<f64>,
     pub pooled: bool,
     pub examples: usize,

@@ -7,14 +7,14 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use finelens_models::checkpoint::{self, Metadata};
-use finelens_models::ModelConfig;
+use finelens_models::{ModelConfig, ModelDescription};
 use memmap2::{Mmap, UncheckedAdvice};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use rayon::prelude::*;
 use safetensors::{Dtype, SafeTensors};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{DriftError, Result};
 
@@ -72,28 +72,32 @@ impl Sums {
         }
     }
 
-    /// cos(W₀, W₁) of the flattened tensors (1 when both are 0).
+    /// cos(W₀, W₁) of the flattened tensors; undefined (NaN, `null` in JSON) when either is
+    /// all zeros, as a freshly initialised bias is.
     fn cosine_similarity(&self) -> f64 {
         let d = (self.before_sq * self.after_sq).sqrt();
         if d > 0.0 {
             self.dot / d
-        } else if self.before_sq == self.after_sq {
-            1.0
         } else {
-            0.0
+            f64::NAN
         }
     }
 }
 
 /// What moved in one tensor.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TensorDrift {
     pub name: String,
     pub shape: Vec<usize>,
+    #[serde(deserialize_with = "finelens_models::json::f64_or_nan")]
     pub relative_l2_change: f64,
+    #[serde(deserialize_with = "finelens_models::json::f64_or_nan")]
     pub cosine_similarity: f64,
+    #[serde(deserialize_with = "finelens_models::json::f64_or_nan")]
     pub max_abs_change: f64,
+    #[serde(deserialize_with = "finelens_models::json::f64_or_nan")]
     pub norm_before: f64,
+    #[serde(deserialize_with = "finelens_models::json::f64_or_nan")]
     pub norm_after: f64,
     /// For matrices and conv kernels (out × in·k·k): σ₁ before/after.
     pub spectral_norm_before: Option<f64>,
@@ -106,18 +110,21 @@ pub struct TensorDrift {
 }
 
 /// A group of weight tensors (a layer, a block or a stage) taken together.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GroupDrift {
     pub name: String,
     pub tensors: usize,
     pub parameters: usize,
+    #[serde(deserialize_with = "finelens_models::json::f64_or_nan")]
     pub relative_l2_change: f64,
+    #[serde(deserialize_with = "finelens_models::json::f64_or_nan")]
     pub cosine_similarity: f64,
+    #[serde(deserialize_with = "finelens_models::json::f64_or_nan")]
     pub max_abs_change: f64,
 }
 
 /// Two checkpoints' weight drift.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WeightDrift {
     pub before: PathBuf,
     pub after: PathBuf,
@@ -152,19 +159,62 @@ pub fn layer_of(name: &str) -> &str {
     name.rsplit_once('.').map_or(name, |(m, _)| m)
 }
 
-/// `layer3.1.conv1.weight` → `layer3.1`; `conv1.weight` → `conv1`; `fc.0.weight` → `fc`.
-pub fn block_of(name: &str) -> String {
-    let parts: Vec<&str> = name.split('.').collect();
-    if parts[0].starts_with("layer") && parts.len() > 2 {
-        format!("{}.{}", parts[0], parts[1])
-    } else {
-        parts[0].to_owned()
+/// How tensors group into blocks and stages, and which are the head: the model's own
+/// description when the checkpoint names its architecture, else by name — the first component
+/// is the stage and, when the second is an index (`encoder.3.…`, `layer2.1.…`), the two are the
+/// block; a head is `fc`, `classifier` or `head`.
+struct Grouping(Option<ModelDescription>);
+
+impl Grouping {
+    fn of(meta: [&Option<Metadata>; 2]) -> Self {
+        Grouping(
+            meta.into_iter()
+                .flatten()
+                .find_map(|m| m.config().ok())
+                .map(|c| c.describe()),
+        )
+    }
+
+    fn block_of(&self, name: &str) -> String {
+        if let Some(b) = self.0.as_ref().and_then(|d| d.block_of(name)) {
+            return b;
+        }
+        let parts: Vec<&str> = name.split('.').collect();
+        match parts.as_slice() {
+            [stage, index, _, ..] if index.parse::<usize>().is_ok() => format!("{stage}.{index}"),
+            _ => parts[0].to_owned(),
+        }
+    }
+
+    fn stage_of(&self, name: &str) -> String {
+        self.0
+            .as_ref()
+            .and_then(|d| d.stage_of(name))
+            .unwrap_or_else(|| name.split('.').next().unwrap_or(name))
+            .to_owned()
+    }
+
+    fn is_head(&self, name: &str) -> bool {
+        match &self.0 {
+            Some(d) => d.is_head(name),
+            None => {
+                let first = name.split('.').next().unwrap_or(name);
+                ["fc", "classifier", "head"].contains(&first)
+            }
+        }
     }
 }
 
-/// `layer3.1.conv1.weight` → `layer3`.
-pub fn stage_of(name: &str) -> &str {
-    name.split('.').next().unwrap_or(name)
+/// The system's memory page size (4 KiB on x86-64, 16 or 64 KiB on some ARM kernels): `madvise`
+/// ranges must be page-aligned.
+fn page_size() -> usize {
+    // SAFETY: sysconf only reads a system constant.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if n > 0 {
+        n as usize
+    } else {
+        4096
+    }
 }
 
 /// A checkpoint file mapped into memory.
@@ -180,8 +230,11 @@ impl Mapped {
             path: path.to_owned(),
             source,
         })?;
-        // SAFETY: the mapping is read-only; a checkpoint modified while being read gives wrong
-        // numbers, not undefined behaviour in safe code that only reads bytes.
+        // SAFETY: the mapping is read-only, but it is only as stable as the file under it: a
+        // checkpoint rewritten in place while we read gives wrong numbers, and one truncated
+        // underneath makes the next read of a vanished page raise SIGBUS and end the process.
+        // finelens itself never writes in place (checkpoints are written to a temporary file and
+        // renamed, which leaves this mapping's inode intact); the risk is another program.
         let map = unsafe { Mmap::map(&file) }.map_err(|source| DriftError::Io {
             path: path.to_owned(),
             source,
@@ -205,7 +258,7 @@ impl Mapped {
     /// Give the pages of `data` (a slice of this mapping) back: they are only read once.
     fn release(&self, data: &[u8]) {
         let offset = data.as_ptr() as usize - self.map.as_ptr() as usize;
-        let page = 4096;
+        let page = page_size();
         let start = offset.div_ceil(page) * page;
         let end = (offset + data.len()) / page * page;
         if end > start {
@@ -386,11 +439,6 @@ fn network_order(meta: [&Option<Metadata>; 2], names: &HashSet<String>) -> Vec<S
     order
 }
 
-/// True for the classifier head, which fine-tuning may replace.
-fn is_head(name: &str) -> bool {
-    name == "fc" || name.starts_with("fc.")
-}
-
 fn group(tensors: &[TensorDrift], key: impl Fn(&str) -> String) -> Vec<GroupDrift> {
     let mut order: Vec<String> = Vec::new();
     let mut acc: BTreeMap<String, (Sums, usize, usize)> = BTreeMap::new();
@@ -441,6 +489,7 @@ pub fn weight_drift(before: &Path, after: &Path, opts: WeightDriftOptions) -> Re
     let names1: HashSet<String> = st1.names().into_iter().map(str::to_owned).collect();
     let all: HashSet<String> = names0.union(&names1).cloned().collect();
     let order = network_order([&m1.meta, &m0.meta], &all);
+    let grouping = Grouping::of([&m1.meta, &m0.meta]);
 
     let mut out = WeightDrift {
         before: before.to_owned(),
@@ -466,11 +515,11 @@ pub fn weight_drift(before: &Path, after: &Path, opts: WeightDriftOptions) -> Re
                 st0.tensor(name).expect("listed"),
                 st1.tensor(name).expect("listed"),
             ),
-            (false, _) if is_head(name) => {
+            (false, _) if grouping.is_head(name) => {
                 out.added.push(name.clone());
                 continue;
             }
-            (_, false) if is_head(name) => {
+            (_, false) if grouping.is_head(name) => {
                 out.removed.push(name.clone());
                 continue;
             }
@@ -490,7 +539,7 @@ pub fn weight_drift(before: &Path, after: &Path, opts: WeightDriftOptions) -> Re
             }
         };
         if v0.shape() != v1.shape() {
-            if is_head(name) {
+            if grouping.is_head(name) {
                 out.reshaped
                     .push((name.clone(), v0.shape().to_vec(), v1.shape().to_vec()));
                 continue;
@@ -564,8 +613,8 @@ pub fn weight_drift(before: &Path, after: &Path, opts: WeightDriftOptions) -> Re
         }
     }
     out.layers = group(&out.tensors, |n| layer_of(n).to_owned());
-    out.blocks = group(&out.tensors, block_of);
-    out.stages = group(&out.tensors, |n| stage_of(n).to_owned());
+    out.blocks = group(&out.tensors, |n| grouping.block_of(n));
+    out.stages = group(&out.tensors, |n| grouping.stage_of(n));
     Ok(out)
 }
 
@@ -681,6 +730,15 @@ mod tests {
             assert_eq!(t.spectral_norm_before, t.spectral_norm_after);
         }
         assert_eq!(same.batch_norm_statistics.len(), 1);
+        // A zero tensor (a bias at its initial value) has no direction: its cosine is
+        // undefined, written as null.
+        let zero = Sums {
+            after_sq: 4.0,
+            diff_sq: 4.0,
+            ..Sums::default()
+        };
+        assert!(zero.cosine_similarity().is_nan());
+        assert!(Sums::default().cosine_similarity().is_nan());
         assert!(same.added.is_empty() && same.removed.is_empty() && same.reshaped.is_empty());
 
         // W₁ = W₀ + 0.1·P with P ⊥ ... simplest: scale by 1.1 → relative change 0.1, cosine 1.

@@ -4,7 +4,9 @@
 
 pub mod checkpoint;
 pub mod conv;
+pub mod describe;
 pub mod error;
+pub mod json;
 pub mod nn;
 pub mod params;
 pub mod pool;
@@ -13,6 +15,7 @@ pub mod resnet;
 mod testutil;
 
 pub use checkpoint::{Checkpoint, Metadata};
+pub use describe::{InputKind, ModelDescription, Stage};
 pub use error::{ModelError, Result};
 pub use nn::Mode;
 pub use params::{ParamKind, ParamSpec, ParamStore};

@@ -7,6 +7,7 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
+use crate::describe::{InputKind, ModelDescription, Stage};
 use crate::error::{ModelError, Result};
 use crate::nn::{bn_specs, conv_specs, linear_specs, BatchNorm2d, Conv2d, Linear, Mode};
 use crate::params::{ParamSpec, ParamStore};
@@ -174,6 +175,42 @@ impl ModelConfig {
     }
 
     /// Every tensor of the model with its torchvision state-dict name, in network order.
+    /// The network's stages (stem, layer1…layer4, head), representation layers (each stage's
+    /// output and the pooled embedding) and head, from the configuration alone.
+    pub fn describe(&self) -> ModelDescription {
+        let depths = self.arch.depths();
+        let mut stages = vec![Stage {
+            name: "stem".into(),
+            prefixes: vec!["conv1.".into(), "bn1.".into()],
+            blocks: Vec::new(),
+        }];
+        for (i, &d) in depths.iter().enumerate() {
+            let name = format!("layer{}", i + 1);
+            stages.push(Stage {
+                prefixes: vec![format!("{name}.")],
+                blocks: (0..d).map(|b| format!("{name}.{b}")).collect(),
+                name,
+            });
+        }
+        let head: Vec<String> = self.head.prefixes().iter().map(|p| p.to_string()).collect();
+        stages.push(Stage {
+            name: "fc".into(),
+            prefixes: vec!["fc.".into()],
+            blocks: Vec::new(),
+        });
+        let mut representation_layers: Vec<String> =
+            (1..=depths.len()).map(|i| format!("layer{i}")).collect();
+        representation_layers.push("avgpool".into());
+        ModelDescription {
+            input: InputKind::Image { channels: 3 },
+            stages,
+            representation_layers,
+            embedding_layer: "avgpool".into(),
+            head_prefixes: head,
+            last_spatial_layer: Some(format!("layer{}", depths.len())),
+        }
+    }
+
     pub fn param_specs(&self) -> Vec<ParamSpec> {
         let a = self.arch;
         let mut s = Vec::new();
@@ -352,7 +389,28 @@ pub trait Classifier {
 
     /// The last activation with spatial extent, Grad-CAM's default layer.
     fn last_spatial_layer(&self) -> Option<String> {
-        None
+        self.describe().last_spatial_layer
+    }
+
+    /// The model's stages, representation and embedding layers, head and input kind: what the
+    /// analyses need to treat every model family alike. The default suits small test models: no
+    /// stages, every named activation a representation, the head's input the embedding.
+    fn describe(&self) -> ModelDescription {
+        let names = self.layer_names();
+        ModelDescription {
+            input: InputKind::Image { channels: 3 },
+            stages: Vec::new(),
+            representation_layers: names.clone(),
+            embedding_layer: names
+                .iter()
+                .rev()
+                .nth(1)
+                .or(names.last())
+                .cloned()
+                .unwrap_or_default(),
+            head_prefixes: Vec::new(),
+            last_spatial_layer: None,
+        }
     }
 
     /// An error naming the valid layers when `name` is not one of them.
@@ -441,8 +499,8 @@ impl Classifier for ResNet {
         self.config.num_classes
     }
 
-    fn last_spatial_layer(&self) -> Option<String> {
-        Some(format!("layer{}", self.layers.len()))
+    fn describe(&self) -> ModelDescription {
+        self.config.describe()
     }
 }
 

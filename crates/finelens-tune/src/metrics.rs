@@ -23,15 +23,20 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClassMetrics {
     pub class: String,
+    #[serde(deserialize_with = "finelens_models::json::f64_or_nan")]
     pub precision: f64,
+    #[serde(deserialize_with = "finelens_models::json::f64_or_nan")]
     pub recall: f64,
+    #[serde(deserialize_with = "finelens_models::json::f64_or_nan")]
     pub f1: f64,
     pub support: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Metrics {
+    #[serde(deserialize_with = "finelens_models::json::f64_or_nan")]
     pub loss: f64,
+    #[serde(deserialize_with = "finelens_models::json::f64_or_nan")]
     pub accuracy: f64,
     pub count: usize,
     /// `confusion[true][predicted]`.

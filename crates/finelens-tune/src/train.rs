@@ -19,10 +19,12 @@ pub struct TrainConfig {
     pub epochs: usize,
     pub batch_size: usize,
     /// Peak learning rate (the head's; the backbone's is scaled by `backbone_lr_mult`).
+    #[serde(deserialize_with = "finelens_models::json::f64_or_nan")]
     pub lr: f64,
     pub optimizer: OptimizerConfig,
     /// Warm-up length in epochs for the warm-up + cosine schedule; `None` keeps the rate constant.
     pub warmup_epochs: Option<f64>,
+    #[serde(deserialize_with = "finelens_models::json::f64_or_nan")]
     pub backbone_lr_mult: f64,
     pub seed: u64,
     /// Early stopping: end the run after this many epochs without a lower validation loss.
@@ -77,11 +79,16 @@ impl TrainConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EpochRecord {
     pub epoch: usize,
+    #[serde(deserialize_with = "finelens_models::json::f64_or_nan")]
     pub train_loss: f64,
+    #[serde(deserialize_with = "finelens_models::json::f64_or_nan")]
     pub train_accuracy: f64,
     pub val: Metrics,
+    #[serde(deserialize_with = "finelens_models::json::f64_or_nan")]
     pub lr_end: f64,
+    #[serde(deserialize_with = "finelens_models::json::f64_or_nan")]
     pub seconds: f64,
+    #[serde(deserialize_with = "finelens_models::json::f64_or_nan")]
     pub images_per_second: f64,
 }
 

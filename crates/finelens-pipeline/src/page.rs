@@ -1,0 +1,457 @@
+//! The audit's part of a report page: verdicts, model card, gallery, checks, drift, provenance
+//! — typed blocks that `finelens-report` renders (escaping every string).
+
+use finelens_audit::policy::{Bound, Verdict};
+use finelens_audit::run::AuditImage;
+use finelens_data::Preprocess;
+use finelens_models::checkpoint::Metadata;
+use finelens_report::heatmap::{self, Scale};
+use finelens_report::html::{Block, Card, Cell, Figure, Status};
+
+use crate::audit::{AuditDocument, EXPLANATION_DRIFT_TOP_FRACTION};
+use crate::error::Result;
+use crate::output::png_bytes as png;
+
+/// The pass/fail table as text, for a terminal or a log.
+pub fn verdict_table(verdicts: &[Verdict]) -> String {
+    let mut lines = vec![format!(
+        "{:<14} {:<36} {:>9} {:>11}  verdict",
+        "check", "threshold", "figure", "limit"
+    )];
+    for v in verdicts {
+        lines.push(format!(
+            "{:<14} {:<36} {:>9} {:>4} {:>6.3}  {}",
+            v.check,
+            v.key,
+            v.figure.map_or("—".into(), |f| format!("{f:.3}")),
+            bound_sign(v.bound),
+            v.threshold,
+            verdict_word(v.pass)
+        ));
+    }
+    lines.join("\n")
+}
+
+fn bound_sign(b: Bound) -> &'static str {
+    match b {
+        Bound::Min => "≥",
+        Bound::Max => "≤",
+    }
+}
+
+pub struct PageInput<'a> {
+    pub name: &'a str,
+    pub document: &'a AuditDocument,
+    pub meta: &'a Metadata,
+    pub images: &'a [AuditImage],
+    pub pre: &'a Preprocess,
+}
+
+fn status(pass: Option<bool>) -> Status {
+    match pass {
+        Some(true) => Status::Pass,
+        Some(false) => Status::Fail,
+        None => Status::Neutral,
+    }
+}
+
+fn verdict_word(pass: Option<bool>) -> &'static str {
+    match pass {
+        Some(true) => "pass",
+        Some(false) => "FAIL",
+        None => "not measured",
+    }
+}
+
+fn facts(rows: Vec<(&str, String)>) -> Block {
+    Block::Table(
+        vec![String::new(), String::new()],
+        rows.into_iter()
+            .map(|(k, v)| vec![Cell::Text(k.into()), Cell::Text(v)])
+            .collect(),
+    )
+}
+
+/// One model's part of a report page: verdicts, model card, gallery, checks, drift, provenance.
+pub fn audit_blocks(p: &PageInput) -> Result<Vec<Block>> {
+    let d = p.document;
+    let r = &d.audit;
+    let classes = &p.meta.class_names;
+    let mut b = vec![Block::Heading(2, p.name.to_owned())];
+    let mut badges = vec![(
+        if d.pass {
+            "all checks pass"
+        } else {
+            "FLAGGED: checks fail"
+        }
+        .to_owned(),
+        if d.pass { Status::Pass } else { Status::Fail },
+    )];
+    badges.extend(d.verdicts.iter().map(|v| {
+        (
+            format!("{}.{}: {}", v.check, v.key, verdict_word(v.pass)),
+            status(v.pass),
+        )
+    }));
+    b.push(Block::Badges(badges));
+
+    b.push(Block::Heading(3, "Verdicts".into()));
+    b.push(Block::Table(
+        [
+            "check",
+            "threshold",
+            "figure",
+            "limit",
+            "verdict",
+            "what it means",
+        ]
+        .map(String::from)
+        .to_vec(),
+        d.verdicts
+            .iter()
+            .map(|v| {
+                vec![
+                    Cell::Text(v.check.clone()),
+                    Cell::Text(v.key.clone()),
+                    Cell::Number(v.figure.unwrap_or(f64::NAN), 3),
+                    Cell::Text(format!("{} {:.3}", bound_sign(v.bound), v.threshold)),
+                    Cell::Badge(verdict_word(v.pass).into(), status(v.pass)),
+                    Cell::Text(v.meaning.clone()),
+                ]
+            })
+            .collect(),
+    ));
+
+    b.push(Block::Heading(3, "Model card".into()));
+    let training = p.meta.training.as_ref();
+    let mut card = vec![
+        (
+            "architecture",
+            format!("{} (head {})", p.meta.arch, p.meta.head),
+        ),
+        ("classes", classes.join(", ")),
+        (
+            "input",
+            format!(
+                "{0}×{0}, crop {1}, mean {2:?}, std {3:?}",
+                d.preprocess.input_size, d.preprocess.crop_pct, d.preprocess.mean, d.preprocess.std
+            ),
+        ),
+        (
+            "audited data",
+            format!("{} ({} images)", d.data.display(), r.images.len()),
+        ),
+        (
+            "accuracy on the audited images",
+            r.accuracy
+                .map_or("no labels".into(), |a| format!("{:.1}%", 100.0 * a)),
+        ),
+        (
+            "parent checkpoint (SHA-256)",
+            p.meta
+                .parent_sha256
+                .clone()
+                .unwrap_or_else(|| "none recorded".into()),
+        ),
+    ];
+    if let Some(t) = training {
+        card.push(("training configuration", t["config"].to_string()));
+    }
+    b.push(facts(card));
+    if let Some(history) = training.and_then(|t| t["history"].as_array()) {
+        let series = |key: &str| finelens_report::Series {
+            name: key.into(),
+            values: history
+                .iter()
+                .map(|e| e[key].as_f64().unwrap_or(f64::NAN))
+                .collect(),
+        };
+        if !history.is_empty() {
+            let curves = finelens_report::training_curves(
+                &[series("train_loss"), series("val_loss")],
+                &[series("train_accuracy"), series("val_accuracy")],
+            )?;
+            b.push(Block::Image {
+                png: curves,
+                alt: "training curves".into(),
+            });
+        }
+    }
+    let labelled: Vec<(usize, usize)> = r
+        .images
+        .iter()
+        .filter_map(|i| i.label.map(|l| (l, i.predicted)))
+        .collect();
+    if !labelled.is_empty() {
+        b.push(Block::Paragraph(
+            "Confusion matrix on the audited images (rows: true class, columns: predicted).".into(),
+        ));
+        let mut head = vec![String::new()];
+        head.extend(classes.iter().cloned());
+        let rows = classes
+            .iter()
+            .enumerate()
+            .map(|(t, name)| {
+                std::iter::once(Cell::Text(name.clone()))
+                    .chain((0..classes.len()).map(|q| {
+                        let n = labelled
+                            .iter()
+                            .filter(|&&(l, pr)| l == t && pr == q)
+                            .count();
+                        Cell::Number(n as f64, 0)
+                    }))
+                    .collect()
+            })
+            .collect();
+        b.push(Block::Table(head, rows));
+    }
+
+    b.push(Block::Heading(3, "Explanations".into()));
+    b.push(Block::Paragraph(format!(
+        "Per image: the input, its mask, then each method's heat map and overlay ({}); the \
+         policy gates on {}. Signed maps are blue (against) to red (for the class), magnitudes \
+         dark to yellow.",
+        r.methods
+            .iter()
+            .map(|m| m.method.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        r.primary
+    )));
+    let mut cards = Vec::new();
+    for (k, (img, res)) in p.images.iter().zip(&r.images).enumerate() {
+        let v: Vec<f32> = img.x.flatten_all()?.to_vec1()?;
+        let shown = p.pre.denormalise(&v, p.pre.size);
+        let mut figures = vec![Figure {
+            caption: "input".into(),
+            png: png(&shown)?,
+        }];
+        if let Some(m) = &img.mask {
+            let (h, w) = m.dim();
+            let mask = image::RgbImage::from_fn(w as u32, h as u32, |x, y| {
+                let on = m[[y as usize, x as usize]];
+                image::Rgb(if on { [255; 3] } else { [0; 3] })
+            });
+            figures.push(Figure {
+                caption: "mask".into(),
+                png: png(&mask)?,
+            });
+        }
+        for (method, (maps, signed)) in r.methods.iter().zip(&r.relevance) {
+            let scale = if *signed {
+                Scale::Diverging
+            } else {
+                Scale::Sequential
+            };
+            let rel = &maps[k];
+            figures.push(Figure {
+                caption: method.method.clone(),
+                // Native size: the page scales it up without smoothing.
+                png: png(&heatmap::heatmap_rgb(
+                    rel.view(),
+                    scale,
+                    heatmap::DEFAULT_OUTLIER_PERC,
+                ))?,
+            });
+            figures.push(Figure {
+                caption: "overlay".into(),
+                png: png(&heatmap::overlay_rgb(
+                    &shown,
+                    rel.view(),
+                    scale,
+                    heatmap::DEFAULT_OUTLIER_PERC,
+                )?)?,
+            });
+        }
+        cards.push(Card {
+            title: img.id.clone(),
+            caption: format!(
+                "predicted {} ({:.1}%){}",
+                classes[res.predicted],
+                100.0 * res.probability,
+                res.label
+                    .map_or(String::new(), |l| format!(", true {}", classes[l]))
+            ),
+            figures,
+            confidence: res.probability as f64,
+            error: res.correct == Some(false),
+        });
+    }
+    b.push(Block::Gallery(cards));
+
+    b.push(Block::Heading(3, "Checks per method".into()));
+    b.push(Block::Paragraph(
+        "Sanity (Adebayo et al. 2018): Spearman ρ and SSIM between the trained model's maps and \
+         those of the model with every weight re-initialised; low means the maps depend on the \
+         model. Faithfulness (Petsiuk et al. 2018): deletion AUC (low is good) and insertion AUC \
+         (high is good), each against a random pixel order. Localisation: pointing game, \
+         relevance mass and rank accuracy against the object masks."
+            .into(),
+    ));
+    let rows = r
+        .methods
+        .iter()
+        .map(|m| {
+            let last = m.sanity.cascading.last();
+            let loc = m.localisation.as_ref();
+            let f = &m.faithfulness;
+            vec![
+                Cell::Text(m.method.clone()),
+                Cell::Number(last.map_or(f64::NAN, |s| s.spearman), 3),
+                Cell::Number(last.map_or(f64::NAN, |s| s.ssim), 3),
+                Cell::Number(f.deletion_auc, 3),
+                Cell::Number(f.deletion_auc_random, 3),
+                Cell::Number(f.insertion_auc, 3),
+                Cell::Number(f.insertion_auc_random, 3),
+                Cell::Number(loc.map_or(f64::NAN, |l| l.pointing_game_hit_rate), 3),
+                Cell::Number(loc.map_or(f64::NAN, |l| l.relevance_mass_accuracy), 3),
+                Cell::Number(loc.map_or(f64::NAN, |l| l.relevance_rank_accuracy), 3),
+            ]
+        })
+        .collect();
+    b.push(Block::Table(
+        [
+            "method",
+            "ρ, all random",
+            "SSIM, all random",
+            "deletion AUC",
+            "random",
+            "insertion AUC",
+            "random",
+            "pointing game",
+            "mass accuracy",
+            "rank accuracy",
+        ]
+        .map(String::from)
+        .to_vec(),
+        rows,
+    ));
+    for m in &r.methods {
+        b.push(Block::Paragraph(format!(
+            "Randomisation of {}, ρ / SSIM with the trained maps — cascading (every stage down to \
+             this one random), then independent (only this stage random):",
+            m.method
+        )));
+        let head: Vec<String> = std::iter::once(String::new())
+            .chain(m.sanity.cascading.iter().map(|s| s.stage.clone()))
+            .collect();
+        let row = |label: &str, stages: &[finelens_audit::sanity::StageSimilarity]| {
+            std::iter::once(Cell::Text(label.into()))
+                .chain(
+                    stages
+                        .iter()
+                        .map(|s| Cell::Text(format!("{:.3} / {:.3}", s.spearman, s.ssim))),
+                )
+                .collect()
+        };
+        b.push(Block::Table(
+            head,
+            vec![
+                row("cascading", &m.sanity.cascading),
+                row("independent", &m.sanity.independent),
+            ],
+        ));
+    }
+
+    b.push(Block::Heading(3, "Shortcuts per class".into()));
+    b.push(Block::Table(
+        [
+            "class",
+            "images",
+            "relevance off the object",
+            "hotspot concentration",
+            "hotspot (y0, x0, y1, x1)",
+        ]
+        .map(String::from)
+        .to_vec(),
+        r.shortcut
+            .iter()
+            .map(|c| {
+                vec![
+                    Cell::Text(c.class.clone()),
+                    Cell::Number(c.images as f64, 0),
+                    Cell::Number(c.mass_outside_mask.unwrap_or(f64::NAN), 3),
+                    Cell::Number(c.hotspot_concentration, 3),
+                    Cell::Text(format!("{:?}", c.hotspot_box)),
+                ]
+            })
+            .collect(),
+    ));
+    if let Some(dr) = &d.drift {
+        b.push(Block::Heading(3, "Drift from the base".into()));
+        let (bars, cka) = crate::drift::drift_figures(&dr.weights, Some(&dr.representation))?;
+        if let Some(bars) = bars {
+            b.push(Block::Image {
+                png: bars,
+                alt: "relative change per layer".into(),
+            });
+        }
+        if let Some(cka) = cka {
+            b.push(Block::Image {
+                png: cka,
+                alt: "CKA between the base's and the audited model's layers".into(),
+            });
+        }
+        let e = &dr.explanation;
+        b.push(Block::Paragraph(format!(
+            "Explanation drift ({}, {} images): Spearman ρ of |attribution| between the \
+             base's and this model's maps {:.3}; overlap (IoU) of their top {:.0}% pixels {:.3}.",
+            e.method,
+            e.spearman.len(),
+            e.mean_spearman,
+            EXPLANATION_DRIFT_TOP_FRACTION * 100.0,
+            e.mean_top_iou
+        )));
+    }
+    b.push(Block::Heading(3, "Provenance".into()));
+    b.push(facts(vec![
+        ("checkpoint", p.name.to_owned()),
+        ("sha256", d.checkpoint.sha256.clone()),
+        (
+            "base",
+            d.base
+                .as_ref()
+                .map_or("none".into(), |b| b.display().to_string()),
+        ),
+        ("seed", d.seed.to_string()),
+        ("finelens", d.finelens_version.clone()),
+        ("command line", d.command_line.join(" ")),
+    ]));
+    Ok(b)
+}
+
+/// The page's pictures as files beside it: figures as `<alt>.png`, gallery pictures as
+/// `gallery/<image id>/<n>-<caption>.png`, names made file-name safe.
+pub fn figure_files(blocks: &[Block]) -> Vec<(String, Vec<u8>)> {
+    let safe = |s: &str| -> String {
+        let t: String = s
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '_' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        t.trim_matches('-').to_owned()
+    };
+    let mut out = Vec::new();
+    for b in blocks {
+        match b {
+            Block::Image { png, alt } => out.push((format!("{}.png", safe(alt)), png.clone())),
+            Block::Gallery(cards) => {
+                for c in cards {
+                    for (k, f) in c.figures.iter().enumerate() {
+                        out.push((
+                            format!("gallery/{}/{k}-{}.png", safe(&c.title), safe(&f.caption)),
+                            f.png.clone(),
+                        ));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
