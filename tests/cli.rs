@@ -665,7 +665,7 @@ fn finetune_head_only_keeps_the_body_bit_identical_and_records_the_parent() {
     let o = args("no.such.layer*", "none");
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
-        stderr(&o).contains("warning: --freeze no.such.layer* matches no parameter"),
+        stderr(&o).contains("warning: the freeze policy no.such.layer* matches no parameter"),
         "{}",
         stderr(&o)
     );

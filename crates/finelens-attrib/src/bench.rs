@@ -116,3 +116,46 @@ pub fn explain_timings(
         grad_cam_ms,
     })
 }
+
+/// The figures as a table (ms per image), as `finelens bench explain` prints them.
+impl std::fmt::Display for ExplainTimings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "  {} {}×{}", self.arch, self.size, self.size)?;
+        writeln!(
+            f,
+            "    forward                      {:>9.1}",
+            self.forward_ms
+        )?;
+        writeln!(
+            f,
+            "    forward + backward to input  {:>9.1}",
+            self.forward_backward_ms
+        )?;
+        writeln!(
+            f,
+            "    saliency                     {:>9.1}",
+            self.saliency_ms
+        )?;
+        writeln!(
+            f,
+            "    SmoothGrad-20                {:>9.1}",
+            self.smoothgrad_20_ms
+        )?;
+        writeln!(
+            f,
+            "    IG-50 (internal batch {:>2})    {:>9.1}   [{}]",
+            self.integrated_gradients_50_batch,
+            self.integrated_gradients_50_ms,
+            self.integrated_gradients_50_by_batch
+                .iter()
+                .map(|(b, ms)| format!("batch {b}: {ms:.0}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )?;
+        write!(
+            f,
+            "    Grad-CAM                     {:>9.1}",
+            self.grad_cam_ms
+        )
+    }
+}

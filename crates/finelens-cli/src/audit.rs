@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use finelens_pipeline::audit::{audit, AuditJob, AuditOutcome};
+use finelens_pipeline::audit::{audit, AuditJob};
 
 use crate::explain::MethodArgs;
 use crate::{CheckpointArgs, PreprocessArgs};
@@ -97,15 +97,8 @@ impl AuditArgs {
     }
 }
 
-/// Run the audit job with a progress display.
-pub fn run_audit(job: &AuditJob) -> Result<AuditOutcome> {
-    let mut bar = crate::progress::Reporter::new();
-    let r = audit(job, &mut |e| bar.event(e));
-    bar.finish();
-    Ok(r?)
-}
-
 /// True when every check passes.
 pub fn audit_cmd(a: AuditArgs) -> Result<bool> {
-    Ok(run_audit(&a.job()?)?.document.pass)
+    let job = a.job()?;
+    Ok(crate::progress::run(|p| audit(&job, p))?.document.pass)
 }

@@ -87,9 +87,6 @@ impl DriftArgs {
 }
 
 pub fn drift_cmd(a: DriftArgs) -> Result<()> {
-    let mut bar = crate::progress::Reporter::new();
-    let r = drift(&a.settings()?, &mut |e| bar.event(e));
-    bar.finish();
-    r?;
-    Ok(())
+    let s = a.settings()?;
+    crate::progress::run(|p| drift(&s, p)).map(|_| ())
 }

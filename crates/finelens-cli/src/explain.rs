@@ -131,9 +131,6 @@ impl ExplainArgs {
 }
 
 pub fn explain_cmd(a: ExplainArgs) -> Result<()> {
-    let mut bar = crate::progress::Reporter::new();
-    let r = explain(&a.settings()?, &mut |e| bar.event(e));
-    bar.finish();
-    r?;
-    Ok(())
+    let s = a.settings()?;
+    crate::progress::run(|p| explain(&s, p)).map(|_| ())
 }

@@ -88,17 +88,7 @@ impl Reporter {
             Progress::Step { .. } => {}
             Progress::Epoch(r, _) => {
                 self.finish();
-                eprintln!(
-                    "epoch {:>3}  train loss {:.4} acc {:.2}%  val loss {:.4} acc {:.2}%  lr {:.2e}  {:.1} s ({:.0} img/s)",
-                    r.epoch + 1,
-                    r.train_loss,
-                    100.0 * r.train_accuracy,
-                    r.val.loss,
-                    100.0 * r.val.accuracy,
-                    r.lr_end,
-                    r.seconds,
-                    r.images_per_second
-                );
+                eprintln!("{r}");
             }
         }
     }
@@ -108,4 +98,14 @@ impl Reporter {
             b.finish_and_clear();
         }
     }
+}
+
+/// Run one job with its progress drawn; the bar is cleared whatever the outcome.
+pub fn run<T>(
+    job: impl FnOnce(finelens_pipeline::Progress) -> finelens_pipeline::Result<T>,
+) -> anyhow::Result<T> {
+    let mut bar = Reporter::new();
+    let r = job(&mut |e| bar.event(e));
+    bar.finish();
+    Ok(r?)
 }

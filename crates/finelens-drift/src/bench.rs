@@ -184,3 +184,37 @@ pub fn cka_bench(images: usize, batch: usize) -> Result<CkaBench> {
         seconds: start.elapsed().as_secs_f64(),
     })
 }
+
+impl std::fmt::Display for WeightDriftBench {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        write!(
+            f,
+            "  weight drift: {} tensors of {:.0} MiB, {:.2} s → {:.2} GB/s of tensor data read; peak RSS {}",
+            self.tensors,
+            mib(self.largest_tensor_bytes),
+            self.seconds,
+            self.gigabytes_per_second,
+            self.peak_rss_bytes.map_or("unknown".into(), |b| format!(
+                "{:.0} MiB ({:.1}× the largest tensor)",
+                mib(b),
+                b as f64 / self.largest_tensor_bytes as f64
+            ))
+        )
+    }
+}
+
+impl std::fmt::Display for CkaBench {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "  minibatch CKA: {} images at {}×{}, batch {}, layers {}: {:.2} s",
+            self.images,
+            self.size,
+            self.size,
+            self.batch,
+            self.layers.join(", "),
+            self.seconds
+        )
+    }
+}

@@ -253,11 +253,14 @@ fn list(v: &[String]) -> String {
     }
 }
 
+/// PNG bytes of a figure that may not apply (no layers, no representation drift).
+type MaybePng = Option<Vec<u8>>;
+
 /// The per-layer bar chart and the CKA matrix of a drift result, as PNGs.
 pub fn drift_figures(
     weights: &WeightDrift,
     rep: Option<&RepresentationDrift>,
-) -> Result<(Option<Vec<u8>>, Option<Vec<u8>>)> {
+) -> Result<(MaybePng, MaybePng)> {
     let labels: Vec<String> = weights.layers.iter().map(|g| g.name.clone()).collect();
     let values: Vec<f64> = weights
         .layers

@@ -250,3 +250,73 @@ pub(crate) fn check_fraction(what: &str, v: f64) -> Result<()> {
         Err(settings(format!("{what} must be in (0, 1], got {v}")))
     }
 }
+
+/// What `finelens inspect` reports about a checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointSummary {
+    pub path: PathBuf,
+    pub sha256: String,
+    pub parameters: usize,
+    pub tensors: usize,
+    /// False when the metadata was inferred (a bare state dict).
+    pub metadata_recorded: bool,
+    pub metadata: Metadata,
+}
+
+impl CheckpointSummary {
+    pub fn of(ck: &Checkpoint) -> Self {
+        Self {
+            path: ck.path.clone(),
+            sha256: ck.sha256.clone(),
+            parameters: ck.store.num_weights(),
+            tensors: ck.store.names().count(),
+            metadata_recorded: ck.meta_recorded,
+            metadata: ck.meta.clone(),
+        }
+    }
+}
+
+impl std::fmt::Display for CheckpointSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let m = &self.metadata;
+        writeln!(f, "checkpoint   {}", self.path.display())?;
+        writeln!(f, "sha256       {}", self.sha256)?;
+        writeln!(f, "arch         {} (head {})", m.arch, m.head)?;
+        writeln!(
+            f,
+            "parameters   {} in {} tensors",
+            self.parameters, self.tensors
+        )?;
+        writeln!(
+            f,
+            "classes      {}: {}",
+            m.num_classes,
+            m.class_names.join(", ")
+        )?;
+        writeln!(
+            f,
+            "input        {0}×{0}, crop {1}, mean {2:?}, std {3:?}",
+            m.input_size, m.crop_pct, m.mean, m.std
+        )?;
+        writeln!(
+            f,
+            "parent       {}",
+            m.parent_sha256.as_deref().unwrap_or("none")
+        )?;
+        write!(
+            f,
+            "seed         {}",
+            m.seed.map_or("none".into(), |s| s.to_string())
+        )?;
+        if !self.metadata_recorded {
+            write!(
+                f,
+                "\nmetadata     none recorded: classes, input size and normalisation are defaults"
+            )?;
+        }
+        if let Some(t) = &m.training {
+            write!(f, "\ntraining     {t}")?;
+        }
+        Ok(())
+    }
+}

@@ -9,6 +9,8 @@
 //! into settings and calls one job; tests and other programs call the same jobs.
 
 pub mod audit;
+pub mod bench;
+pub mod demo;
 pub mod drift;
 pub mod error;
 pub mod explain;
@@ -16,6 +18,7 @@ pub mod inputs;
 pub mod output;
 pub mod page;
 pub mod progress;
+pub mod train;
 
 pub use error::{Context, PipelineError, Result};
 pub use inputs::{ModelSource, PreprocessSettings};

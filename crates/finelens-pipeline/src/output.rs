@@ -66,10 +66,8 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 pub fn create_dir(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|error| PipelineError::Io {
-        path: dir.to_owned(),
-        error,
-    })
+    std::fs::create_dir_all(dir)
+        .map_err(|e| input(dir, format!("cannot create output directory: {e}")))
 }
 
 /// A PNG's bytes.

@@ -123,7 +123,7 @@ pub fn audit_blocks(p: &PageInput) -> Result<Vec<Block>> {
     ));
 
     b.push(Block::Heading(3, "Model card".into()));
-    let training = p.meta.training.as_ref();
+    let training = finelens_tune::TrainingRecord::of(p.meta)?;
     let mut card = vec![
         (
             "architecture",
@@ -154,28 +154,33 @@ pub fn audit_blocks(p: &PageInput) -> Result<Vec<Block>> {
                 .unwrap_or_else(|| "none recorded".into()),
         ),
     ];
-    if let Some(t) = training {
-        card.push(("training configuration", t["config"].to_string()));
+    if let Some(t) = &training {
+        card.push((
+            "training configuration",
+            serde_json::to_string(&t.config).expect("plain data serialises"),
+        ));
     }
     b.push(facts(card));
-    if let Some(history) = training.and_then(|t| t["history"].as_array()) {
-        let series = |key: &str| finelens_report::Series {
-            name: key.into(),
-            values: history
-                .iter()
-                .map(|e| e[key].as_f64().unwrap_or(f64::NAN))
-                .collect(),
-        };
-        if !history.is_empty() {
-            let curves = finelens_report::training_curves(
-                &[series("train_loss"), series("val_loss")],
-                &[series("train_accuracy"), series("val_accuracy")],
-            )?;
-            b.push(Block::Image {
-                png: curves,
-                alt: "training curves".into(),
-            });
-        }
+    if let Some(t) = training.filter(|t| !t.history.is_empty()) {
+        let series =
+            |name: &str, f: &dyn Fn(&finelens_tune::EpochSummary) -> f64| finelens_report::Series {
+                name: name.into(),
+                values: t.history.iter().map(f).collect(),
+            };
+        let curves = finelens_report::training_curves(
+            &[
+                series("train_loss", &|e| e.train_loss),
+                series("val_loss", &|e| e.val_loss),
+            ],
+            &[
+                series("train_accuracy", &|e| e.train_accuracy),
+                series("val_accuracy", &|e| e.val_accuracy),
+            ],
+        )?;
+        b.push(Block::Image {
+            png: curves,
+            alt: "training curves".into(),
+        });
     }
     let labelled: Vec<(usize, usize)> = r
         .images

@@ -59,3 +59,13 @@ pub fn train_throughput(arch: Arch, size: usize, batch: usize, steps: usize) -> 
         images_per_second: batch as f64 / seconds_per_step,
     })
 }
+
+impl std::fmt::Display for Throughput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "  {:<12} {:>3}×{:<3}  {:>8.2} s/step  {:>8.1} images/s",
+            self.arch, self.size, self.size, self.seconds_per_step, self.images_per_second
+        )
+    }
+}

@@ -333,12 +333,28 @@ const RESUME_KEY: &str = "finelens-resume";
 
 /// What a resumed run must agree on with the run that wrote the state.
 fn fingerprint(job: &FinetuneJob) -> String {
-    serde_json::json!({
-        "parent": job.parent.sha256, "config": job.config, "head": format!("{:?}", job.head),
-        "freeze": job.freeze_spec, "lp_epochs": job.lp_epochs, "classes": job.data.class_names,
-        "train": job.data.train.len(), "val": job.data.val.len(),
+    #[derive(serde::Serialize)]
+    struct Fingerprint<'a> {
+        parent: &'a str,
+        config: &'a crate::TrainConfig,
+        head: String,
+        freeze: &'a str,
+        lp_epochs: usize,
+        classes: &'a [String],
+        train: usize,
+        val: usize,
+    }
+    serde_json::to_string(&Fingerprint {
+        parent: &job.parent.sha256,
+        config: &job.config,
+        head: format!("{:?}", job.head),
+        freeze: &job.freeze_spec,
+        lp_epochs: job.lp_epochs,
+        classes: job.data.class_names,
+        train: job.data.train.len(),
+        val: job.data.val.len(),
     })
-    .to_string()
+    .expect("plain data serialises")
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -514,12 +530,18 @@ pub fn run(job: &FinetuneJob, events: &mut dyn FnMut(FinetuneEvent)) -> Result<F
                         if best.is_none_or(|(l, _)| r.val.loss < l) {
                             best = Some((r.val.loss, r.epoch));
                             let mut m = meta.clone();
-                            m.training = Some(serde_json::json!({
-                                "kind": "fine-tune", "parent": parent.path, "freeze": job.freeze_spec,
-                                "lp_epochs": job.lp_epochs, "config": cfg, "train_images": job.data.train.len(),
-                                "val_images": job.data.val.len(), "best_epoch": r.epoch,
-                                "history": crate::train::history_json(&history),
-                            }));
+                            crate::TrainingRecord {
+                                kind: crate::TrainingKind::FineTune,
+                                config: cfg.clone(),
+                                train_images: job.data.train.len(),
+                                val_images: job.data.val.len(),
+                                parent: Some(parent.path.clone()),
+                                freeze: Some(job.freeze_spec.clone()),
+                                lp_epochs: Some(job.lp_epochs),
+                                best_epoch: Some(r.epoch),
+                                history: crate::TrainingRecord::history_of(&history),
+                            }
+                            .record_in(&mut m);
                             if let Err(e) =
                                 finelens_models::checkpoint::save(job.checkpoint, &store, &m)
                             {

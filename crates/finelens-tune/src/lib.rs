@@ -6,6 +6,7 @@ pub mod error;
 pub mod finetune;
 pub mod metrics;
 pub mod optim;
+pub mod record;
 pub mod schedule;
 pub mod train;
 
@@ -16,7 +17,6 @@ pub use finetune::{
 };
 pub use metrics::{cross_entropy, evaluate, Metrics};
 pub use optim::{Optimizer, OptimizerConfig, OptimizerState};
+pub use record::{EpochSummary, TrainingKind, TrainingRecord};
 pub use schedule::Schedule;
-pub use train::{
-    epochs_since_best, fit, history_json, EpochRecord, Progress, Start, TrainConfig, TrainData,
-};
+pub use train::{epochs_since_best, fit, EpochRecord, Progress, Start, TrainConfig, TrainData};

@@ -230,20 +230,6 @@ pub fn fit(
     Ok(records)
 }
 
-/// Per-epoch numbers as JSON (for checkpoint metadata and metrics files).
-pub fn history_json(history: &[EpochRecord]) -> serde_json::Value {
-    history
-        .iter()
-        .map(|r| {
-            serde_json::json!({
-                "epoch": r.epoch, "train_loss": r.train_loss, "train_accuracy": r.train_accuracy,
-                "val_loss": r.val.loss, "val_accuracy": r.val.accuracy, "lr_end": r.lr_end,
-                "seconds": r.seconds, "images_per_second": r.images_per_second,
-            })
-        })
-        .collect()
-}
-
 /// Epochs since the lowest validation loss so far (0 when the last epoch is the best).
 pub fn epochs_since_best(records: &[EpochRecord]) -> usize {
     let best = records
@@ -252,6 +238,24 @@ pub fn epochs_since_best(records: &[EpochRecord]) -> usize {
         .min_by(|a, b| a.1.val.loss.total_cmp(&b.1.val.loss))
         .map_or(0, |(i, _)| i);
     records.len().saturating_sub(best + 1)
+}
+
+/// One line a log reads: the epoch's losses, accuracies, final learning rate and speed.
+impl std::fmt::Display for EpochRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "epoch {:>3}  train loss {:.4} acc {:.2}%  val loss {:.4} acc {:.2}%  lr {:.2e}  {:.1} s ({:.0} img/s)",
+            self.epoch + 1,
+            self.train_loss,
+            100.0 * self.train_accuracy,
+            self.val.loss,
+            100.0 * self.val.accuracy,
+            self.lr_end,
+            self.seconds,
+            self.images_per_second
+        )
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,109 @@
+//! Benchmarks as jobs: each checks its settings, reports every figure as it is measured
+//! (`Event::Info`, one line each) and returns them typed, for `--json`. Speed is measured here,
+//! never in tests.
+
+use std::path::Path;
+
+use finelens_models::Arch;
+use serde::Serialize;
+
+use crate::error::{settings, Result};
+use crate::progress::{Event, Progress};
+
+/// The number of threads candle's CPU kernels use.
+pub fn rayon_threads() -> String {
+    std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| {
+        std::thread::available_parallelism().map_or("?".into(), |n| n.to_string())
+    })
+}
+
+/// The cases a benchmark runs: resnet-mini at 64×64, and resnet18 at 224×224 unless `quick`.
+fn cases(quick: bool) -> Vec<(Arch, usize)> {
+    let mut c = vec![(Arch::ResNetMini, 64)];
+    if !quick {
+        c.push((Arch::ResNet18, 224));
+    }
+    c
+}
+
+/// Training images/s: forward (train mode) + cross-entropy + backward + SGD step.
+pub fn train(
+    steps: usize,
+    batch_size: usize,
+    quick: bool,
+    progress: Progress,
+) -> Result<Vec<finelens_tune::bench::Throughput>> {
+    if steps == 0 || batch_size == 0 {
+        return Err(settings("bench: steps and batch size must be at least 1"));
+    }
+    progress(Event::Info(format!(
+        "training throughput: forward (train mode) + cross-entropy + backward + SGD step, batch {batch_size}, {} rayon threads",
+        rayon_threads()
+    )));
+    cases(quick)
+        .into_iter()
+        .map(|(arch, size)| {
+            let t = finelens_tune::bench::train_throughput(arch, size, batch_size, steps)?;
+            progress(Event::Info(t.to_string()));
+            Ok(t)
+        })
+        .collect()
+}
+
+/// Explanation ms per image at batch 1 (median of `repeats`).
+pub fn explain(
+    repeats: usize,
+    ig_batches: &[usize],
+    quick: bool,
+    progress: Progress,
+) -> Result<Vec<finelens_attrib::bench::ExplainTimings>> {
+    if repeats == 0 || ig_batches.is_empty() || ig_batches.contains(&0) {
+        return Err(settings(
+            "bench: repeats and every IG internal batch must be at least 1",
+        ));
+    }
+    progress(Event::Info(format!(
+        "explanation time, ms per image at batch 1 (median of {repeats}), {} rayon threads",
+        rayon_threads()
+    )));
+    let mut out = Vec::new();
+    // resnet18 first, with ImageNet's 1000 classes as in the reference figures.
+    for (arch, size) in cases(quick).into_iter().rev() {
+        let classes = if arch == Arch::ResNet18 { 1000 } else { 6 };
+        let t = finelens_attrib::bench::explain_timings(arch, size, classes, repeats, ig_batches)?;
+        progress(Event::Info(t.to_string()));
+        out.push(t);
+    }
+    Ok(out)
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DriftBench {
+    pub weights: finelens_drift::bench::WeightDriftBench,
+    pub cka: finelens_drift::bench::CkaBench,
+}
+
+/// Weight drift over two generated checkpoints of `gigabytes` each (kept in `dir`), and
+/// minibatch CKA over `cka_images` probe images.
+pub fn drift(
+    gigabytes: f64,
+    dir: &Path,
+    cka_images: usize,
+    progress: Progress,
+) -> Result<DriftBench> {
+    if gigabytes.is_nan() || gigabytes <= 0.0 || cka_images < crate::drift::MIN_CKA_BATCH {
+        return Err(settings(
+            "bench: the checkpoint size must be positive and the CKA images at least 4",
+        ));
+    }
+    progress(Event::Info(format!(
+        "drift: {} rayon threads; generating (once) two {gigabytes:.1} GiB checkpoints in {}",
+        rayon_threads(),
+        dir.display()
+    )));
+    let weights = finelens_drift::bench::weight_drift_bench(dir, gigabytes)?;
+    progress(Event::Info(weights.to_string()));
+    let cka = finelens_drift::bench::cka_bench(cka_images, 100)?;
+    progress(Event::Info(cka.to_string()));
+    Ok(DriftBench { weights, cka })
+}
