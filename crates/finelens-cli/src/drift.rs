@@ -31,7 +31,7 @@ pub struct DriftArgs {
     #[arg(long, default_value_t = 50)]
     batch_size: usize,
     /// Layers compared by CKA, comma-separated (default: the model's representation layers,
-    /// layer1…layer4 and avgpool for a ResNet).
+    /// as the model describes them).
     #[arg(long, value_delimiter = ',')]
     layers: Vec<String>,
     /// CKA on channel-pooled activations (each channel averaged over space).

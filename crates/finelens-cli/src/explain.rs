@@ -80,7 +80,7 @@ pub struct MethodArgs {
     /// re-initialised weights.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Grad-CAM: the layer (default: the model's last spatial layer, layer4 for ResNets).
+    /// Grad-CAM: the layer (default: the model's last spatial layer).
     #[arg(long)]
     pub layer: Option<String>,
     /// Occlusion: window side in pixels (default: input size / 8).

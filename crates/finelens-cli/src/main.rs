@@ -114,8 +114,8 @@ pub(crate) struct CheckpointArgs {
 impl CheckpointArgs {
     fn source(&self, path: &Path) -> Result<ModelSource> {
         Ok(ModelSource {
-            path: path.to_owned(),
             arch: self.arch.as_deref().map(Arch::parse).transpose()?,
+            ..ModelSource::new(path)
         })
     }
 }
@@ -284,7 +284,7 @@ fn synth_cmd(a: SynthArgs) -> Result<()> {
 }
 
 fn inspect(a: InspectArgs) -> Result<()> {
-    let summary = CheckpointSummary::of(&a.ckpt.source(&a.checkpoint)?.load()?);
+    let summary = CheckpointSummary::of(&a.ckpt.source(&a.checkpoint)?.checkpoint()?);
     if a.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {

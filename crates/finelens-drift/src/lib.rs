@@ -11,4 +11,6 @@ pub mod weights;
 pub use cka::{linear_cka, representation_drift, MinibatchCka, RepresentationDrift};
 pub use error::{DriftError, Result};
 pub use explanation::{spearman, top_k_iou};
-pub use weights::{weight_drift, GroupDrift, TensorDrift, WeightDrift, WeightDriftOptions};
+pub use weights::{
+    weight_drift, weight_drift_described, GroupDrift, TensorDrift, WeightDrift, WeightDriftOptions,
+};

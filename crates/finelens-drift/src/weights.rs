@@ -419,9 +419,13 @@ fn as_f32(dtype: Dtype, bytes: &[u8]) -> Vec<f32> {
     out
 }
 
-/// Names in network order: the model's own order when the metadata names an architecture, then
-/// the rest by name.
-fn network_order(meta: [&Option<Metadata>; 2], names: &HashSet<String>) -> Vec<String> {
+/// Names in network order: the model's own order when the metadata names an architecture; then
+/// the rest by stage, in the order the model's description lists its stages, and by name.
+fn network_order(
+    meta: [&Option<Metadata>; 2],
+    names: &HashSet<String>,
+    grouping: &Grouping,
+) -> Vec<String> {
     let mut order = Vec::new();
     let mut seen = HashSet::new();
     for m in meta.into_iter().flatten() {
@@ -433,8 +437,18 @@ fn network_order(meta: [&Option<Metadata>; 2], names: &HashSet<String>) -> Vec<S
             }
         }
     }
+    let stage_rank = |name: &str| {
+        grouping
+            .0
+            .as_ref()
+            .and_then(|d| {
+                let stage = d.stage_of(name)?;
+                d.stages.iter().position(|s| s.name == stage)
+            })
+            .unwrap_or(usize::MAX)
+    };
     let mut rest: Vec<&String> = names.iter().filter(|n| !seen.contains(*n)).collect();
-    rest.sort();
+    rest.sort_by_key(|n| (stage_rank(n), n.as_str()));
     order.extend(rest.into_iter().cloned());
     order
 }
@@ -468,8 +482,20 @@ fn group(tensors: &[TensorDrift], key: impl Fn(&str) -> String) -> Vec<GroupDrif
         .collect()
 }
 
-/// Compare `before` (the parent) with `after` (the fine-tuned model), tensor by tensor.
+/// Compare `before` (the parent) with `after` (the fine-tuned model), tensor by tensor, grouped
+/// by the description the checkpoints' metadata gives (or by name, when they record none).
 pub fn weight_drift(before: &Path, after: &Path, opts: WeightDriftOptions) -> Result<WeightDrift> {
+    weight_drift_described(before, after, opts, None)
+}
+
+/// [`weight_drift`], grouped by `description` when given (a model family whose files carry no
+/// finelens metadata describes itself).
+pub fn weight_drift_described(
+    before: &Path,
+    after: &Path,
+    opts: WeightDriftOptions,
+    description: Option<ModelDescription>,
+) -> Result<WeightDrift> {
     let m0 = Mapped::open(before)?;
     let m1 = Mapped::open(after)?;
     if let (Some(a), Some(b)) = (&m0.meta, &m1.meta) {
@@ -488,8 +514,11 @@ pub fn weight_drift(before: &Path, after: &Path, opts: WeightDriftOptions) -> Re
     let names0: HashSet<String> = st0.names().into_iter().map(str::to_owned).collect();
     let names1: HashSet<String> = st1.names().into_iter().map(str::to_owned).collect();
     let all: HashSet<String> = names0.union(&names1).cloned().collect();
-    let order = network_order([&m1.meta, &m0.meta], &all);
-    let grouping = Grouping::of([&m1.meta, &m0.meta]);
+    let grouping = match description {
+        Some(d) => Grouping(Some(d)),
+        None => Grouping::of([&m1.meta, &m0.meta]),
+    };
+    let order = network_order([&m1.meta, &m0.meta], &all, &grouping);
 
     let mut out = WeightDrift {
         before: before.to_owned(),

@@ -339,6 +339,13 @@ pub fn save_state(
     write_atomic(path, &bytes)
 }
 
+/// Every tensor of a safetensors file by name, and the file's SHA-256: for model families that
+/// finelens metadata does not describe (their own specs check the names and shapes).
+pub fn read_tensors(path: &Path) -> Result<(BTreeMap<String, Tensor>, String)> {
+    let raw = read_raw(path)?;
+    Ok((raw.tensors, raw.sha256))
+}
+
 /// Read what [`save_state`] wrote: the tensors by name and the header.
 pub fn load_state(path: &Path) -> Result<(BTreeMap<String, Tensor>, HashMap<String, String>)> {
     let raw = read_raw(path)?;

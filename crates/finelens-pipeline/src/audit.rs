@@ -12,7 +12,8 @@ use finelens_audit::sanity::randomisation_stages;
 use finelens_data::transforms::load_rgb;
 use finelens_data::Preprocess;
 use finelens_drift::{
-    representation_drift, weight_drift, RepresentationDrift, WeightDrift, WeightDriftOptions,
+    representation_drift, weight_drift_described, RepresentationDrift, WeightDrift,
+    WeightDriftOptions,
 };
 use finelens_models::{Classifier, ParamStore};
 use finelens_report::html::{render, Block, Page};
@@ -21,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::drift::{explanation_drift, ExplanationDrift};
 use crate::error::{input, settings, Context, Result};
-use crate::inputs::{self, Analysed, ModelSource, PreprocessRecord, PreprocessSettings};
+use crate::inputs::{self, ModelSource, PreprocessRecord, PreprocessSettings};
 use crate::output::{write_file, write_json, OutputDir, Versioned};
 use crate::page::{self, PageInput};
 use crate::progress::{Event, Progress};
@@ -223,9 +224,9 @@ pub fn audit(job: &AuditJob, progress: Progress) -> Result<AuditOutcome> {
     let policy = read_policy(job.policy.as_deref())?;
     let started = Instant::now();
     let ck = job.model.load()?;
-    let pre = job.preprocess.resolve(&ck.meta)?;
+    let pre = job.preprocess.resolve(&ck.info)?;
     let methods = inputs::build_methods(&job.methods, &job.shared, &pre)?;
-    let analysed = Analysed::new(&ck)?;
+    let analysed = ck.analysed()?;
     let model = analysed.model.as_ref();
     for m in &methods {
         m.check(model)?;
@@ -240,16 +241,16 @@ pub fn audit(job: &AuditJob, progress: Progress) -> Result<AuditOutcome> {
             return Err(input(m, "the mask folder does not exist"));
         }
     }
-    let classes = &ck.meta.class_names;
+    let classes = &ck.info.classes;
     let images = audit_images(job, &pre, classes, masks_root.as_deref(), progress)?;
     let build = |s: &ParamStore| -> finelens_audit::Result<Box<dyn Classifier>> {
-        crate::inputs::build_model(&ck, s)
+        ck.build(s)
             .map_err(|e| finelens_audit::AuditError::Settings(e.to_string()))
     };
     let description = model.describe();
     let rebuild = Rebuild {
         store: &ck.store,
-        specs: ck.config()?.param_specs(),
+        specs: ck.param_specs().to_vec(),
         build: &build,
         stages: randomisation_stages(&description),
     };
@@ -284,9 +285,14 @@ pub fn audit(job: &AuditJob, progress: Progress) -> Result<AuditOutcome> {
 
     let drift = match &job.base {
         Some(base) => {
-            let weights = weight_drift(&base.path, &job.model.path, WeightDriftOptions::default())?;
+            let weights = weight_drift_described(
+                &base.path,
+                &job.model.path,
+                WeightDriftOptions::default(),
+                job.model.description()?,
+            )?;
             let b = base.load()?;
-            let ba = Analysed::new(&b)?;
+            let ba = b.analysed()?;
             let xs: Vec<Tensor> = images.iter().map(|i| i.x.clone()).collect();
             let layers = description.representation_layers.clone();
             let representation = representation_drift(
@@ -308,7 +314,7 @@ pub fn audit(job: &AuditJob, progress: Progress) -> Result<AuditOutcome> {
             let explanation = explanation_drift(
                 ba.model.as_ref(),
                 model,
-                b.meta.class_names == ck.meta.class_names,
+                b.info.classes == ck.info.classes,
                 settings.methods[0].as_ref(),
                 &xs[..n],
                 EXPLANATION_DRIFT_TOP_FRACTION,
@@ -330,7 +336,7 @@ pub fn audit(job: &AuditJob, progress: Progress) -> Result<AuditOutcome> {
         checkpoint: CheckpointRecord {
             path: job.model.path.clone(),
             sha256: ck.sha256.clone(),
-            arch: ck.meta.arch.name().into(),
+            arch: ck.info.arch.clone(),
             classes: classes.clone(),
         },
         base: job.base.as_ref().map(|b| b.path.clone()),
@@ -351,7 +357,7 @@ pub fn audit(job: &AuditJob, progress: Progress) -> Result<AuditOutcome> {
     let blocks = page::audit_blocks(&PageInput {
         name: &job.model.path.display().to_string(),
         document: &document,
-        meta: &ck.meta,
+        model: &ck,
         images: &images,
         pre: &pre,
     })?;

@@ -18,8 +18,7 @@ use crate::inputs::{ModelSource, PreprocessSettings};
 use crate::output::{write_file, write_json};
 use crate::progress::{Event, Progress};
 use crate::train::{
-    evaluate_checkpoint, finetune, metrics_table, DataSplit, EvalSettings, FinetuneSettings,
-    Reading,
+    evaluate_model, finetune, metrics_table, DataSplit, EvalSettings, FinetuneSettings, Reading,
 };
 
 /// The demo's fine-tuning recipe, the same for the clean and the shortcut task: 8 epochs of
@@ -108,12 +107,12 @@ pub fn demo(s: &DemoSettings, progress: Progress) -> Result<DemoOutcome> {
     progress(Event::Info(format!(
         "\npretrained fixture: {} ({}, {} classes, sha256 {})",
         s.fixture.display(),
-        ck.meta.arch,
-        ck.meta.num_classes,
+        ck.info.arch,
+        ck.info.classes.len(),
         &ck.sha256[..12]
     )));
     let test = pre.images(Split::Test);
-    let eval = evaluate_checkpoint(
+    let eval = evaluate_model(
         &ck,
         &EvalSettings {
             model: fixture.clone(),

@@ -9,14 +9,14 @@ use candle_core::Tensor;
 use finelens_attrib::{Attributor, EmbeddingNorm, MethodOptions, MethodSpec, Target};
 use finelens_data::synth::{render, Split, SynthConfig, Task};
 use finelens_drift::{
-    representation_drift, spearman, top_k_iou, weight_drift, RepresentationDrift, WeightDrift,
-    WeightDriftOptions,
+    representation_drift, spearman, top_k_iou, weight_drift_described, RepresentationDrift,
+    WeightDrift, WeightDriftOptions,
 };
 use finelens_models::{checkpoint, Classifier};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{input, settings, Result};
-use crate::inputs::{self, check_fraction, Analysed, ModelSource, PreprocessSettings};
+use crate::inputs::{self, check_fraction, ModelSource, PreprocessSettings};
 use crate::output::{write_file, write_json, OutputDir, Versioned};
 use crate::progress::{Event, Progress};
 
@@ -291,13 +291,14 @@ pub fn drift_figures(
 pub fn drift(s: &DriftSettings, progress: Progress) -> Result<DriftReport> {
     s.check()?;
     let started = Instant::now();
-    let weights = weight_drift(
+    let weights = weight_drift_described(
         &s.before.path,
         &s.after.path,
         WeightDriftOptions {
             spectral: s.spectral,
             ..Default::default()
         },
+        s.after.description()?,
     )?;
     progress(Event::Info(format!(
         "weight drift: {} tensors compared ({:.1} MB read), {} batch-norm statistics; added {}, removed {}, reshaped {}",
@@ -345,14 +346,14 @@ pub fn drift(s: &DriftSettings, progress: Progress) -> Result<DriftReport> {
     if s.probe != Probe::None {
         let ck0 = s.before.load()?;
         let ck1 = s.after.load()?;
-        let pre = s.preprocess.resolve(&ck1.meta)?;
-        if s.preprocess.resolve(&ck0.meta)? != pre {
+        let pre = s.preprocess.resolve(&ck1.info)?;
+        if s.preprocess.resolve(&ck0.info)? != pre {
             progress(Event::Warning(
                 "warning: the checkpoints record different preprocessing; the fine-tuned model's is used for both".into(),
             ));
         }
-        let a0 = Analysed::new(&ck0)?;
-        let a1 = Analysed::new(&ck1)?;
+        let a0 = ck0.analysed()?;
+        let a1 = ck1.analysed()?;
         let (m0, m1) = (a0.model.as_ref(), a1.model.as_ref());
         let images = probe_images(s, &pre, progress)?;
         if images.len() < MIN_CKA_BATCH {
@@ -395,7 +396,7 @@ pub fn drift(s: &DriftSettings, progress: Progress) -> Result<DriftReport> {
             let method =
                 inputs::build_methods(std::slice::from_ref(&s.explain_method), &s.shared, &pre)?
                     .remove(0);
-            let same = ck0.meta.class_names == ck1.meta.class_names;
+            let same = ck0.info.classes == ck1.info.classes;
             let n = s.explain_images.min(images.len());
             let ex =
                 explanation_drift(m0, m1, same, method.as_ref(), &images[..n], s.top_fraction)?;

@@ -11,7 +11,7 @@ use finelens_report::heatmap::{self, ChannelReduce, Scale};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{input, settings, Context, PipelineError, Result};
-use crate::inputs::{self, Analysed, ModelSource, PreprocessRecord, PreprocessSettings};
+use crate::inputs::{self, ModelSource, PreprocessRecord, PreprocessSettings};
 use crate::output::{write_file, write_json, OutputDir, Versioned};
 use crate::progress::{Event, Progress};
 
@@ -140,12 +140,12 @@ fn scale_of(sign: Sign) -> Scale {
 /// is kept as `<out>.partial`.
 pub fn explain(s: &ExplainSettings, progress: Progress) -> Result<ExplainReport> {
     s.check()?;
-    let ck = s.model.load()?;
-    let pre = s.preprocess.resolve(&ck.meta)?;
-    let classes = &ck.meta.class_names;
+    let m = s.model.load()?;
+    let pre = s.preprocess.resolve(&m.info)?;
+    let classes = &m.info.classes;
     let target = Target::parse(&s.target, classes)?;
     let methods = inputs::build_methods(&s.methods, &s.shared, &pre)?;
-    let analysed = Analysed::new(&ck)?;
+    let analysed = m.analysed()?;
     let model = analysed.model.as_ref();
     for m in &methods {
         m.check(model)?;
@@ -153,9 +153,9 @@ pub fn explain(s: &ExplainSettings, progress: Progress) -> Result<ExplainReport>
     let found = inputs::discover(&s.input, s.strict, s.limit, progress)?;
     let mut report = ExplainReport {
         schema_version: ExplainReport::SCHEMA.into(),
-        checkpoint: ck.path.clone(),
-        sha256: ck.sha256.clone(),
-        arch: ck.meta.arch.name().into(),
+        checkpoint: m.path.clone(),
+        sha256: m.sha256.clone(),
+        arch: m.info.arch.clone(),
         classes: classes.clone(),
         preprocess: (&pre).into(),
         target: s.target.clone(),

@@ -1,23 +1,64 @@
 //! What jobs read: checkpoints (with the model they describe), preprocessing, images.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use finelens_data::transforms::load_rgb;
 use finelens_data::{Inputs, OnBadImage, Preprocess};
 use finelens_models::checkpoint::{self, Checkpoint, Metadata};
-use finelens_models::{Arch, Classifier, ParamStore, ResNet};
+use finelens_models::{
+    Arch, Classifier, ModelConfig, ModelDescription, ParamSpec, ParamStore, ResNet,
+};
 use serde::{Deserialize, Serialize};
 
-use crate::error::{settings, Result};
+use crate::error::{input, settings, Result};
 use crate::progress::{Event, Progress};
 
-/// A checkpoint, and its architecture when the file records none (a bare torchvision state
-/// dict).
+/// What a job needs to know about a model besides its weights (finelens checkpoints record it
+/// in their metadata; a [`ModelFamily`] says it itself).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    pub arch: String,
+    pub classes: Vec<String>,
+    pub input_size: usize,
+    /// Share of the resized image the evaluation crop keeps.
+    pub crop_pct: f32,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl From<&Metadata> for ModelInfo {
+    fn from(m: &Metadata) -> Self {
+        Self {
+            arch: m.arch.name().into(),
+            classes: m.class_names.clone(),
+            input_size: m.input_size,
+            crop_pct: m.crop_pct,
+            mean: m.mean,
+            std: m.std,
+        }
+    }
+}
+
+/// A kind of model the jobs can load from a safetensors file besides finelens's own: any
+/// [`Classifier`] with parameter specs. The ResNets need none (their checkpoints describe
+/// themselves); a new family implements this and every analysis job takes it unchanged.
+pub trait ModelFamily: Send + Sync + std::fmt::Debug {
+    fn info(&self) -> ModelInfo;
+    /// Names, shapes and initialisation of every tensor: a file is checked against them, and the
+    /// sanity checks re-initialise from them.
+    fn param_specs(&self) -> Vec<ParamSpec>;
+    fn build(&self, store: &ParamStore) -> finelens_models::Result<Box<dyn Classifier>>;
+}
+
+/// A model file, and how to read it: a finelens or torchvision checkpoint (its architecture
+/// given when the file records none), or a file of another [`ModelFamily`].
 #[derive(Debug, Clone)]
 pub struct ModelSource {
     pub path: PathBuf,
     pub arch: Option<Arch>,
+    pub family: Option<Arc<dyn ModelFamily>>,
 }
 
 impl ModelSource {
@@ -25,32 +66,123 @@ impl ModelSource {
         Self {
             path: path.into(),
             arch: None,
+            family: None,
         }
     }
 
-    pub fn load(&self) -> Result<Checkpoint> {
+    pub fn of_family(path: impl Into<PathBuf>, family: Arc<dyn ModelFamily>) -> Self {
+        Self {
+            family: Some(family),
+            ..Self::new(path)
+        }
+    }
+
+    /// The file as a finelens checkpoint (what training and fine-tuning take).
+    pub fn checkpoint(&self) -> Result<Checkpoint> {
+        if self.family.is_some() {
+            return Err(input(
+                &self.path,
+                "training takes finelens or torchvision checkpoints, not another model family",
+            ));
+        }
         Ok(checkpoint::load(&self.path, self.arch)?)
+    }
+
+    /// How a family without finelens metadata describes itself (weight drift reads the files,
+    /// not the model); `None` for finelens checkpoints, whose metadata says it.
+    pub fn description(&self) -> Result<Option<ModelDescription>> {
+        match &self.family {
+            None => Ok(None),
+            Some(f) => Ok(Some(
+                f.build(&ParamStore::init(&f.param_specs(), 0, &Device::Cpu)?)?
+                    .describe(),
+            )),
+        }
+    }
+
+    /// The model, for analysis.
+    pub fn load(&self) -> Result<LoadedModel> {
+        match &self.family {
+            None => Ok(self.checkpoint()?.into()),
+            Some(f) => {
+                let (tensors, sha256) = checkpoint::read_tensors(&self.path)?;
+                let info = f.info();
+                let specs = f.param_specs();
+                let store = ParamStore::from_tensors(&specs, tensors, &self.path, &info.arch)?;
+                Ok(LoadedModel {
+                    path: self.path.clone(),
+                    sha256,
+                    store,
+                    info,
+                    meta: None,
+                    specs,
+                    family: Family::Custom(f.clone()),
+                })
+            }
+        }
     }
 }
 
-/// The model a checkpoint describes, built over `store`. The one place that maps a checkpoint's
-/// architecture to its `Classifier`.
-pub fn build_model(ck: &Checkpoint, store: &ParamStore) -> Result<Box<dyn Classifier>> {
-    Ok(Box::new(ResNet::new(ck.config()?, store)?))
+#[derive(Debug, Clone)]
+enum Family {
+    ResNet(ModelConfig),
+    Custom(Arc<dyn ModelFamily>),
 }
 
-/// A model for analysis: every tensor detached (explaining differentiates the input only).
+/// A loaded model file: weights, what it is, and how to build its `Classifier`.
+pub struct LoadedModel {
+    pub path: PathBuf,
+    pub sha256: String,
+    pub store: ParamStore,
+    pub info: ModelInfo,
+    /// finelens metadata (lineage, head, training record), for a finelens checkpoint.
+    pub meta: Option<Metadata>,
+    specs: Vec<ParamSpec>,
+    family: Family,
+}
+
+impl From<Checkpoint> for LoadedModel {
+    fn from(ck: Checkpoint) -> Self {
+        let config = ck
+            .config()
+            .expect("a loaded checkpoint's metadata is valid");
+        Self {
+            info: (&ck.meta).into(),
+            specs: config.param_specs(),
+            path: ck.path,
+            sha256: ck.sha256,
+            store: ck.store,
+            meta: Some(ck.meta),
+            family: Family::ResNet(config),
+        }
+    }
+}
+
+impl LoadedModel {
+    /// The model over `store` (these weights, or others of the same specs).
+    pub fn build(&self, store: &ParamStore) -> Result<Box<dyn Classifier>> {
+        Ok(match &self.family {
+            Family::ResNet(config) => Box::new(ResNet::new(*config, store)?),
+            Family::Custom(f) => f.build(store)?,
+        })
+    }
+
+    pub fn param_specs(&self) -> &[ParamSpec] {
+        &self.specs
+    }
+
+    /// The model for analysis: every tensor detached (explaining differentiates the input only).
+    pub fn analysed(&self) -> Result<Analysed> {
+        let store = self.store.frozen_as(DType::F32)?;
+        let model = self.build(&store)?;
+        Ok(Analysed { store, model })
+    }
+}
+
+/// A model with its detached weights.
 pub struct Analysed {
     pub store: ParamStore,
     pub model: Box<dyn Classifier>,
-}
-
-impl Analysed {
-    pub fn new(ck: &Checkpoint) -> Result<Self> {
-        let store = ck.store.frozen_as(DType::F32)?;
-        let model = build_model(ck, &store)?;
-        Ok(Self { store, model })
-    }
 }
 
 /// How images become model inputs, overriding what the checkpoint records (or, for a bare
@@ -68,13 +200,13 @@ pub struct PreprocessSettings {
 }
 
 impl PreprocessSettings {
-    /// The preprocessing in force for a model with this metadata.
-    pub fn resolve(&self, meta: &Metadata) -> Result<Preprocess> {
+    /// The preprocessing in force for this model.
+    pub fn resolve(&self, info: &ModelInfo) -> Result<Preprocess> {
         let pre = Preprocess {
-            size: self.input_size.unwrap_or(meta.input_size),
-            crop_pct: self.crop_pct.unwrap_or(meta.crop_pct),
-            mean: self.mean.unwrap_or(meta.mean),
-            std: self.std.unwrap_or(meta.std),
+            size: self.input_size.unwrap_or(info.input_size),
+            crop_pct: self.crop_pct.unwrap_or(info.crop_pct),
+            mean: self.mean.unwrap_or(info.mean),
+            std: self.std.unwrap_or(info.std),
         };
         pre.check()?;
         Ok(pre)
@@ -82,7 +214,7 @@ impl PreprocessSettings {
 
     /// Record these overrides in checkpoint metadata (what a fine-tuned model was trained with).
     pub fn apply(&self, meta: &mut Metadata) -> Result<()> {
-        let pre = self.resolve(meta)?;
+        let pre = self.resolve(&ModelInfo::from(&*meta))?;
         meta.input_size = pre.size;
         meta.crop_pct = pre.crop_pct;
         meta.mean = pre.mean;

@@ -4,12 +4,12 @@
 use finelens_audit::policy::{Bound, Verdict};
 use finelens_audit::run::AuditImage;
 use finelens_data::Preprocess;
-use finelens_models::checkpoint::Metadata;
 use finelens_report::heatmap::{self, Scale};
 use finelens_report::html::{Block, Card, Cell, Figure, Status};
 
 use crate::audit::{AuditDocument, EXPLANATION_DRIFT_TOP_FRACTION};
 use crate::error::Result;
+use crate::inputs::LoadedModel;
 use crate::output::png_bytes as png;
 
 /// The pass/fail table as text, for a terminal or a log.
@@ -42,7 +42,7 @@ fn bound_sign(b: Bound) -> &'static str {
 pub struct PageInput<'a> {
     pub name: &'a str,
     pub document: &'a AuditDocument,
-    pub meta: &'a Metadata,
+    pub model: &'a LoadedModel,
     pub images: &'a [AuditImage],
     pub pre: &'a Preprocess,
 }
@@ -76,7 +76,7 @@ fn facts(rows: Vec<(&str, String)>) -> Block {
 pub fn audit_blocks(p: &PageInput) -> Result<Vec<Block>> {
     let d = p.document;
     let r = &d.audit;
-    let classes = &p.meta.class_names;
+    let classes = &p.model.info.classes;
     let mut b = vec![Block::Heading(2, p.name.to_owned())];
     let mut badges = vec![(
         if d.pass {
@@ -123,11 +123,18 @@ pub fn audit_blocks(p: &PageInput) -> Result<Vec<Block>> {
     ));
 
     b.push(Block::Heading(3, "Model card".into()));
-    let training = finelens_tune::TrainingRecord::of(p.meta)?;
+    let meta = p.model.meta.as_ref();
+    let training = match meta {
+        Some(m) => finelens_tune::TrainingRecord::of(m)?,
+        None => None,
+    };
     let mut card = vec![
         (
             "architecture",
-            format!("{} (head {})", p.meta.arch, p.meta.head),
+            match meta {
+                Some(m) => format!("{} (head {})", m.arch, m.head),
+                None => p.model.info.arch.clone(),
+            },
         ),
         ("classes", classes.join(", ")),
         (
@@ -148,9 +155,7 @@ pub fn audit_blocks(p: &PageInput) -> Result<Vec<Block>> {
         ),
         (
             "parent checkpoint (SHA-256)",
-            p.meta
-                .parent_sha256
-                .clone()
+            meta.and_then(|m| m.parent_sha256.clone())
                 .unwrap_or_else(|| "none recorded".into()),
         ),
     ];

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use finelens_data::{Augment, ImageFolder, Loader, Preprocess, Sample};
-use finelens_models::checkpoint::{self, Checkpoint, Metadata};
+use finelens_models::checkpoint::{self, Metadata};
 use finelens_models::{Arch, Head, ModelConfig, ParamStore};
 use finelens_tune::{
     fit, EpochRecord, FinetuneEvent, FinetuneJob, FreezePolicy, HeadChoice, Metrics, Start,
@@ -15,7 +15,7 @@ use finelens_tune::{
 use serde::{Deserialize, Serialize};
 
 use crate::error::{input, Context, Result};
-use crate::inputs::{build_model, on_bad, ModelSource, PreprocessSettings};
+use crate::inputs::{on_bad, LoadedModel, ModelSource, PreprocessSettings};
 use crate::output::{create_dir, write_file, write_json, Versioned};
 use crate::progress::{Event, Progress};
 
@@ -252,7 +252,7 @@ impl Versioned for MetricsReport {
 }
 
 pub fn finetune(s: &FinetuneSettings, progress: Progress) -> Result<MetricsReport> {
-    let mut parent = s.parent.load()?;
+    let mut parent = s.parent.checkpoint()?;
     s.preprocess.apply(&mut parent.meta)?;
     let freeze = FreezePolicy::parse(&s.freeze)?;
     s.config.check()?;
@@ -360,30 +360,30 @@ impl Versioned for EvaluationReport {
 }
 
 /// Evaluate a loaded checkpoint on an ImageFolder whose classes must be its own.
-pub fn evaluate_checkpoint(
-    ck: &Checkpoint,
+pub fn evaluate_model(
+    ck: &LoadedModel,
     s: &EvalSettings,
     progress: Progress,
 ) -> Result<EvaluationReport> {
     let folder = open_folder(&s.data, s.strict, progress)?;
-    if folder.classes != ck.meta.class_names {
+    if folder.classes != ck.info.classes {
         return Err(input(
             &folder.root,
             format!(
                 "classes [{}] do not match the checkpoint's [{}]",
                 folder.classes.join(", "),
-                ck.meta.class_names.join(", ")
+                ck.info.classes.join(", ")
             ),
         ));
     }
-    let model = build_model(ck, &ck.store)?;
-    let pre = s.preprocess.resolve(&ck.meta)?;
+    let model = ck.build(&ck.store)?;
+    let pre = s.preprocess.resolve(&ck.info)?;
     let loader = eval_loader(pre, s.batch_size, s.strict);
     let metrics = finelens_tune::evaluate(
         model.as_ref(),
         &folder.samples,
         &loader,
-        &ck.meta.class_names,
+        &ck.info.classes,
         &Device::Cpu,
     )?;
     Ok(EvaluationReport {
@@ -397,7 +397,7 @@ pub fn evaluate_checkpoint(
 
 pub fn evaluate(s: &EvalSettings, progress: Progress) -> Result<EvaluationReport> {
     let ck = s.model.load()?;
-    evaluate_checkpoint(&ck, s, progress)
+    evaluate_model(&ck, s, progress)
 }
 
 /// The metrics as a table, for a terminal.
