@@ -297,12 +297,31 @@ mod tests {
         let (a, b, c) = (run(7), run(7), run(8));
         assert_eq!(a[1].map, b[1].map, "same seed, same map");
         assert_ne!(a[1].map, c[1].map, "another seed, another map");
-        // Noise does change the map, and the squared variant is non-negative.
+        // Noise does change the map.
         assert_ne!(a[0].map, plain[0].map);
-        let sq = SmoothGrad::new(3, 0.15, Aggregate::MeanOfSquares, 7)
+        // SmoothGrad² without noise is the squared gradient; with noise, the mean of squares is
+        // at least the square of the mean (Jensen), element by element, over the same draws.
+        let sq0 = SmoothGrad::new(4, 0.0, Aggregate::MeanOfSquares, 1)
             .attribute(&model, &x, &targets)
             .unwrap();
-        assert!(sq[0].map.iter().all(|v| *v >= 0.0));
+        let want = plain[0].map.mapv(|g| g * g);
+        let err = (&sq0[0].map - &want)
+            .iter()
+            .fold(0f32, |m, v| m.max(v.abs()));
+        assert!(
+            err <= 1e-5 * scale,
+            "σ = 0: SmoothGrad² differs from g² by {err}"
+        );
+        let sq = SmoothGrad::new(6, 0.15, Aggregate::MeanOfSquares, 7)
+            .attribute(&model, &x, &targets)
+            .unwrap();
+        for (m2, m) in sq[1].map.iter().zip(a[1].map.iter()) {
+            assert!(
+                *m2 >= m * m * (1.0 - 1e-5),
+                "E[g²] = {m2} < E[g]² = {}",
+                m * m
+            );
+        }
     }
 
     #[test]
