@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::Args;
 use finelens_models::{Arch, Head};
 use finelens_pipeline::train::{
@@ -127,6 +127,14 @@ pub struct FinetuneArgs {
     data_args: DataArgs,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Optimizer {
+    /// SGD with momentum (PyTorch's update rule).
+    Sgd,
+    /// AdamW (decoupled weight decay).
+    Adamw,
+}
+
 #[derive(Args)]
 struct Hyperparams {
     /// Passes over the training set.
@@ -135,9 +143,9 @@ struct Hyperparams {
     /// Peak learning rate.
     #[arg(long, default_value_t = 0.05)]
     lr: f64,
-    /// sgd or adamw.
-    #[arg(long, default_value = "sgd")]
-    optimizer: String,
+    /// The optimiser.
+    #[arg(long, value_enum, default_value_t = Optimizer::Sgd)]
+    optimizer: Optimizer,
     /// SGD momentum.
     #[arg(long, default_value_t = 0.9)]
     momentum: f64,
@@ -166,10 +174,9 @@ struct Hyperparams {
 
 impl Hyperparams {
     fn config(&self, batch_size: usize, backbone_lr_mult: f64) -> Result<TrainConfig> {
-        let optimizer = match self.optimizer.as_str() {
-            "sgd" => OptimizerConfig::sgd(self.momentum, self.nesterov, self.weight_decay),
-            "adamw" => OptimizerConfig::adamw(self.weight_decay),
-            o => bail!("unknown optimizer `{o}` (expected sgd or adamw)"),
+        let optimizer = match self.optimizer {
+            Optimizer::Sgd => OptimizerConfig::sgd(self.momentum, self.nesterov, self.weight_decay),
+            Optimizer::Adamw => OptimizerConfig::adamw(self.weight_decay),
         };
         let cfg = TrainConfig {
             epochs: self.epochs,

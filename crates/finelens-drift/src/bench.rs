@@ -2,7 +2,6 @@
 //! checkpoints of a given size (throughput against the bytes read, and peak resident memory), and
 //! minibatch CKA over a probe set.
 
-use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
@@ -68,38 +67,32 @@ pub fn write_generated_checkpoint(
     while header.len() % 8 != 0 {
         header.push(' ');
     }
-    let tmp = path.with_extension("partial");
-    let mut f =
-        std::io::BufWriter::with_capacity(1 << 22, std::fs::File::create(&tmp).map_err(io(&tmp))?);
-    f.write_all(&(header.len() as u64).to_le_bytes())
-        .map_err(io(&tmp))?;
-    f.write_all(header.as_bytes()).map_err(io(&tmp))?;
     let mut rng = ChaCha8Rng::seed_from_u64(base_seed.unwrap_or(seed));
     let mut noise = ChaCha8Rng::seed_from_u64(seed);
-    let mut piece = Vec::with_capacity(1 << 20);
     let scale = 1.0 / (cols as f32).sqrt();
-    for _ in 0..tensors {
-        let mut left = rows * cols;
-        while left > 0 {
-            let m = left.min(1 << 18);
-            piece.clear();
-            for _ in 0..m {
-                // Uniform(−√3, √3)·scale has unit variance times scale; cheap to draw.
-                let mut v = (rng.random::<f32>() * 2.0 - 1.0) * 1.732 * scale;
-                if base_seed.is_some() {
-                    v += (noise.random::<f32>() * 2.0 - 1.0) * 0.01732 * scale;
+    finelens_models::checkpoint::write_atomic_with(path, |f| {
+        f.write_all(&(header.len() as u64).to_le_bytes())?;
+        f.write_all(header.as_bytes())?;
+        let mut piece = Vec::with_capacity(1 << 20);
+        for _ in 0..tensors {
+            let mut left = rows * cols;
+            while left > 0 {
+                let m = left.min(1 << 18);
+                piece.clear();
+                for _ in 0..m {
+                    // Uniform(−√3, √3)·scale has unit variance times scale; cheap to draw.
+                    let mut v = (rng.random::<f32>() * 2.0 - 1.0) * 1.732 * scale;
+                    if base_seed.is_some() {
+                        v += (noise.random::<f32>() * 2.0 - 1.0) * 0.01732 * scale;
+                    }
+                    piece.extend_from_slice(&v.to_le_bytes());
                 }
-                piece.extend_from_slice(&v.to_le_bytes());
+                f.write_all(&piece)?;
+                left -= m;
             }
-            f.write_all(&piece).map_err(io(&tmp))?;
-            left -= m;
         }
-    }
-    f.into_inner()
-        .map_err(|e| io(&tmp)(e.into_error()))?
-        .sync_all()
-        .map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))?;
+        Ok(())
+    })?;
     Ok(())
 }
 

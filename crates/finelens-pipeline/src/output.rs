@@ -72,10 +72,7 @@ pub fn create_dir(dir: &Path) -> Result<()> {
 
 /// A PNG's bytes.
 pub fn png_bytes(img: &image::RgbImage) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
-        .map_err(|e| PipelineError::Settings(format!("cannot encode a PNG: {e}")))?;
-    Ok(out)
+    Ok(finelens_report::heatmap::png(img)?)
 }
 
 /// An output directory being written: files go to [`OutputDir::path`], a temporary directory

@@ -1,23 +1,11 @@
 //! Drift figures: how much each layer moved (horizontal bars in network order) and the layer ×
 //! layer CKA matrix between two models (a heat map with the values written in).
 
-use image::ImageEncoder;
 use plotters::prelude::*;
 
 use crate::heatmap::{colour, Scale};
 use crate::plot::register_font;
 use crate::{ReportError, Result};
-
-fn encode(rgb: &[u8], w: u32, h: u32, what: &str) -> Result<Vec<u8>> {
-    let mut png = Vec::new();
-    image::codecs::png::PngEncoder::new(&mut png)
-        .write_image(rgb, w, h, image::ExtendedColorType::Rgb8)
-        .map_err(|e| ReportError::Draw {
-            what: what.into(),
-            reason: e.to_string(),
-        })?;
-    Ok(png)
-}
 
 fn draw_err(what: &'static str) -> impl Fn(String) -> ReportError {
     move |reason| ReportError::Draw {
@@ -77,7 +65,7 @@ pub fn layer_bars(title: &str, labels: &[String], values: &[f64]) -> Result<Vec<
         chart.draw_series(bars).map_err(|e| err(e.to_string()))?;
         root.present().map_err(|e| err(e.to_string()))?;
     }
-    encode(&rgb, w, h, "layer drift chart")
+    crate::encode_png(&rgb, w, h, "layer drift chart")
 }
 
 /// The rows × cols matrix of values in [0, 1] as coloured cells (viridis) with each value
@@ -147,7 +135,7 @@ pub fn matrix_heatmap(
         }
         root.present().map_err(|e| err(e.to_string()))?;
     }
-    encode(&rgb, w, h, "CKA heat map")
+    crate::encode_png(&rgb, w, h, "CKA heat map")
 }
 
 #[cfg(test)]

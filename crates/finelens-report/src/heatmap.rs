@@ -1,7 +1,7 @@
 //! Attribution maps as pictures: channel reduction, Captum-style outlier clipping, colour maps,
 //! heat maps and overlays, returned as PNG bytes.
 
-use image::{ImageEncoder, RgbImage};
+use image::RgbImage;
 use ndarray::{Array2, ArrayView2, ArrayView3, Axis};
 
 use crate::{ReportError, Result};
@@ -130,19 +130,7 @@ pub fn display_factor(side: usize) -> usize {
 
 /// PNG bytes of an image.
 pub fn png(img: &RgbImage) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    image::codecs::png::PngEncoder::new(&mut out)
-        .write_image(
-            img.as_raw(),
-            img.width(),
-            img.height(),
-            image::ExtendedColorType::Rgb8,
-        )
-        .map_err(|e| ReportError::Draw {
-            what: "heat map".into(),
-            reason: e.to_string(),
-        })?;
-    Ok(out)
+    crate::encode_png(img.as_raw(), img.width(), img.height(), "image")
 }
 
 fn upscale(img: RgbImage, k: usize) -> RgbImage {

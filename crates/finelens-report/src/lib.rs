@@ -20,3 +20,16 @@ pub enum ReportError {
 }
 
 pub type Result<T> = std::result::Result<T, ReportError>;
+
+/// PNG bytes of 8-bit RGB pixels, row-major: the one encoder every figure goes through.
+pub fn encode_png(rgb: &[u8], width: u32, height: u32, what: &str) -> Result<Vec<u8>> {
+    use image::ImageEncoder;
+    let mut png = Vec::new();
+    image::codecs::png::PngEncoder::new(&mut png)
+        .write_image(rgb, width, height, image::ExtendedColorType::Rgb8)
+        .map_err(|e| ReportError::Draw {
+            what: what.into(),
+            reason: e.to_string(),
+        })?;
+    Ok(png)
+}

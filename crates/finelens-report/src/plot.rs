@@ -2,7 +2,6 @@
 
 use std::sync::Once;
 
-use image::ImageEncoder;
 use plotters::prelude::*;
 
 use crate::{ReportError, Result};
@@ -79,11 +78,7 @@ pub fn training_curves(loss: &[Series], accuracy: &[Series]) -> Result<Vec<u8>> 
         panel(&right, "accuracy", accuracy, epochs, 0.0..1.0).map_err(&err)?;
         root.present().map_err(|e| err(e.to_string()))?;
     }
-    let mut png = Vec::new();
-    image::codecs::png::PngEncoder::new(&mut png)
-        .write_image(&rgb, WIDTH, HEIGHT, image::ExtendedColorType::Rgb8)
-        .map_err(|e| err(e.to_string()))?;
-    Ok(png)
+    crate::encode_png(&rgb, WIDTH, HEIGHT, "training curves")
 }
 
 fn panel<DB: DrawingBackend>(
