@@ -6,7 +6,7 @@ demo:
 
 # Every test (unit, numerical and end-to-end), as CI runs them.
 test:
-    cargo test -j 2
+    cargo test -j 2 --no-fail-fast
 
 # Benchmarks on this machine: training throughput, explanation time per method.
 bench:
