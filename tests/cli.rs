@@ -367,6 +367,7 @@ fn every_command_documents_its_options() {
         vec!["bench", "explain", "--help"],
         vec!["drift", "--help"],
         vec!["audit", "--help"],
+        vec!["merge", "--help"],
         vec!["bench", "drift", "--help"],
     ] {
         let o = finelens(&cmd);

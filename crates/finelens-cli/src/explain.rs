@@ -44,6 +44,10 @@ pub struct ExplainArgs {
     /// Fail on an image that cannot be decoded instead of skipping it with a warning.
     #[arg(long)]
     strict: bool,
+    /// Explain only shard I of N (0 ≤ I < N), chosen by a stable hash of each image's path;
+    /// `finelens merge` combines the shards' outputs (deploy/ has Kubernetes and Slurm examples).
+    #[arg(long, value_name = "I/N")]
+    shard: Option<finelens_pipeline::shard::Shard>,
     /// Heat maps: clip the largest values holding this percentage of the attribution mass
     /// (Captum's outlier_perc).
     #[arg(long, default_value_t = heatmap::DEFAULT_OUTLIER_PERC)]
@@ -126,6 +130,7 @@ impl ExplainArgs {
             outlier_perc: self.outlier_perc,
             out: self.out.clone(),
             force: self.force,
+            shard: self.shard,
         })
     }
 }

@@ -64,6 +64,9 @@ enum Command {
     /// faithfulness, localisation against masks, shortcut detection, completeness, drift from a
     /// base; a policy's pass/fail table. Exit status 0 = all pass, 1 = a check fails, 2 = error.
     Audit(audit::AuditArgs),
+    /// Combine the outputs of every shard of one `explain --shard I/N` run into what a single
+    /// run would have written.
+    Merge(MergeArgs),
     /// Benchmarks (speed is measured here, never in tests).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -164,6 +167,19 @@ struct InspectArgs {
 }
 
 #[derive(Args)]
+struct MergeArgs {
+    /// The shards' output directories, in any order.
+    #[arg(required = true)]
+    shards: Vec<PathBuf>,
+    /// Where the merged output goes.
+    #[arg(long)]
+    out: PathBuf,
+    /// Replace an existing output directory.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
 struct DemoArgs {
     /// The pretrained checkpoint to fine-tune.
     #[arg(long, default_value = FIXTURE)]
@@ -221,6 +237,10 @@ fn run(cli: Cli) -> Result<u8> {
         Command::Finetune(a) => train::finetune_cmd(a),
         Command::Explain(a) => explain::explain_cmd(a),
         Command::Drift(a) => drift::drift_cmd(a),
+        Command::Merge(a) => progress::run(|p| {
+            finelens_pipeline::merge::merge_explain(&a.shards, &a.out, a.force, p)
+        })
+        .map(|_| ()),
         Command::Bench(B::Drift(a)) => bench::bench_drift(a),
         Command::Bench(B::Demo(a)) => {
             let s = demo(DemoArgs {

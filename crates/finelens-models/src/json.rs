@@ -38,6 +38,25 @@ mod tests {
         m: Vec<Vec<f64>>,
     }
 
+    /// With serde_json's `float_roundtrip` (set in the workspace), every f64 reads back as the
+    /// very value written; the default parser can be an ulp off (0.37004830130749156 came back as
+    /// 0.3700483013074915), which broke the equality of merged shards with a single run.
+    #[test]
+    fn every_f64_reads_back_exactly() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        for _ in 0..20_000 {
+            let x: f64 = rng.random::<f64>() * 10f64.powi(rng.random_range(-8..8));
+            let back: f64 = serde_json::from_str(&serde_json::to_string(&x).unwrap()).unwrap();
+            assert_eq!(back.to_bits(), x.to_bits(), "{x}");
+        }
+        let x = 0.37004830130749156f64;
+        assert_eq!(
+            serde_json::from_str::<f64>(&serde_json::to_string(&x).unwrap()).unwrap(),
+            x
+        );
+    }
+
     #[test]
     fn nan_goes_out_as_null_and_comes_back() {
         let f = Figures {

@@ -183,6 +183,7 @@ pub fn demo(s: &DemoSettings, progress: Progress) -> Result<DemoOutcome> {
             outlier_perc: finelens_report::heatmap::DEFAULT_OUTLIER_PERC,
             out: s.out.join("explain"),
             force: true,
+            shard: None,
         },
         progress,
     )?;

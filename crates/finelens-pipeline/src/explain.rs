@@ -14,6 +14,7 @@ use crate::error::{input, settings, Context, PipelineError, Result};
 use crate::inputs::{self, ModelSource, PreprocessRecord, PreprocessSettings};
 use crate::output::{write_file, write_json, OutputDir, Versioned};
 use crate::progress::{Event, Progress};
+use crate::shard::Shard;
 
 /// What `finelens explain` does.
 #[derive(Debug, Clone)]
@@ -34,6 +35,8 @@ pub struct ExplainSettings {
     pub outlier_perc: f32,
     pub out: PathBuf,
     pub force: bool,
+    /// Explain only this shard of the images.
+    pub shard: Option<Shard>,
 }
 
 impl ExplainSettings {
@@ -68,6 +71,10 @@ pub struct ExplainReport {
     pub methods: Vec<MethodRecord>,
     pub images: Vec<ExplainedImage>,
     pub skipped: Vec<Skipped>,
+    /// Images in the whole input set (all shards).
+    pub total_images: usize,
+    /// The shard this run explained; `None` for the whole set (or a merge of every shard).
+    pub shard: Option<Shard>,
 }
 
 impl Versioned for ExplainReport {
@@ -94,6 +101,8 @@ pub struct Skipped {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ExplainedImage {
+    /// Its place in the whole input set (in a shard, too).
+    pub index: usize,
     pub path: PathBuf,
     /// Its path under the input, file-name safe: the folder its outputs are in.
     pub id: String,
@@ -169,6 +178,8 @@ pub fn explain(s: &ExplainSettings, progress: Progress) -> Result<ExplainReport>
             })
             .collect(),
         images: Vec::new(),
+        total_images: found.images.len(),
+        shard: s.shard,
         skipped: found
             .skipped
             .iter()
@@ -178,7 +189,30 @@ pub fn explain(s: &ExplainSettings, progress: Progress) -> Result<ExplainReport>
             })
             .collect(),
     };
-    let total = found.images.len();
+    // Ids over the whole set, so that every shard names an image as one run would.
+    let mut used_ids = HashSet::new();
+    let ids: Vec<String> = found
+        .images
+        .iter()
+        .enumerate()
+        .map(|(index, (path, _))| {
+            let mut id = inputs::image_id(path, &found.root);
+            if !used_ids.insert(id.clone()) {
+                id = format!("{id}_{index}");
+                used_ids.insert(id.clone());
+            }
+            id
+        })
+        .collect();
+    let mine: Vec<usize> = (0..found.images.len())
+        .filter(|&k| {
+            s.shard.is_none_or(|sh| {
+                let path = &found.images[k].0;
+                sh.contains(path.strip_prefix(&found.root).unwrap_or(path))
+            })
+        })
+        .collect();
+    let total = mine.len();
     OutputDir::create(&s.out, s.force)?.run(|dir| {
         let json_path = dir.join("explain.json");
         progress(Event::Stage {
@@ -186,8 +220,9 @@ pub fn explain(s: &ExplainSettings, progress: Progress) -> Result<ExplainReport>
             total,
             unit: "images",
         });
-        let mut used_ids = HashSet::new();
-        for (done, (path, label)) in found.images.iter().enumerate() {
+        for (done, &index) in mine.iter().enumerate() {
+            let (path, label) = &found.images[index];
+            let id = ids[index].clone();
             let started = Instant::now();
             let Some((shown, x)) = inputs::read_image(path, &pre, s.strict, progress)? else {
                 report.skipped.push(Skipped {
@@ -198,11 +233,6 @@ pub fn explain(s: &ExplainSettings, progress: Progress) -> Result<ExplainReport>
                 continue;
             };
             let pred = finelens_attrib::predict(model, &x, &target)?.remove(0);
-            let mut id = inputs::image_id(path, &found.root);
-            if !used_ids.insert(id.clone()) {
-                id = format!("{id}_{done}");
-                used_ids.insert(id.clone());
-            }
             let image_dir = dir.join(&id);
             write_file(
                 &image_dir.join("input.png"),
@@ -254,6 +284,7 @@ pub fn explain(s: &ExplainSettings, progress: Progress) -> Result<ExplainReport>
                 );
             }
             report.images.push(ExplainedImage {
+                index,
                 path: path.clone(),
                 id: id.clone(),
                 label: label.clone(),
@@ -287,7 +318,7 @@ pub fn explain(s: &ExplainSettings, progress: Progress) -> Result<ExplainReport>
             });
         }
         progress(Event::StageEnd);
-        if report.images.is_empty() {
+        if report.images.is_empty() && s.shard.is_none() {
             return Err(input(&s.input, "no image could be explained"));
         }
         write_json(&json_path, &report)?;

@@ -15,9 +15,11 @@ pub mod drift;
 pub mod error;
 pub mod explain;
 pub mod inputs;
+pub mod merge;
 pub mod output;
 pub mod page;
 pub mod progress;
+pub mod shard;
 pub mod train;
 
 pub use error::{Context, PipelineError, Result};

@@ -182,6 +182,7 @@ fn a_model_family_defined_here_runs_through_explain_drift_and_audit() {
             outlier_perc: 2.0,
             out: d.path().join("explain"),
             force: false,
+            shard: None,
         },
         &mut quiet,
     )
