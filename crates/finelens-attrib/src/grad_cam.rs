@@ -36,8 +36,6 @@ impl GradCam {
         let mut activation: Option<Var> = None;
         // Replace the layer's output by a leaf variable: backward then stops there, and its
         // gradient is ∂F/∂A.
-        // The hook's signature is the models crate's (`Hook`).
-        #[allow(clippy::result_large_err)]
         let mut hook = |name: &str, t: &Tensor| -> finelens_models::Result<Option<Tensor>> {
             if name != layer {
                 return Ok(None);

@@ -7,7 +7,6 @@
 //! any `:` continues the previous method's settings. Averaged baselines are joined with `+`
 //! inside a spec (`baseline=zeros+blur`), with `+` or `,` on their own.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -500,14 +499,6 @@ pub fn build(spec: &MethodSpec, ctx: &BuildContext) -> Result<Box<dyn Attributor
         }
     };
     Ok(method)
-}
-
-/// Each spec's effective settings, for the record (`explain.json`, `report.json`).
-pub fn describe(specs: &[MethodSpec]) -> BTreeMap<String, MethodOptions> {
-    specs
-        .iter()
-        .map(|s| (s.method.name().to_owned(), s.options.clone()))
-        .collect()
 }
 
 #[cfg(test)]

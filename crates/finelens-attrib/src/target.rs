@@ -192,8 +192,6 @@ impl Classifier for EmbeddingNorm<'_> {
         mut hook: Option<finelens_models::resnet::Hook>,
     ) -> finelens_models::Result<Tensor> {
         let mut embedding = None;
-        // The hook's signature is the models crate's (`Hook`).
-        #[allow(clippy::result_large_err)]
         let mut inner = |name: &str, t: &Tensor| -> finelens_models::Result<Option<Tensor>> {
             let replaced = match hook.as_mut() {
                 Some(h) => h(name, t)?,

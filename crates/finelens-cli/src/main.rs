@@ -10,11 +10,10 @@ mod train;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
-use finelens_data::synth::{self, SynthConfig, Task};
+use finelens_data::synth::SynthConfig;
 use finelens_models::Arch;
 use finelens_pipeline::inputs::CheckpointSummary;
 use finelens_pipeline::{ModelSource, PreprocessSettings};
@@ -277,11 +276,6 @@ fn project_path(p: &Path) -> PathBuf {
 }
 
 fn synth_cmd(a: SynthArgs) -> Result<()> {
-    let tasks = if a.task == "all" {
-        Task::ALL.to_vec()
-    } else {
-        vec![Task::parse(&a.task)?]
-    };
     let cfg = SynthConfig {
         size: a.size,
         train_per_class: a.train_per_class,
@@ -289,18 +283,7 @@ fn synth_cmd(a: SynthArgs) -> Result<()> {
         test_per_class: a.test_per_class,
         seed: a.seed,
     };
-    for task in tasks {
-        let t = Instant::now();
-        let dir = synth::generate(&a.out, task, &cfg, a.force)?;
-        println!(
-            "{}: {} classes → {} ({:.1} s)",
-            task.name(),
-            task.shapes().len(),
-            dir.root.display(),
-            t.elapsed().as_secs_f64()
-        );
-    }
-    Ok(())
+    progress::run(|p| finelens_pipeline::train::synthesise(&a.out, &a.task, &cfg, a.force, p))
 }
 
 fn inspect(a: InspectArgs) -> Result<()> {

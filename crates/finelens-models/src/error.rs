@@ -18,13 +18,13 @@ pub enum ModelError {
         arch: String,
         detail: String,
     },
-    #[error("{path}: tensor {name} has shape {found:?}, {arch} expects {expected:?}")]
+    #[error("{path}: tensor {name} has shape {:?}, {arch} expects {:?}", shapes.found, shapes.expected)]
     Shape {
         path: PathBuf,
         name: String,
         arch: String,
-        expected: Vec<usize>,
-        found: Vec<usize>,
+        /// Boxed, so that every `Result` of this crate stays small.
+        shapes: Box<ShapeMismatch>,
     },
     #[error("{path}: tensor {name} has dtype {found}, expected {expected}")]
     DType {
@@ -52,3 +52,10 @@ pub enum ModelError {
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;
+
+/// The shape a tensor has and the one its architecture expects.
+#[derive(Debug)]
+pub struct ShapeMismatch {
+    pub expected: Vec<usize>,
+    pub found: Vec<usize>,
+}

@@ -175,8 +175,10 @@ impl ParamStore {
                     path: path.to_owned(),
                     name: spec.name.clone(),
                     arch: arch.to_owned(),
-                    expected: spec.shape.clone(),
-                    found: t.dims().to_vec(),
+                    shapes: Box::new(crate::error::ShapeMismatch {
+                        expected: spec.shape.clone(),
+                        found: t.dims().to_vec(),
+                    }),
                 });
             }
             let found = t.dtype();

@@ -289,7 +289,7 @@ pub fn audit(job: &AuditJob, progress: Progress) -> Result<AuditOutcome> {
                 &base.path,
                 &job.model.path,
                 WeightDriftOptions::default(),
-                job.model.description()?,
+                Some(description.clone()),
             )?;
             let b = base.load()?;
             let ba = b.analysed()?;

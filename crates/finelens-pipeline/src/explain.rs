@@ -3,7 +3,7 @@
 //! leaves a valid record of what it wrote).
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use finelens_attrib::{AttribError, Completeness, MethodOptions, MethodSpec, Sign, Target};
@@ -336,9 +336,4 @@ pub fn explain(s: &ExplainSettings, progress: Progress) -> Result<ExplainReport>
         s.out.join("explain.json").display()
     )));
     Ok(report)
-}
-
-/// Where a job writes under its output directory, for callers that only know the directory.
-pub fn report_path(out: &Path) -> PathBuf {
-    out.join("explain.json")
 }

@@ -422,3 +422,31 @@ pub fn metrics_table(m: &Metrics) -> String {
     }
     lines.join("\n")
 }
+
+/// Write the synthetic tasks (`all`, or one by name) under `out`; one line per task.
+pub fn synthesise(
+    out: &Path,
+    task: &str,
+    cfg: &finelens_data::SynthConfig,
+    force: bool,
+    progress: Progress,
+) -> Result<()> {
+    use finelens_data::Task;
+    let tasks = if task == "all" {
+        Task::ALL.to_vec()
+    } else {
+        vec![Task::parse(task)?]
+    };
+    for task in tasks {
+        let t = std::time::Instant::now();
+        let dir = finelens_data::synth::generate(out, task, cfg, force)?;
+        progress(Event::Info(format!(
+            "{}: {} classes → {} ({:.1} s)",
+            task.name(),
+            task.shapes().len(),
+            dir.root.display(),
+            t.elapsed().as_secs_f64()
+        )));
+    }
+    Ok(())
+}

@@ -32,7 +32,6 @@ struct TwoStageCnn {
     classes: usize,
 }
 
-#[allow(clippy::result_large_err)]
 fn tap(hook: &mut Option<Hook>, name: &str, t: Tensor) -> finelens_models::Result<Tensor> {
     match hook {
         Some(h) => Ok(h(name, &t)?.unwrap_or(t)),
