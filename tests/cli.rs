@@ -1384,6 +1384,22 @@ fn audit_exit_status_gates_and_bad_input() {
     let j = read_json(&out.join("report.json"));
     assert_eq!(j["pass"], false);
     assert_eq!(j["audit"]["methods"][0]["localisation"]["images"], 6);
+    // Without a terminal the audit logs every step: which stage, which image, and the time left.
+    let log = stderr(&o);
+    let steps: Vec<&str> = log
+        .lines()
+        .filter(|l| l.starts_with("saliency: attributions and faithfulness "))
+        .collect();
+    assert_eq!(steps.len(), 6, "{log}");
+    assert!(
+        steps[0].contains("1/6: circle__00000") && steps[0].contains("s left)"),
+        "{log}"
+    );
+    let sanity = log
+        .lines()
+        .filter(|l| l.starts_with("saliency: randomisation sanity check "))
+        .count();
+    assert_eq!(sanity, 12, "two randomised models per stage of six: {log}");
 
     // Lenient thresholds: exit 0.
     let lenient = policy(

@@ -89,6 +89,19 @@ pub struct AuditReport {
     pub primary: String,
 }
 
+/// What the audit reports as it goes: long audits (a ResNet-18 at 224×224) take minutes per
+/// method, and a log needs a line at least every few seconds of work.
+pub enum AuditProgress<'a> {
+    /// A phase begins: `total` steps of `unit`.
+    Phase {
+        name: String,
+        total: usize,
+        unit: &'static str,
+    },
+    /// `done` steps of the current phase are finished; `item` names the last.
+    Step { done: usize, item: &'a str },
+}
+
 /// Run every check. The explained class is the model's prediction.
 pub fn audit(
     model: &dyn Classifier,
@@ -96,6 +109,7 @@ pub fn audit(
     images: &[AuditImage],
     class_names: &[String],
     settings: &AuditSettings,
+    progress: &mut dyn FnMut(AuditProgress),
 ) -> Result<AuditReport> {
     if images.is_empty() || settings.methods.is_empty() {
         return Err(AuditError::Settings(
@@ -126,6 +140,11 @@ pub fn audit(
         let mut curves = Vec::new();
         let mut pairs = Vec::new();
         let mut maps = Vec::new();
+        progress(AuditProgress::Phase {
+            name: format!("{}: attributions and faithfulness", method.name()),
+            total: images.len(),
+            unit: "images",
+        });
         for (k, img) in images.iter().enumerate() {
             let a = method.attribute(model, &img.x, &[targets[k]])?.remove(0);
             if let Some(c) = a.completeness {
@@ -154,6 +173,10 @@ pub fn audit(
                 pairs.push((rel.clone(), m.clone()));
             }
             maps.push(rel);
+            progress(AuditProgress::Step {
+                done: k + 1,
+                item: &img.id,
+            });
         }
         all_relevance.push((maps, method.sign() == finelens_attrib::Sign::Signed));
         let n = settings.sanity_images.clamp(1, images.len());
@@ -161,6 +184,12 @@ pub fn audit(
             &images[..n].iter().map(|i| i.x.clone()).collect::<Vec<_>>(),
             0,
         )?;
+        progress(AuditProgress::Phase {
+            name: format!("{}: randomisation sanity check", method.name()),
+            total: 2 * rebuild.stages.len(),
+            unit: "randomised models",
+        });
+        let mut done = 0;
         let sanity = parameter_randomisation(
             rebuild.store,
             &rebuild.specs,
@@ -170,6 +199,10 @@ pub fn audit(
             &xs,
             &targets[..n],
             settings.seed,
+            &mut |item| {
+                done += 1;
+                progress(AuditProgress::Step { done, item });
+            },
         )?;
         methods.push(MethodResult {
             method: method.name().into(),

@@ -87,7 +87,8 @@ fn relevance_maps(
 }
 
 /// Run the cascading and independent randomisation of `stages` for `method` on the images `x`
-/// (explaining `targets`, fixed from the trained model), re-initialising from `specs` with `seed`.
+/// (explaining `targets`, fixed from the trained model), re-initialising from `specs` with `seed`;
+/// `done` hears of each randomised model compared (two per stage).
 #[allow(clippy::too_many_arguments)]
 pub fn parameter_randomisation(
     store: &ParamStore,
@@ -98,6 +99,7 @@ pub fn parameter_randomisation(
     x: &Tensor,
     targets: &[usize],
     seed: u64,
+    done: &mut dyn FnMut(&str),
 ) -> Result<Sanity> {
     let fresh = ParamStore::init(specs, seed, x.device())?;
     let trained = build(&store.frozen_as(DType::F32)?)?;
@@ -122,7 +124,9 @@ pub fn parameter_randomisation(
     for k in 0..stages.len() {
         let upto: Vec<&Stage> = stages[..=k].iter().collect();
         cascading.push(compare(&upto, &stages[k].name)?);
+        done(&format!("cascading down to {}", stages[k].name));
         independent.push(compare(&[&stages[k]], &stages[k].name)?);
+        done(&format!("{} alone", stages[k].name));
     }
     Ok(Sanity {
         method: method.name().into(),
@@ -180,6 +184,7 @@ mod tests {
             &x,
             &[0, 1],
             7,
+            &mut |_| {},
         )
         .unwrap();
         assert_eq!(s.cascading.len(), 6);

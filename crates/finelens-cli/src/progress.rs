@@ -2,6 +2,7 @@
 //! `finelens_pipeline::Event`s; this only draws them.
 
 use std::io::IsTerminal;
+use std::time::Instant;
 
 use finelens_pipeline::Event;
 use finelens_tune::Progress;
@@ -10,8 +11,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 pub struct Reporter {
     bar: Option<ProgressBar>,
     tty: bool,
-    /// The current stage and its size, for the plain lines of a log.
-    stage: (String, usize),
+    /// The current stage, its size and when it began, for the plain lines of a log.
+    stage: (String, usize, Instant),
 }
 
 impl Reporter {
@@ -19,7 +20,7 @@ impl Reporter {
         Self {
             bar: None,
             tty: std::io::stderr().is_terminal(),
-            stage: (String::new(), 0),
+            stage: (String::new(), 0, Instant::now()),
         }
     }
 
@@ -47,7 +48,7 @@ impl Reporter {
         match e {
             Event::Stage { name, total, unit } => {
                 self.finish();
-                self.stage = (name.to_owned(), total);
+                self.stage = (name.to_owned(), total, Instant::now());
                 if self.tty {
                     let template =
                         format!("{name} [{{bar:30}}] {{pos}}/{{len}} {unit}, ETA {{eta}}");
@@ -56,7 +57,13 @@ impl Reporter {
             }
             Event::Advance { done, item } => match &self.bar {
                 Some(b) => b.set_position(done as u64),
-                None => eprintln!("{} {done}/{}: {item}", self.stage.0, self.stage.1),
+                None => {
+                    let (name, total, began) = &self.stage;
+                    // The stage's pace so far, for what is left of it.
+                    let per_step = began.elapsed().as_secs_f64() / done.max(1) as f64;
+                    let left = per_step * total.saturating_sub(done) as f64;
+                    eprintln!("{name} {done}/{total}: {item} (about {left:.0} s left)");
+                }
             },
             Event::StageEnd => self.finish(),
             Event::Warning(w) => self.line(&w),

@@ -7,7 +7,9 @@ use std::time::Instant;
 use candle_core::Tensor;
 use finelens_attrib::{BaselineSpec, MethodOptions, MethodSpec};
 use finelens_audit::policy::{all_pass, Figure, Policy, Verdict};
-use finelens_audit::run::{audit as run_checks, AuditImage, AuditReport, AuditSettings, Rebuild};
+use finelens_audit::run::{
+    audit as run_checks, AuditImage, AuditProgress, AuditReport, AuditSettings, Rebuild,
+};
 use finelens_audit::sanity::randomisation_stages;
 use finelens_data::transforms::load_rgb;
 use finelens_data::Preprocess;
@@ -281,7 +283,22 @@ pub fn audit(job: &AuditJob, progress: Progress) -> Result<AuditOutcome> {
             .collect::<Vec<_>>()
             .join(", ")
     )));
-    let mut report = run_checks(model, &rebuild, &images, classes, &settings)?;
+    let mut report = run_checks(
+        model,
+        &rebuild,
+        &images,
+        classes,
+        &settings,
+        &mut |p| match p {
+            AuditProgress::Phase { name, total, unit } => progress(Event::Stage {
+                name: &name,
+                total,
+                unit,
+            }),
+            AuditProgress::Step { done, item } => progress(Event::Advance { done, item }),
+        },
+    )?;
+    progress(Event::StageEnd);
 
     let drift = match &job.base {
         Some(base) => {
