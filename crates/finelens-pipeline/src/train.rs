@@ -130,6 +130,45 @@ pub fn training_curves(history: &[EpochRecord]) -> Result<Vec<u8>> {
     )?)
 }
 
+/// A run's data: the split's samples and the loaders that read them (augmented for training).
+struct RunData {
+    classes: Vec<String>,
+    train: Vec<Sample>,
+    val: Vec<Sample>,
+    train_loader: Loader,
+    val_loader: Loader,
+}
+
+impl RunData {
+    fn load(
+        split: &DataSplit,
+        config: &TrainConfig,
+        reading: &Reading,
+        pre: &Preprocess,
+        progress: Progress,
+    ) -> Result<Self> {
+        let (classes, train, val) = split.load(config.seed, reading.strict, progress)?;
+        Ok(Self {
+            classes,
+            train,
+            val,
+            train_loader: train_loader(pre, config, reading)?,
+            val_loader: eval_loader(pre.clone(), config.batch_size, reading.strict),
+        })
+    }
+
+    fn data(&self) -> TrainData<'_> {
+        TrainData {
+            train: &self.train,
+            val: &self.val,
+            train_loader: &self.train_loader,
+            eval_loader: &self.val_loader,
+            class_names: &self.classes,
+            device: &Device::Cpu,
+        }
+    }
+}
+
 /// What `finelens train` does: a model from a seeded initialisation.
 #[derive(Debug, Clone)]
 pub struct TrainSettings {
@@ -159,16 +198,21 @@ pub fn train(s: &TrainSettings, progress: Progress) -> Result<TrainOutcome> {
             .filter(|d| !d.as_os_str().is_empty())
             .unwrap_or(Path::new(".")),
     )?;
-    let (classes, train, val) = s.split.load(s.config.seed, s.reading.strict, progress)?;
+    // Trained from scratch on these images: the whole image, ImageNet's statistics.
+    let pre = Preprocess {
+        size: s.input_size.unwrap_or(s.arch.default_input_size()),
+        crop_pct: 1.0,
+        mean: checkpoint::IMAGENET_MEAN,
+        std: checkpoint::IMAGENET_STD,
+    };
+    let run = RunData::load(&s.split, &s.config, &s.reading, &pre, progress)?;
+    let (classes, train, val) = (&run.classes, &run.train, &run.val);
     let config = ModelConfig::new(s.arch, classes.len(), s.head)?;
     let mut meta = Metadata::inferred(config);
     meta.class_names = classes.clone();
-    meta.input_size = s.input_size.unwrap_or(s.arch.default_input_size());
-    meta.crop_pct = 1.0;
+    meta.input_size = pre.size;
+    meta.crop_pct = pre.crop_pct;
     meta.seed = Some(s.config.seed);
-    let pre = preprocess_of(&meta);
-    let train_loader = train_loader(&pre, &s.config, &s.reading)?;
-    let val_loader = eval_loader(pre, s.config.batch_size, s.reading.strict);
     let store = ParamStore::init(&config.param_specs(), s.config.seed, &Device::Cpu)?;
     let model = finelens_models::ResNet::new(config, &store)?;
     progress(Event::Info(format!(
@@ -179,18 +223,10 @@ pub fn train(s: &TrainSettings, progress: Progress) -> Result<TrainOutcome> {
         val.len(),
         classes.len()
     )));
-    let data = TrainData {
-        train: &train,
-        val: &val,
-        train_loader: &train_loader,
-        eval_loader: &val_loader,
-        class_names: &classes,
-        device: &Device::Cpu,
-    };
     let history = fit(
         &model,
         &store,
-        &data,
+        &run.data(),
         &s.config,
         &|_| 1.0,
         Start::default(),
@@ -257,10 +293,14 @@ pub fn finetune(s: &FinetuneSettings, progress: Progress) -> Result<MetricsRepor
     let freeze = FreezePolicy::parse(&s.freeze)?;
     s.config.check()?;
     create_dir(&s.out)?;
-    let (classes, train, val) = s.split.load(s.config.seed, s.reading.strict, progress)?;
-    let pre = preprocess_of(&parent.meta);
-    let train_loader = train_loader(&pre, &s.config, &s.reading)?;
-    let val_loader = eval_loader(pre, s.config.batch_size, s.reading.strict);
+    let run = RunData::load(
+        &s.split,
+        &s.config,
+        &s.reading,
+        &preprocess_of(&parent.meta),
+        progress,
+    )?;
+    let (classes, train, val) = (&run.classes, &run.train, &run.val);
     let model_path = s.out.join("model.safetensors");
     let job = FinetuneJob {
         parent: &parent,
@@ -268,14 +308,7 @@ pub fn finetune(s: &FinetuneSettings, progress: Progress) -> Result<MetricsRepor
         freeze,
         lp_epochs: s.lp_epochs,
         config: s.config.clone(),
-        data: TrainData {
-            train: &train,
-            val: &val,
-            train_loader: &train_loader,
-            eval_loader: &val_loader,
-            class_names: &classes,
-            device: &Device::Cpu,
-        },
+        data: run.data(),
         checkpoint: &model_path,
         freeze_spec: s.freeze.clone(),
         state: &s.out.join("last.safetensors"),
