@@ -1421,6 +1421,42 @@ fn audit_exit_status_gates_and_bad_input() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(read_json(&out.join("report.json"))["pass"], true);
 
+    // In two shards: each writes a partial result and exits 0 (no verdict yet); the merge
+    // gives the report, its verdict and its exit status, with the single run's per-image results.
+    let shards: Vec<PathBuf> = (0..2)
+        .map(|i| {
+            let dir = d.path().join(format!("shard{i}"));
+            let shard = format!("{i}/2");
+            let o = audit(
+                &dir,
+                &["--policy", strict.to_str().unwrap(), "--shard", &shard],
+            );
+            assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+            assert!(dir.join("partial.json").is_file() && !dir.join("report.json").exists());
+            dir
+        })
+        .collect();
+    let merged = d.path().join("merged");
+    let o = finelens(&[
+        "merge",
+        shards[1].to_str().unwrap(),
+        shards[0].to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "the strict policy fails: {}",
+        stderr(&o)
+    );
+    let (m, whole) = (
+        read_json(&merged.join("report.json")),
+        read_json(&d.path().join("strict/report.json")),
+    );
+    assert_eq!(m["audit"]["images"], whole["audit"]["images"]);
+    assert!(merged.join("index.html").is_file());
+
     // Bad policies name the line; a mask folder that doesn't mirror the images names the mask.
     let bad = policy(
         "bad.toml",

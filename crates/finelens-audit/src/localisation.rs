@@ -74,25 +74,40 @@ pub struct Localisation {
     pub relevance_rank_accuracy: f64,
 }
 
-/// A per-image score, `None` when it is undefined for that image.
-type Score = fn(&Array2<f32>, &Array2<bool>) -> Option<f64>;
+/// One image's scores against its mask.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ImageLocalisation {
+    pub pointing_game: bool,
+    /// `None` when the map has no positive relevance.
+    pub mass_accuracy: Option<f64>,
+    /// `None` for an empty mask.
+    pub rank_accuracy: Option<f64>,
+}
 
-/// Mean localisation scores over (relevance, mask) pairs.
-pub fn localisation(pairs: &[(Array2<f32>, Array2<bool>)], tolerance: usize) -> Localisation {
-    let n = pairs.len().max(1) as f64;
-    let hits = pairs
-        .iter()
-        .filter(|(r, m)| pointing_game(r, m, tolerance))
-        .count();
-    let mean = |f: Score| {
-        let v: Vec<f64> = pairs.iter().filter_map(|(r, m)| f(r, m)).collect();
+impl ImageLocalisation {
+    pub fn of(rel: &Array2<f32>, mask: &Array2<bool>, tolerance: usize) -> Self {
+        ImageLocalisation {
+            pointing_game: pointing_game(rel, mask, tolerance),
+            mass_accuracy: relevance_mass_accuracy(rel, mask),
+            rank_accuracy: relevance_rank_accuracy(rel, mask),
+        }
+    }
+}
+
+/// Mean localisation scores over images (a score undefined for an image is left out of its
+/// mean).
+pub fn localisation(images: &[&ImageLocalisation]) -> Localisation {
+    let n = images.len().max(1) as f64;
+    let hits = images.iter().filter(|i| i.pointing_game).count();
+    let mean = |f: fn(&ImageLocalisation) -> Option<f64>| {
+        let v: Vec<f64> = images.iter().filter_map(|i| f(i)).collect();
         v.iter().sum::<f64>() / v.len().max(1) as f64
     };
     Localisation {
-        images: pairs.len(),
+        images: images.len(),
         pointing_game_hit_rate: hits as f64 / n,
-        relevance_mass_accuracy: mean(relevance_mass_accuracy),
-        relevance_rank_accuracy: mean(relevance_rank_accuracy),
+        relevance_mass_accuracy: mean(|i| i.mass_accuracy),
+        relevance_rank_accuracy: mean(|i| i.rank_accuracy),
     }
 }
 

@@ -10,14 +10,19 @@ use ndarray::Array2;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{AuditError, Result};
-use crate::faithfulness::{self, Faithfulness};
-use crate::localisation::{localisation, relevance, Localisation};
+use crate::faithfulness::{self, Curves, Faithfulness};
+use crate::localisation::{
+    localisation, relevance as relevance_of, ImageLocalisation, Localisation,
+};
 use crate::policy::{Figure, Figures};
-use crate::sanity::{parameter_randomisation, Sanity, Stage};
-use crate::shortcut::{class_shortcut, ClassShortcut};
+use crate::sanity::{parameter_randomisation, ImageSanity, Sanity, Stage};
+use crate::shortcut::{ClassShortcut, HotspotSum};
 
 /// One image to audit, preprocessed for the model.
 pub struct AuditImage {
+    /// Its place in the whole image set (in a shard, too): seeds and the choice of the images
+    /// the randomisation check uses follow it, so shards reproduce one run.
+    pub index: usize,
     pub id: String,
     pub path: PathBuf,
     /// The true class, when the images come from an ImageFolder.
@@ -39,7 +44,7 @@ pub struct Rebuild<'a> {
 pub struct AuditSettings {
     /// The first is the primary method: the policy gates on its figures.
     pub methods: Vec<Box<dyn Attributor>>,
-    /// Images (the first ones) used by the randomisation check.
+    /// The randomisation check uses the images whose index in the set is below this.
     pub sanity_images: usize,
     /// Steps of the deletion and insertion curves.
     pub faithfulness_steps: usize,
@@ -54,6 +59,8 @@ pub struct AuditSettings {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ImageResult {
+    /// The image's place in the whole set.
+    pub index: usize,
     pub id: String,
     pub path: PathBuf,
     pub label: Option<usize>,
@@ -62,6 +69,93 @@ pub struct ImageResult {
     pub correct: Option<bool>,
     /// Integrated gradients' completeness, when IG is among the methods.
     pub completeness: Option<Completeness>,
+}
+
+/// What one method's map of one image gives every check.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MethodFindings {
+    pub curves: Curves,
+    /// With a mask.
+    pub localisation: Option<ImageLocalisation>,
+    /// For the images the randomisation check uses.
+    pub sanity: Option<ImageSanity>,
+}
+
+/// One image's part of the audit: the map step, before any figure is computed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageFindings {
+    pub image: ImageResult,
+    /// In the methods' order.
+    pub methods: Vec<MethodFindings>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MethodInfo {
+    pub name: String,
+    /// Whether its maps are signed (for the gallery's colour scale).
+    pub signed: bool,
+}
+
+/// The primary method's hotspot sum for one predicted class.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClassHotspot {
+    pub class: usize,
+    pub sum: HotspotSum,
+}
+
+/// Everything an audit of some images found, before the figures: what a shard writes, and what
+/// shards of one image set merge into.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditPartial {
+    pub methods: Vec<MethodInfo>,
+    /// Randomisation stages, in the order they were randomised.
+    pub stages: Vec<String>,
+    /// In the order of their index.
+    pub images: Vec<ImageFindings>,
+    /// By class index.
+    pub hotspots: Vec<ClassHotspot>,
+    /// Per method, each image's relevance map (H×W): for the report's gallery. Not written; a
+    /// merge renders the gallery from the shards' pictures.
+    #[serde(skip)]
+    pub relevance: Vec<Vec<Array2<f32>>>,
+}
+
+impl AuditPartial {
+    /// Shards of one image set as one: the same methods and stages, no image twice.
+    pub fn merge(parts: Vec<AuditPartial>) -> Result<AuditPartial> {
+        let mut parts = parts.into_iter();
+        let Some(mut merged) = parts.next() else {
+            return Err(AuditError::Settings("nothing to merge".into()));
+        };
+        merged.relevance.clear();
+        for p in parts {
+            if p.methods != merged.methods || p.stages != merged.stages {
+                return Err(AuditError::Settings(
+                    "the parts audit different methods or randomisation stages".into(),
+                ));
+            }
+            merged.images.extend(p.images);
+            for h in p.hotspots {
+                match merged.hotspots.iter_mut().find(|m| m.class == h.class) {
+                    Some(m) => m.sum.merge(&h.sum),
+                    None => merged.hotspots.push(h),
+                }
+            }
+        }
+        merged.images.sort_by_key(|i| i.image.index);
+        if let Some(w) = merged
+            .images
+            .windows(2)
+            .find(|w| w[0].image.index == w[1].image.index)
+        {
+            return Err(AuditError::Settings(format!(
+                "image {} ({}) is in two parts",
+                w[0].image.index, w[0].image.id
+            )));
+        }
+        merged.hotspots.sort_by_key(|h| h.class);
+        Ok(merged)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -82,7 +176,7 @@ pub struct AuditReport {
     /// The figures the policy gates on.
     pub figures: Figures,
     /// Per method (in `methods` order), the relevance map (H×W) of every image and whether the
-    /// method's maps are signed: for the report's gallery.
+    /// method's maps are signed: for the report's gallery (empty after a merge).
     #[serde(skip)]
     pub relevance: Vec<(Vec<Array2<f32>>, bool)>,
     /// The method the policy gates on.
@@ -102,29 +196,28 @@ pub enum AuditProgress<'a> {
     Step { done: usize, item: &'a str },
 }
 
-/// Run every check. The explained class is the model's prediction.
-pub fn audit(
+/// Run every check on `images` and keep what each image gives (the map step). The explained
+/// class is the model's prediction. An empty list is a shard with nothing to do.
+pub fn examine(
     model: &dyn Classifier,
     rebuild: &Rebuild,
     images: &[AuditImage],
-    class_names: &[String],
     settings: &AuditSettings,
     progress: &mut dyn FnMut(AuditProgress),
-) -> Result<AuditReport> {
-    if images.is_empty() || settings.methods.is_empty() {
+) -> Result<AuditPartial> {
+    if settings.methods.is_empty() {
         return Err(AuditError::Settings(
-            "an audit needs at least one image and one method".into(),
+            "an audit needs at least one method".into(),
         ));
     }
     for m in &settings.methods {
         m.check(model)?;
     }
     let mut results = Vec::new();
-    let mut targets = Vec::new();
     for img in images {
         let p = predict(model, &img.x, &Target::Predicted)?.remove(0);
-        targets.push(p.predicted);
         results.push(ImageResult {
+            index: img.index,
             id: img.id.clone(),
             path: img.path.clone(),
             label: img.label,
@@ -134,11 +227,10 @@ pub fn audit(
             completeness: None,
         });
     }
-    let mut methods = Vec::new();
-    let mut all_relevance: Vec<(Vec<Array2<f32>>, bool)> = Vec::new();
-    for method in &settings.methods {
-        let mut curves = Vec::new();
-        let mut pairs = Vec::new();
+    let mut findings: Vec<Vec<MethodFindings>> = images.iter().map(|_| Vec::new()).collect();
+    let mut relevance = Vec::new();
+    let mut hotspots: Vec<ClassHotspot> = Vec::new();
+    for (mi, method) in settings.methods.iter().enumerate() {
         let mut maps = Vec::new();
         progress(AuditProgress::Phase {
             name: format!("{}: attributions and faithfulness", method.name()),
@@ -146,11 +238,12 @@ pub fn audit(
             unit: "images",
         });
         for (k, img) in images.iter().enumerate() {
-            let a = method.attribute(model, &img.x, &[targets[k]])?.remove(0);
+            let target = results[k].predicted;
+            let a = method.attribute(model, &img.x, &[target])?.remove(0);
             if let Some(c) = a.completeness {
                 results[k].completeness = Some(c);
             }
-            let rel = relevance(&a.map);
+            let rel = relevance_of(&a.map);
             let mut replacement = settings
                 .replacement
                 .materialise(&img.x, &settings.normalisation)?;
@@ -160,83 +253,166 @@ pub fn audit(
                 ));
             }
             let replacement = replacement.remove(0);
-            curves.push(faithfulness::curves(
+            let curves = faithfulness::curves(
                 model,
                 &img.x,
                 &rel,
                 &replacement,
-                targets[k],
+                target,
                 settings.faithfulness_steps,
-                settings.seed + k as u64,
-            )?);
-            if let Some(m) = &img.mask {
-                pairs.push((rel.clone(), m.clone()));
+                settings.seed + img.index as u64,
+            )?;
+            if mi == 0 {
+                let (h, w) = rel.dim();
+                let at = match hotspots.iter().position(|c| c.class == target) {
+                    Some(at) => at,
+                    None => {
+                        hotspots.push(ClassHotspot {
+                            class: target,
+                            sum: HotspotSum::new(h, w),
+                        });
+                        hotspots.len() - 1
+                    }
+                };
+                hotspots[at].sum.add(&rel);
             }
+            findings[k].push(MethodFindings {
+                curves,
+                localisation: img
+                    .mask
+                    .as_ref()
+                    .map(|m| ImageLocalisation::of(&rel, m, settings.pointing_tolerance)),
+                sanity: None,
+            });
             maps.push(rel);
             progress(AuditProgress::Step {
                 done: k + 1,
                 item: &img.id,
             });
         }
-        all_relevance.push((maps, method.sign() == finelens_attrib::Sign::Signed));
-        let n = settings.sanity_images.clamp(1, images.len());
-        let xs = Tensor::cat(
-            &images[..n].iter().map(|i| i.x.clone()).collect::<Vec<_>>(),
-            0,
-        )?;
+        relevance.push(maps);
+        let chosen: Vec<usize> = (0..images.len())
+            .filter(|&k| images[k].index < settings.sanity_images)
+            .collect();
+        if chosen.is_empty() {
+            continue;
+        }
         progress(AuditProgress::Phase {
             name: format!("{}: randomisation sanity check", method.name()),
             total: 2 * rebuild.stages.len(),
             unit: "randomised models",
         });
         let mut done = 0;
+        let inputs: Vec<(&Tensor, usize)> = chosen
+            .iter()
+            .map(|&k| (&images[k].x, results[k].predicted))
+            .collect();
         let sanity = parameter_randomisation(
             rebuild.store,
             &rebuild.specs,
             rebuild.build,
             &rebuild.stages,
             method.as_ref(),
-            &xs,
-            &targets[..n],
+            &inputs,
             settings.seed,
             &mut |item| {
                 done += 1;
                 progress(AuditProgress::Step { done, item });
             },
         )?;
+        for (&k, s) in chosen.iter().zip(sanity) {
+            findings[k][mi].sanity = Some(s);
+        }
+    }
+    hotspots.sort_by_key(|h| h.class);
+    Ok(AuditPartial {
+        methods: settings
+            .methods
+            .iter()
+            .map(|m| MethodInfo {
+                name: m.name().into(),
+                signed: m.sign() == finelens_attrib::Sign::Signed,
+            })
+            .collect(),
+        stages: rebuild.stages.iter().map(|s| s.name.clone()).collect(),
+        images: results
+            .into_iter()
+            .zip(findings)
+            .map(|(image, methods)| ImageFindings { image, methods })
+            .collect(),
+        hotspots,
+        relevance,
+    })
+}
+
+/// The figures from what the images gave (the reduce step); `class_names` index the classes.
+pub fn summarise(partial: AuditPartial, class_names: &[String]) -> Result<AuditReport> {
+    let Some(primary) = partial.methods.first() else {
+        return Err(AuditError::Settings(
+            "an audit needs at least one method".into(),
+        ));
+    };
+    if partial.images.is_empty() {
+        return Err(AuditError::Settings(
+            "an audit needs at least one image".into(),
+        ));
+    }
+    let images = &partial.images;
+    let mut methods = Vec::new();
+    for (mi, info) in partial.methods.iter().enumerate() {
+        let curves: Vec<Curves> = images
+            .iter()
+            .map(|i| i.methods[mi].curves.clone())
+            .collect();
+        let located: Vec<&ImageLocalisation> = images
+            .iter()
+            .filter_map(|i| i.methods[mi].localisation.as_ref())
+            .collect();
+        let sanity: Vec<&ImageSanity> = images
+            .iter()
+            .filter_map(|i| i.methods[mi].sanity.as_ref())
+            .collect();
         methods.push(MethodResult {
-            method: method.name().into(),
-            sanity,
+            method: info.name.clone(),
+            sanity: Sanity::summarise(&info.name, &partial.stages, &sanity),
             faithfulness: faithfulness::summarise(&curves),
-            localisation: (!pairs.is_empty())
-                .then(|| localisation(&pairs, settings.pointing_tolerance)),
+            localisation: (!located.is_empty()).then(|| localisation(&located)),
         });
     }
 
     // Shortcuts, per predicted class, from the primary method.
     let mut shortcut = Vec::new();
-    for (ci, name) in class_names.iter().enumerate() {
-        let idx: Vec<usize> = (0..images.len()).filter(|&k| targets[k] == ci).collect();
-        if idx.is_empty() {
-            continue;
-        }
-        let maps: Vec<Array2<f32>> = idx.iter().map(|&k| all_relevance[0].0[k].clone()).collect();
-        let masks: Option<Vec<Array2<bool>>> =
-            idx.iter().map(|&k| images[k].mask.clone()).collect();
-        shortcut.push(class_shortcut(name, &maps, masks.as_deref()));
+    for h in &partial.hotspots {
+        let Some(name) = class_names.get(h.class) else {
+            return Err(AuditError::Settings(format!(
+                "class {} is not among the {} classes",
+                h.class,
+                class_names.len()
+            )));
+        };
+        let mine = images.iter().filter(|i| i.image.predicted == h.class);
+        let outside: Vec<f64> = mine
+            .clone()
+            .filter_map(|i| i.methods[0].localisation.and_then(|l| l.mass_accuracy))
+            .map(|inside| 1.0 - inside)
+            .collect();
+        let masked = mine.clone().any(|i| i.methods[0].localisation.is_some());
+        shortcut.push(h.sum.statistics(name, masked.then_some(&outside[..])));
     }
 
     let mut figures = Figures::new();
-    let primary = &methods[0];
-    figures.insert(
-        Figure::SanityMaxSpearman,
-        primary.sanity.fully_randomised_spearman(),
-    );
+    let first = &methods[0];
+    if first.sanity.images > 0 {
+        figures.insert(
+            Figure::SanityMaxSpearman,
+            first.sanity.fully_randomised_spearman(),
+        );
+    }
     figures.insert(
         Figure::FaithfulnessMinGain,
-        primary.faithfulness.gain_over_random,
+        first.faithfulness.gain_over_random,
     );
-    if let Some(l) = &primary.localisation {
+    if let Some(l) = &first.localisation {
         figures.insert(
             Figure::LocalisationMinMassAccuracy,
             l.relevance_mass_accuracy,
@@ -258,6 +434,7 @@ pub fn audit(
     if let Some(v) = worst(&|c| Some(c.hotspot_concentration)) {
         figures.insert(Figure::ShortcutMaxHotspotConcentration, v);
     }
+    let results: Vec<ImageResult> = images.iter().map(|i| i.image.clone()).collect();
     let deltas: Vec<f64> = results
         .iter()
         .filter_map(|r| r.completeness.map(|c| c.relative_delta))
@@ -271,13 +448,35 @@ pub fn audit(
     let labelled: Vec<bool> = results.iter().filter_map(|r| r.correct).collect();
     let accuracy = (!labelled.is_empty())
         .then(|| labelled.iter().filter(|c| **c).count() as f64 / labelled.len() as f64);
+    let primary = primary.name.clone();
+    let relevance = partial
+        .relevance
+        .into_iter()
+        .zip(&partial.methods)
+        .map(|(maps, m)| (maps, m.signed))
+        .collect();
     Ok(AuditReport {
         images: results,
         methods,
         shortcut,
         accuracy,
         figures,
-        relevance: all_relevance,
-        primary: settings.methods[0].name().into(),
+        relevance,
+        primary,
     })
+}
+
+/// Run every check on every image and compute the figures: [`examine`], then [`summarise`].
+pub fn audit(
+    model: &dyn Classifier,
+    rebuild: &Rebuild,
+    images: &[AuditImage],
+    class_names: &[String],
+    settings: &AuditSettings,
+    progress: &mut dyn FnMut(AuditProgress),
+) -> Result<AuditReport> {
+    summarise(
+        examine(model, rebuild, images, settings, progress)?,
+        class_names,
+    )
 }

@@ -31,6 +31,23 @@ pub fn randomisation_stages(desc: &ModelDescription) -> Vec<Stage> {
         .collect()
 }
 
+/// One image's map under a randomised model compared with the trained model's.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Similarity {
+    #[serde(deserialize_with = "finelens_models::json::f64_or_nan")]
+    pub spearman: f64,
+    #[serde(deserialize_with = "finelens_models::json::f64_or_nan")]
+    pub ssim: f64,
+}
+
+/// One image's similarities, a pair per stage in randomisation order: the part of the check an
+/// image (and so a shard) contributes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageSanity {
+    pub cascading: Vec<Similarity>,
+    pub independent: Vec<Similarity>,
+}
+
 /// Mean similarity of the randomised model's maps to the trained model's.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StageSimilarity {
@@ -56,6 +73,27 @@ impl Sanity {
     pub fn fully_randomised_spearman(&self) -> f64 {
         self.cascading.last().map_or(1.0, |s| s.spearman)
     }
+
+    /// The check over images: each stage's similarities averaged in the images' order.
+    pub fn summarise(method: &str, stages: &[String], images: &[&ImageSanity]) -> Sanity {
+        // No image: NaN, not a figure that would pass.
+        let n = images.len() as f64;
+        let mean = |k: usize, pick: fn(&ImageSanity) -> &[Similarity]| StageSimilarity {
+            stage: stages[k].clone(),
+            spearman: images.iter().map(|i| pick(i)[k].spearman).sum::<f64>() / n,
+            ssim: images.iter().map(|i| pick(i)[k].ssim).sum::<f64>() / n,
+        };
+        Sanity {
+            method: method.to_owned(),
+            images: images.len(),
+            cascading: (0..stages.len())
+                .map(|k| mean(k, |i| &i.cascading))
+                .collect(),
+            independent: (0..stages.len())
+                .map(|k| mean(k, |i| &i.independent))
+                .collect(),
+        }
+    }
 }
 
 /// `store` with the weights under `stages` taken from `fresh`.
@@ -73,22 +111,23 @@ fn randomised(store: &ParamStore, fresh: &ParamStore, stages: &[&Stage]) -> Resu
     Ok(out)
 }
 
-fn relevance_maps(
+fn relevance_map(
     model: &dyn Classifier,
     method: &dyn Attributor,
     x: &Tensor,
-    targets: &[usize],
-) -> Result<Vec<ndarray::Array2<f32>>> {
-    Ok(method
-        .attribute(model, x, targets)?
-        .iter()
-        .map(|a| relevance(&a.map))
-        .collect())
+    target: usize,
+) -> Result<ndarray::Array2<f32>> {
+    Ok(relevance(
+        &method.attribute(model, x, &[target])?.remove(0).map,
+    ))
 }
 
-/// Run the cascading and independent randomisation of `stages` for `method` on the images `x`
-/// (explaining `targets`, fixed from the trained model), re-initialising from `specs` with `seed`;
-/// `done` hears of each randomised model compared (two per stage).
+/// Run the cascading and independent randomisation of `stages` for `method` on `images` (each
+/// 1×C×H×W with the class to explain, fixed from the trained model), re-initialising from
+/// `specs` with `seed`; `done` hears of each randomised model compared (two per stage).
+///
+/// Each image is explained on its own, so its similarities do not depend on which other images
+/// share the run: shards of an image set give the figures one run would.
 #[allow(clippy::too_many_arguments)]
 pub fn parameter_randomisation(
     store: &ParamStore,
@@ -96,44 +135,53 @@ pub fn parameter_randomisation(
     build: &dyn Fn(&ParamStore) -> Result<Box<dyn Classifier>>,
     stages: &[Stage],
     method: &dyn Attributor,
-    x: &Tensor,
-    targets: &[usize],
+    images: &[(&Tensor, usize)],
     seed: u64,
     done: &mut dyn FnMut(&str),
-) -> Result<Sanity> {
-    let fresh = ParamStore::init(specs, seed, x.device())?;
+) -> Result<Vec<ImageSanity>> {
+    let mut out = vec![
+        ImageSanity {
+            cascading: Vec::new(),
+            independent: Vec::new(),
+        };
+        images.len()
+    ];
+    if images.is_empty() {
+        return Ok(out);
+    }
+    let device = images[0].0.device();
+    let fresh = ParamStore::init(specs, seed, device)?;
     let trained = build(&store.frozen_as(DType::F32)?)?;
-    let reference = relevance_maps(trained.as_ref(), method, x, targets)?;
-    let compare = |stages: &[&Stage], label: &str| -> Result<StageSimilarity> {
+    let reference: Vec<_> = images
+        .iter()
+        .map(|(x, t)| relevance_map(trained.as_ref(), method, x, *t))
+        .collect::<Result<_>>()?;
+    let compare = |stages: &[&Stage]| -> Result<Vec<Similarity>> {
         let model = build(&randomised(store, &fresh, stages)?)?;
-        let maps = relevance_maps(model.as_ref(), method, x, targets)?;
-        let n = maps.len().max(1) as f64;
-        let (mut rho, mut s) = (0.0, 0.0);
-        for (a, b) in reference.iter().zip(&maps) {
-            rho += rank_correlation(a, b);
-            s += ssim(&normalised_magnitude(a), &normalised_magnitude(b));
-        }
-        Ok(StageSimilarity {
-            stage: label.to_owned(),
-            spearman: rho / n,
-            ssim: s / n,
-        })
+        images
+            .iter()
+            .zip(&reference)
+            .map(|((x, t), a)| {
+                let b = relevance_map(model.as_ref(), method, x, *t)?;
+                Ok(Similarity {
+                    spearman: rank_correlation(a, &b),
+                    ssim: ssim(&normalised_magnitude(a), &normalised_magnitude(&b)),
+                })
+            })
+            .collect()
     };
-    let mut cascading = Vec::new();
-    let mut independent = Vec::new();
     for k in 0..stages.len() {
         let upto: Vec<&Stage> = stages[..=k].iter().collect();
-        cascading.push(compare(&upto, &stages[k].name)?);
+        for (o, s) in out.iter_mut().zip(compare(&upto)?) {
+            o.cascading.push(s);
+        }
         done(&format!("cascading down to {}", stages[k].name));
-        independent.push(compare(&[&stages[k]], &stages[k].name)?);
+        for (o, s) in out.iter_mut().zip(compare(&[&stages[k]])?) {
+            o.independent.push(s);
+        }
         done(&format!("{} alone", stages[k].name));
     }
-    Ok(Sanity {
-        method: method.name().into(),
-        images: reference.len(),
-        cascading,
-        independent,
-    })
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -175,18 +223,20 @@ mod tests {
             kind: GradientKind::Absolute,
         };
         let stages = randomisation_stages(&cfg.describe());
-        let s = parameter_randomisation(
+        let (x0, x1) = (x.narrow(0, 0, 1).unwrap(), x.narrow(0, 1, 1).unwrap());
+        let per_image = parameter_randomisation(
             &ck.store,
             &cfg.param_specs(),
             &build,
             &stages,
             &method,
-            &x,
-            &[0, 1],
+            &[(&x0, 0), (&x1, 1)],
             7,
             &mut |_| {},
         )
         .unwrap();
+        let names: Vec<String> = stages.iter().map(|s| s.name.clone()).collect();
+        let s = Sanity::summarise("saliency", &names, &per_image.iter().collect::<Vec<_>>());
         assert_eq!(s.cascading.len(), 6);
         assert_eq!(s.independent.len(), 6);
         assert_eq!(s.cascading[5].stage, "stem");
@@ -203,8 +253,8 @@ mod tests {
         let fresh = ParamStore::init(&cfg.param_specs(), 7, &candle_core::Device::Cpu).unwrap();
         let same = build(&randomised(&ck.store, &fresh, &[]).unwrap()).unwrap();
         let trained = build(&ck.store.frozen_as(DType::F32).unwrap()).unwrap();
-        let a = relevance_maps(same.as_ref(), &method, &x, &[0, 1]).unwrap();
-        let b = relevance_maps(trained.as_ref(), &method, &x, &[0, 1]).unwrap();
+        let a = relevance_map(same.as_ref(), &method, &x1, 1).unwrap();
+        let b = relevance_map(trained.as_ref(), &method, &x1, 1).unwrap();
         assert_eq!(a, b);
     }
 }

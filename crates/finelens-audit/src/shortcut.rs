@@ -30,6 +30,82 @@ pub struct ClassShortcut {
     pub hotspot_box: (usize, usize, usize, usize),
 }
 
+/// The sum, over a class's images, of each map's |relevance| normalised to total 1: what the
+/// hotspot statistics need, and what shards of an image set add up.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HotspotSum {
+    pub height: usize,
+    pub width: usize,
+    pub images: usize,
+    /// Row-major, height × width.
+    pub sum: Vec<f64>,
+}
+
+impl HotspotSum {
+    pub fn new(height: usize, width: usize) -> Self {
+        HotspotSum {
+            height,
+            width,
+            images: 0,
+            sum: vec![0.0; height * width],
+        }
+    }
+
+    pub fn add(&mut self, map: &Array2<f32>) {
+        let total: f64 = map.iter().map(|v| v.abs() as f64).sum();
+        if total > 0.0 {
+            for (a, v) in self.sum.iter_mut().zip(map.iter()) {
+                *a += v.abs() as f64 / total;
+            }
+        }
+        self.images += 1;
+    }
+
+    /// Another part of the same class's images (another shard).
+    pub fn merge(&mut self, other: &HotspotSum) {
+        for (a, b) in self.sum.iter_mut().zip(&other.sum) {
+            *a += b;
+        }
+        self.images += other.images;
+    }
+
+    /// The class's statistics; `outside` holds each image's share of positive relevance off the
+    /// object (empty without masks).
+    pub fn statistics(&self, class: &str, outside: Option<&[f64]>) -> ClassShortcut {
+        let (h, w) = (self.height, self.width);
+        let n = self.images.max(1) as f64;
+        let mut idx: Vec<((usize, usize), f64)> = self
+            .sum
+            .iter()
+            .enumerate()
+            .map(|(k, v)| ((k / w.max(1), k % w.max(1)), v / n))
+            .collect();
+        idx.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let k = ((h * w) as f64 * HOTSPOT_SHARE).ceil().max(1.0) as usize;
+        let total: f64 = idx.iter().map(|p| p.1).sum();
+        let top = &idx[..k.min(idx.len())];
+        let concentration = if total > 0.0 {
+            top.iter().map(|p| p.1).sum::<f64>() / total
+        } else {
+            0.0
+        };
+        let peak = idx.first().map_or(0.0, |p| p.1);
+        let bbox = idx
+            .iter()
+            .take_while(|p| peak > 0.0 && p.1 >= peak / 2.0)
+            .fold((usize::MAX, usize::MAX, 0, 0), |b, ((y, x), _)| {
+                (b.0.min(*y), b.1.min(*x), b.2.max(*y), b.3.max(*x))
+            });
+        ClassShortcut {
+            class: class.to_owned(),
+            images: self.images,
+            mass_outside_mask: outside.map(|v| v.iter().sum::<f64>() / v.len().max(1) as f64),
+            hotspot_concentration: concentration,
+            hotspot_box: if peak > 0.0 { bbox } else { (0, 0, 0, 0) },
+        }
+    }
+}
+
 /// Statistics for one class from its images' relevance maps and (optionally) masks.
 pub fn class_shortcut(
     class: &str,
@@ -37,47 +113,17 @@ pub fn class_shortcut(
     masks: Option<&[Array2<bool>]>,
 ) -> ClassShortcut {
     let (h, w) = maps.first().map_or((0, 0), |m| m.dim());
-    let mut mean = Array2::<f64>::zeros((h, w));
+    let mut sum = HotspotSum::new(h, w);
     for m in maps {
-        let total: f64 = m.iter().map(|v| v.abs() as f64).sum();
-        if total > 0.0 {
-            mean.zip_mut_with(m, |a, v| *a += v.abs() as f64 / total);
-        }
+        sum.add(m);
     }
-    let n = maps.len().max(1) as f64;
-    mean.mapv_inplace(|v| v / n);
-    let mut idx: Vec<((usize, usize), f64)> = mean.indexed_iter().map(|(i, v)| (i, *v)).collect();
-    idx.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let k = ((h * w) as f64 * HOTSPOT_SHARE).ceil().max(1.0) as usize;
-    let total: f64 = idx.iter().map(|p| p.1).sum();
-    let top = &idx[..k.min(idx.len())];
-    let concentration = if total > 0.0 {
-        top.iter().map(|p| p.1).sum::<f64>() / total
-    } else {
-        0.0
-    };
-    let peak = idx.first().map_or(0.0, |p| p.1);
-    let bbox = idx
-        .iter()
-        .take_while(|p| peak > 0.0 && p.1 >= peak / 2.0)
-        .fold((usize::MAX, usize::MAX, 0, 0), |b, ((y, x), _)| {
-            (b.0.min(*y), b.1.min(*x), b.2.max(*y), b.3.max(*x))
-        });
-    let outside = masks.map(|ms| {
-        let v: Vec<f64> = maps
-            .iter()
+    let outside: Option<Vec<f64>> = masks.map(|ms| {
+        maps.iter()
             .zip(ms)
             .filter_map(|(r, m)| relevance_mass_accuracy(r, m).map(|inside| 1.0 - inside))
-            .collect();
-        v.iter().sum::<f64>() / v.len().max(1) as f64
+            .collect()
     });
-    ClassShortcut {
-        class: class.to_owned(),
-        images: maps.len(),
-        mass_outside_mask: outside,
-        hotspot_concentration: concentration,
-        hotspot_box: if peak > 0.0 { bbox } else { (0, 0, 0, 0) },
-    }
+    sum.statistics(class, outside.as_deref())
 }
 
 #[cfg(test)]

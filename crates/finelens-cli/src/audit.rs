@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use finelens_pipeline::audit::{audit, AuditJob};
+use finelens_pipeline::audit::{audit, audit_shard, AuditJob};
 
 use crate::explain::MethodArgs;
 use crate::{CheckpointArgs, PreprocessArgs};
@@ -62,6 +62,10 @@ pub struct AuditArgs {
     /// Replace an existing output directory (the new one is complete before the old one goes).
     #[arg(long)]
     force: bool,
+    /// Audit only shard I of N (0 ≤ I < N, by a stable hash of each image's path): writes
+    /// partial.json and the gallery's pictures, no verdict; `finelens merge` makes the report.
+    #[arg(long, value_name = "I/N")]
+    shard: Option<finelens_pipeline::shard::Shard>,
 }
 
 impl AuditArgs {
@@ -93,12 +97,16 @@ impl AuditArgs {
             out: self.out.clone(),
             force: self.force,
             command_line: std::env::args().collect(),
+            shard: self.shard,
         })
     }
 }
 
-/// True when every check passes.
+/// True when every check passes (a shard has no verdict: true once written).
 pub fn audit_cmd(a: AuditArgs) -> Result<bool> {
     let job = a.job()?;
+    if job.shard.is_some() {
+        return crate::progress::run(|p| audit_shard(&job, p)).map(|_| true);
+    }
     Ok(crate::progress::run(|p| audit(&job, p))?.document.pass)
 }

@@ -16,6 +16,7 @@ use clap::{Args, Parser, Subcommand};
 use finelens_data::synth::SynthConfig;
 use finelens_models::Arch;
 use finelens_pipeline::inputs::CheckpointSummary;
+use finelens_pipeline::merge;
 use finelens_pipeline::{ModelSource, PreprocessSettings};
 
 /// The shipped pretrained checkpoint (resnet-mini trained on the synthetic `pretrain` task).
@@ -63,8 +64,8 @@ enum Command {
     /// faithfulness, localisation against masks, shortcut detection, completeness, drift from a
     /// base; a policy's pass/fail table. Exit status 0 = all pass, 1 = a check fails, 2 = error.
     Audit(audit::AuditArgs),
-    /// Combine the outputs of every shard of one `explain --shard I/N` run into what a single
-    /// run would have written.
+    /// Combine the outputs of every shard of one `explain --shard I/N` or `audit --shard I/N`
+    /// run into what a single run would have written (an audit's exit status as `audit`'s).
     Merge(MergeArgs),
     /// Benchmarks (speed is measured here, never in tests).
     #[command(subcommand)]
@@ -236,10 +237,13 @@ fn run(cli: Cli) -> Result<u8> {
         Command::Finetune(a) => train::finetune_cmd(a),
         Command::Explain(a) => explain::explain_cmd(a),
         Command::Drift(a) => drift::drift_cmd(a),
-        Command::Merge(a) => progress::run(|p| {
-            finelens_pipeline::merge::merge_explain(&a.shards, &a.out, a.force, p)
-        })
-        .map(|_| ()),
+        Command::Merge(a) if a.shards[0].join("partial.json").is_file() => {
+            let merged = progress::run(|p| merge::merge_audit(&a.shards, &a.out, a.force, p))?;
+            return Ok(if merged.document.pass { 0 } else { 1 });
+        }
+        Command::Merge(a) => {
+            progress::run(|p| merge::merge_explain(&a.shards, &a.out, a.force, p)).map(|_| ())
+        }
         Command::Bench(B::Drift(a)) => bench::bench_drift(a),
         Command::Bench(B::Demo(a)) => {
             let s = demo(DemoArgs {

@@ -42,7 +42,11 @@ pub fn hsic_unbiased(k: &[f64], l: &[f64], n: usize) -> f64 {
 
 /// Minibatch CKA between a layers of model A and b layers of model B: every batch adds its HSIC
 /// terms, and CKA = mean HSIC(K, L) / √(mean HSIC(K, K) · mean HSIC(L, L)).
-#[derive(Debug, Clone)]
+///
+/// The sums are additive, so accumulators of disjoint image sets (shards) merge into the
+/// estimate over their union's minibatches. It is the same estimator, but not the same number
+/// as one run's: minibatch CKA depends on which images share a batch (Nguyen et al. 2021, §3).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MinibatchCka {
     a: usize,
     b: usize,
@@ -81,6 +85,23 @@ impl MinibatchCka {
         self.examples += n;
     }
 
+    /// Add another accumulator's batches (another shard's), of the same layers.
+    pub fn merge(&mut self, other: &MinibatchCka) -> Result<()> {
+        if (self.a, self.b) != (other.a, other.b) {
+            return Err(DriftError::Settings(format!(
+                "cannot merge CKA over {}×{} layers with CKA over {}×{}",
+                self.a, self.b, other.a, other.b
+            )));
+        }
+        let add = |x: &mut Vec<f64>, y: &[f64]| x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
+        add(&mut self.kl, &other.kl);
+        add(&mut self.kk, &other.kk);
+        add(&mut self.ll, &other.ll);
+        self.batches += other.batches;
+        self.examples += other.examples;
+        Ok(())
+    }
+
     /// The a × b CKA matrix (the 1/batches factors cancel).
     pub fn matrix(&self) -> Array2<f64> {
         Array2::from_shape_fn((self.a, self.b), |(i, j)| {
@@ -117,16 +138,40 @@ pub struct RepresentationDrift {
     pub batches: usize,
 }
 
-/// Run both models over `batches` (N×C×H×W normalised images) and compare their activations at
-/// `layers` with minibatch CKA; `pooled` averages each channel over space first. Batches of fewer
-/// than 4 images (the estimator's minimum) are skipped.
-pub fn representation_drift(
+impl RepresentationDrift {
+    /// The drift an accumulator over `layers` (both models' same layers) measured.
+    pub fn from_minibatches(
+        layers: &[String],
+        pooled: bool,
+        acc: &MinibatchCka,
+    ) -> Result<RepresentationDrift> {
+        if acc.batches == 0 {
+            return Err(DriftError::Settings(
+                "the probe set has no batch of at least 4 images".into(),
+            ));
+        }
+        let m = acc.matrix();
+        Ok(RepresentationDrift {
+            layers: layers.to_vec(),
+            matrix: m.outer_iter().map(|r| r.to_vec()).collect(),
+            diagonal: (0..layers.len()).map(|i| m[[i, i]]).collect(),
+            pooled,
+            examples: acc.examples,
+            batches: acc.batches,
+        })
+    }
+}
+
+/// Run both models over `batches` (N×C×H×W normalised images) and accumulate minibatch CKA
+/// between their activations at `layers`; `pooled` averages each channel over space first.
+/// Batches of fewer than 4 images (the estimator's minimum) are skipped.
+pub fn accumulate_cka(
     before: &dyn Classifier,
     after: &dyn Classifier,
     batches: impl Iterator<Item = Result<Tensor>>,
     layers: &[String],
     pooled: bool,
-) -> Result<RepresentationDrift> {
+) -> Result<MinibatchCka> {
     if layers.is_empty() {
         return Err(DriftError::Settings("no layers to compare".into()));
     }
@@ -157,20 +202,19 @@ pub fn representation_drift(
         }
         acc.update(&grams(before, &x)?, &grams(after, &x)?, n);
     }
-    if acc.batches == 0 {
-        return Err(DriftError::Settings(
-            "the probe set has no batch of at least 4 images".into(),
-        ));
-    }
-    let m = acc.matrix();
-    Ok(RepresentationDrift {
-        layers: layers.to_vec(),
-        matrix: m.outer_iter().map(|r| r.to_vec()).collect(),
-        diagonal: (0..layers.len()).map(|i| m[[i, i]]).collect(),
-        pooled,
-        examples: acc.examples,
-        batches: acc.batches,
-    })
+    Ok(acc)
+}
+
+/// Both models compared at `layers` over `batches`: [`accumulate_cka`], then the CKA matrix.
+pub fn representation_drift(
+    before: &dyn Classifier,
+    after: &dyn Classifier,
+    batches: impl Iterator<Item = Result<Tensor>>,
+    layers: &[String],
+    pooled: bool,
+) -> Result<RepresentationDrift> {
+    let acc = accumulate_cka(before, after, batches, layers, pooled)?;
+    RepresentationDrift::from_minibatches(layers, pooled, &acc)
 }
 
 #[cfg(test)]
@@ -253,6 +297,30 @@ mod tests {
             (mini - full).abs() < 0.03,
             "minibatch {mini} vs full {full}"
         );
+
+        // Shards: batches 0–2 and 3–7 accumulated apart and merged give the same sums, up to
+        // the order of the additions; merging refuses other layer counts.
+        let mut parts = [MinibatchCka::new(1, 1), MinibatchCka::new(1, 1)];
+        for b in 0..8 {
+            let (xb, yb) = (
+                x.narrow(0, b * 50, 50).unwrap(),
+                y.narrow(0, b * 50, 50).unwrap(),
+            );
+            parts[usize::from(b >= 3)].update(
+                &[gram_linear(&xb).unwrap()],
+                &[gram_linear(&yb).unwrap()],
+                50,
+            );
+        }
+        let [mut first, second] = parts;
+        first.merge(&second).unwrap();
+        assert_eq!((first.batches, first.examples), (8, 400));
+        let merged = first.matrix()[[0, 0]];
+        assert!((merged - mini).abs() < 1e-12, "{merged} vs {mini}");
+        assert!(first.merge(&MinibatchCka::new(2, 1)).is_err());
+        let back: MinibatchCka =
+            serde_json::from_str(&serde_json::to_string(&first).unwrap()).unwrap();
+        assert_eq!(back, first);
     }
 
     #[test]

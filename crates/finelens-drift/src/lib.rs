@@ -8,7 +8,9 @@ pub mod error;
 pub mod explanation;
 pub mod weights;
 
-pub use cka::{linear_cka, representation_drift, MinibatchCka, RepresentationDrift};
+pub use cka::{
+    accumulate_cka, linear_cka, representation_drift, MinibatchCka, RepresentationDrift,
+};
 pub use error::{DriftError, Result};
 pub use explanation::{spearman, top_k_iou};
 pub use weights::{

@@ -224,6 +224,7 @@ pub fn demo(s: &DemoSettings, progress: Progress) -> Result<DemoOutcome> {
         let out = s.out.join(format!("audit-{name}"));
         let outcome = audit(
             &AuditJob {
+                shard: None,
                 model: ModelSource::new(s.out.join(name).join("model.safetensors")),
                 preprocess: PreprocessSettings::default(),
                 data: dir.images(Split::Val),

@@ -2,10 +2,11 @@
 //! — typed blocks that `finelens-report` renders (escaping every string).
 
 use finelens_audit::policy::{Bound, Verdict};
-use finelens_audit::run::AuditImage;
+use finelens_audit::run::{AuditImage, AuditPartial};
 use finelens_data::Preprocess;
 use finelens_report::heatmap::{self, Scale};
 use finelens_report::html::{Block, Card, Cell, Figure, Status};
+use serde::{Deserialize, Serialize};
 
 use crate::audit::{AuditDocument, EXPLANATION_DRIFT_TOP_FRACTION};
 use crate::error::Result;
@@ -42,9 +43,34 @@ fn bound_sign(b: Bound) -> &'static str {
 pub struct PageInput<'a> {
     pub name: &'a str,
     pub document: &'a AuditDocument,
-    pub model: &'a LoadedModel,
-    pub images: &'a [AuditImage],
-    pub pre: &'a Preprocess,
+    pub card: &'a ModelCard,
+    /// In the images' order.
+    pub gallery: Vec<Card>,
+}
+
+/// What the page says of the model beyond the report: its head, lineage and training.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelCard {
+    pub architecture: String,
+    pub parent_sha256: Option<String>,
+    pub training: Option<finelens_tune::TrainingRecord>,
+}
+
+impl ModelCard {
+    pub fn of(model: &LoadedModel) -> Result<ModelCard> {
+        let meta = model.meta.as_ref();
+        Ok(ModelCard {
+            architecture: match meta {
+                Some(m) => format!("{} (head {})", m.arch, m.head),
+                None => model.info.arch.clone(),
+            },
+            parent_sha256: meta.and_then(|m| m.parent_sha256.clone()),
+            training: match meta {
+                Some(m) => finelens_tune::TrainingRecord::of(m)?,
+                None => None,
+            },
+        })
+    }
 }
 
 fn status(pass: Option<bool>) -> Status {
@@ -76,7 +102,7 @@ fn facts(rows: Vec<(&str, String)>) -> Block {
 pub fn audit_blocks(p: &PageInput) -> Result<Vec<Block>> {
     let d = p.document;
     let r = &d.audit;
-    let classes = &p.model.info.classes;
+    let classes = &d.checkpoint.classes;
     let mut b = vec![Block::Heading(2, p.name.to_owned())];
     let mut badges = vec![(
         if d.pass {
@@ -123,19 +149,9 @@ pub fn audit_blocks(p: &PageInput) -> Result<Vec<Block>> {
     ));
 
     b.push(Block::Heading(3, "Model card".into()));
-    let meta = p.model.meta.as_ref();
-    let training = match meta {
-        Some(m) => finelens_tune::TrainingRecord::of(m)?,
-        None => None,
-    };
+    let training = p.card.training.clone();
     let mut card = vec![
-        (
-            "architecture",
-            match meta {
-                Some(m) => format!("{} (head {})", m.arch, m.head),
-                None => p.model.info.arch.clone(),
-            },
-        ),
+        ("architecture", p.card.architecture.clone()),
         ("classes", classes.join(", ")),
         (
             "input",
@@ -155,7 +171,9 @@ pub fn audit_blocks(p: &PageInput) -> Result<Vec<Block>> {
         ),
         (
             "parent checkpoint (SHA-256)",
-            meta.and_then(|m| m.parent_sha256.clone())
+            p.card
+                .parent_sha256
+                .clone()
                 .unwrap_or_else(|| "none recorded".into()),
         ),
     ];
@@ -228,65 +246,7 @@ pub fn audit_blocks(p: &PageInput) -> Result<Vec<Block>> {
             .join(", "),
         r.primary
     )));
-    let mut cards = Vec::new();
-    for (k, (img, res)) in p.images.iter().zip(&r.images).enumerate() {
-        let v: Vec<f32> = img.x.flatten_all()?.to_vec1()?;
-        let shown = p.pre.denormalise(&v, p.pre.size);
-        let mut figures = vec![Figure {
-            caption: "input".into(),
-            png: png(&shown)?,
-        }];
-        if let Some(m) = &img.mask {
-            let (h, w) = m.dim();
-            let mask = image::RgbImage::from_fn(w as u32, h as u32, |x, y| {
-                let on = m[[y as usize, x as usize]];
-                image::Rgb(if on { [255; 3] } else { [0; 3] })
-            });
-            figures.push(Figure {
-                caption: "mask".into(),
-                png: png(&mask)?,
-            });
-        }
-        for (method, (maps, signed)) in r.methods.iter().zip(&r.relevance) {
-            let scale = if *signed {
-                Scale::Diverging
-            } else {
-                Scale::Sequential
-            };
-            let rel = &maps[k];
-            figures.push(Figure {
-                caption: method.method.clone(),
-                // Native size: the page scales it up without smoothing.
-                png: png(&heatmap::heatmap_rgb(
-                    rel.view(),
-                    scale,
-                    heatmap::DEFAULT_OUTLIER_PERC,
-                ))?,
-            });
-            figures.push(Figure {
-                caption: "overlay".into(),
-                png: png(&heatmap::overlay_rgb(
-                    &shown,
-                    rel.view(),
-                    scale,
-                    heatmap::DEFAULT_OUTLIER_PERC,
-                )?)?,
-            });
-        }
-        cards.push(Card {
-            title: img.id.clone(),
-            caption: format!(
-                "predicted {} ({:.1}%){}",
-                classes[res.predicted],
-                100.0 * res.probability,
-                res.label
-                    .map_or(String::new(), |l| format!(", true {}", classes[l]))
-            ),
-            figures,
-            confidence: res.probability as f64,
-            error: res.correct == Some(false),
-        });
-    }
+    let cards = p.gallery.clone();
     b.push(Block::Gallery(cards));
 
     b.push(Block::Heading(3, "Checks per method".into()));
@@ -430,22 +390,103 @@ pub fn audit_blocks(p: &PageInput) -> Result<Vec<Block>> {
     Ok(b)
 }
 
+/// The gallery's cards, each with its image's index: per image the input, its mask, then each
+/// method's heat map and overlay.
+pub fn gallery_cards(
+    partial: &AuditPartial,
+    classes: &[String],
+    images: &[AuditImage],
+    pre: &Preprocess,
+) -> Result<Vec<(Card, usize)>> {
+    let mut cards = Vec::new();
+    for (k, (img, found)) in images.iter().zip(&partial.images).enumerate() {
+        let res = &found.image;
+        let v: Vec<f32> = img.x.flatten_all()?.to_vec1()?;
+        let shown = pre.denormalise(&v, pre.size);
+        let mut figures = vec![Figure {
+            caption: "input".into(),
+            png: png(&shown)?,
+        }];
+        if let Some(m) = &img.mask {
+            let (h, w) = m.dim();
+            let mask = image::RgbImage::from_fn(w as u32, h as u32, |x, y| {
+                let on = m[[y as usize, x as usize]];
+                image::Rgb(if on { [255; 3] } else { [0; 3] })
+            });
+            figures.push(Figure {
+                caption: "mask".into(),
+                png: png(&mask)?,
+            });
+        }
+        for (method, maps) in partial.methods.iter().zip(&partial.relevance) {
+            let scale = if method.signed {
+                Scale::Diverging
+            } else {
+                Scale::Sequential
+            };
+            let rel = &maps[k];
+            figures.push(Figure {
+                caption: method.name.clone(),
+                // Native size: the page scales it up without smoothing.
+                png: png(&heatmap::heatmap_rgb(
+                    rel.view(),
+                    scale,
+                    heatmap::DEFAULT_OUTLIER_PERC,
+                ))?,
+            });
+            figures.push(Figure {
+                caption: "overlay".into(),
+                png: png(&heatmap::overlay_rgb(
+                    &shown,
+                    rel.view(),
+                    scale,
+                    heatmap::DEFAULT_OUTLIER_PERC,
+                )?)?,
+            });
+        }
+        cards.push((
+            Card {
+                title: img.id.clone(),
+                caption: format!(
+                    "predicted {} ({:.1}%){}",
+                    classes[res.predicted],
+                    100.0 * res.probability,
+                    res.label
+                        .map_or(String::new(), |l| format!(", true {}", classes[l]))
+                ),
+                figures,
+                confidence: res.probability as f64,
+                error: res.correct == Some(false),
+            },
+            img.index,
+        ));
+    }
+    Ok(cards)
+}
+
+/// A name made file-name safe.
+fn safe(s: &str) -> String {
+    let t: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    t.trim_matches('-').to_owned()
+}
+
+/// Where the `k`th picture of a gallery card is written.
+pub fn gallery_file(title: &str, k: usize, caption: &str) -> String {
+    format!("gallery/{}/{k}-{}.png", safe(title), safe(caption))
+}
+
 /// The page's pictures as files beside it: figures as `<alt>.png`, gallery pictures as
 /// `gallery/<image id>/<n>-<caption>.png`, names made file-name safe.
 pub fn figure_files(blocks: &[Block]) -> Vec<(String, Vec<u8>)> {
-    let safe = |s: &str| -> String {
-        let t: String = s
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '_' {
-                    c
-                } else {
-                    '-'
-                }
-            })
-            .collect();
-        t.trim_matches('-').to_owned()
-    };
     let mut out = Vec::new();
     for b in blocks {
         match b {
@@ -453,10 +494,7 @@ pub fn figure_files(blocks: &[Block]) -> Vec<(String, Vec<u8>)> {
             Block::Gallery(cards) => {
                 for c in cards {
                     for (k, f) in c.figures.iter().enumerate() {
-                        out.push((
-                            format!("gallery/{}/{k}-{}.png", safe(&c.title), safe(&f.caption)),
-                            f.png.clone(),
-                        ));
+                        out.push((gallery_file(&c.title, k, &f.caption), f.png.clone()));
                     }
                 }
             }

@@ -229,6 +229,7 @@ fn a_model_family_defined_here_runs_through_explain_drift_and_audit() {
     // the head down, and the drift figure uses its embedding layer.
     let outcome = audit(
         &AuditJob {
+            shard: None,
             model: source(&after),
             preprocess: PreprocessSettings::default(),
             data: val.clone(),
