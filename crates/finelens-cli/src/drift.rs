@@ -7,8 +7,9 @@ use clap::Args;
 use finelens_attrib::MethodSpec;
 use finelens_pipeline::drift::{drift, DriftSettings};
 
-use crate::explain::MethodArgs;
-use crate::{CheckpointArgs, PreprocessArgs};
+use crate::CheckpointArgs;
+use finelens_attrib::MethodOptions;
+use finelens_pipeline::{output::OutputSettings, PreprocessSettings};
 
 #[derive(Args)]
 pub struct DriftArgs {
@@ -19,7 +20,7 @@ pub struct DriftArgs {
     #[command(flatten)]
     ckpt: CheckpointArgs,
     #[command(flatten)]
-    pre: PreprocessArgs,
+    pre: PreprocessSettings,
     /// Probe images for representation and explanation drift: an image folder or ImageFolder,
     /// or `synth` (the synthetic pretraining task's test images, drawn in memory); `none` skips both.
     #[arg(long, default_value = "synth")]
@@ -42,7 +43,7 @@ pub struct DriftArgs {
     #[arg(long, default_value = "integrated_gradients")]
     explain_method: String,
     #[command(flatten)]
-    method_settings: MethodArgs,
+    method_settings: MethodOptions,
     /// Probe images whose explanations are compared (0 skips explanation drift).
     #[arg(long, default_value_t = 16)]
     explain_images: usize,
@@ -55,12 +56,8 @@ pub struct DriftArgs {
     /// Fail on a probe image that cannot be decoded instead of skipping it.
     #[arg(long)]
     strict: bool,
-    /// Output directory: drift.json, layers.png (per-layer change), cka.png.
-    #[arg(long, default_value = "reports/drift")]
-    out: PathBuf,
-    /// Replace an existing output directory.
-    #[arg(long)]
-    force: bool,
+    #[command(flatten)]
+    output: OutputSettings,
 }
 
 impl DriftArgs {
@@ -68,20 +65,20 @@ impl DriftArgs {
         Ok(DriftSettings {
             before: self.ckpt.source(&self.before)?,
             after: self.ckpt.source(&self.after)?,
-            preprocess: self.pre.settings(),
+            preprocess: self.pre.clone(),
             probe: self.probe.parse()?,
             limit: self.limit,
             batch_size: self.batch_size,
             layers: self.layers.clone(),
             pooled: self.pooled,
             explain_method: self.explain_method.parse::<MethodSpec>()?,
-            shared: self.method_settings.shared()?,
+            shared: self.method_settings.clone(),
             explain_images: self.explain_images,
             top_fraction: self.top_fraction,
             spectral: !self.no_spectral,
             strict: self.strict,
-            out: self.out.clone(),
-            force: self.force,
+            out: self.output.dir("drift"),
+            force: self.output.force,
         })
     }
 }

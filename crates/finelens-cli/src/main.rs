@@ -15,16 +15,11 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use finelens_data::synth::SynthConfig;
 use finelens_models::Arch;
+use finelens_pipeline::demo::{DemoPaths, DATA_DIR};
 use finelens_pipeline::inputs::CheckpointSummary;
 use finelens_pipeline::merge;
-use finelens_pipeline::{ModelSource, PreprocessSettings};
-
-/// The shipped pretrained checkpoint (resnet-mini trained on the synthetic `pretrain` task).
-const FIXTURE: &str = "fixtures/resnet-mini-pretrain.safetensors";
-/// Where the demo and the fixture recipe put generated synthetic data.
-const DATA_DIR: &str = "fixtures/data";
-/// Where the demo writes its outputs.
-const DEMO_DIR: &str = "reports/demo";
+use finelens_pipeline::output::OutputSettings;
+use finelens_pipeline::ModelSource;
 
 #[derive(Parser)]
 #[command(
@@ -41,7 +36,7 @@ struct Cli {
 enum Command {
     /// Run the demo on the shipped fixtures: generate the synthetic tasks, evaluate the pretrained
     /// fixture, fine-tune it on a clean and a shortcut task, explain, measure drift, audit both.
-    Demo(DemoArgs),
+    Demo(DemoPaths),
     /// Datasets: generate the synthetic shape tasks.
     #[command(subcommand)]
     Data(DataCommand),
@@ -58,11 +53,13 @@ enum Command {
     /// gradients, Grad-CAM, occlusion; writes .npy arrays, heat maps, overlays and explain.json.
     Explain(explain::ExplainArgs),
     /// Where a fine-tuned checkpoint moved from its parent: weight drift per tensor, layer, block
-    /// and stage; representation drift (CKA) and explanation drift on a probe set.
+    /// and stage; representation drift (CKA) and explanation drift on a probe set; writes
+    /// drift.json, layers.png and cka.png.
     Drift(drift::DriftArgs),
     /// Audit a checkpoint's explanations before shipping it: randomisation sanity checks,
     /// faithfulness, localisation against masks, shortcut detection, completeness, drift from a
-    /// base; a policy's pass/fail table. Exit status 0 = all pass, 1 = a check fails, 2 = error.
+    /// base; a policy's pass/fail table; writes report.json, index.html and its figures. Exit
+    /// status 0 = all pass, 1 = a check fails, 2 = error.
     Audit(audit::AuditArgs),
     /// Combine the outputs of every shard of one `explain --shard I/N` or `audit --shard I/N`
     /// run into what a single run would have written (an audit's exit status as `audit`'s).
@@ -86,21 +83,8 @@ struct SynthArgs {
     /// Which task: pretrain, finetune, shortcut, or all.
     #[arg(long, default_value = "all")]
     task: String,
-    /// Image side in pixels.
-    #[arg(long, default_value_t = 64)]
-    size: usize,
-    /// Training images per class.
-    #[arg(long, default_value_t = 200)]
-    train_per_class: usize,
-    /// Validation images per class.
-    #[arg(long, default_value_t = 50)]
-    val_per_class: usize,
-    /// Test images per class.
-    #[arg(long, default_value_t = 50)]
-    test_per_class: usize,
-    /// Random seed; the same seed writes the same images.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    config: SynthConfig,
     /// Replace a task directory that holds different data.
     #[arg(long)]
     force: bool,
@@ -123,38 +107,6 @@ impl CheckpointArgs {
     }
 }
 
-/// How images become model inputs; each overrides what the checkpoint records (for a bare
-/// checkpoint: the architecture's size, crop 0.875, ImageNet's mean and std).
-#[derive(Args)]
-pub(crate) struct PreprocessArgs {
-    /// Input side in pixels.
-    #[arg(long)]
-    input_size: Option<usize>,
-    /// Share of the resized image the centre crop keeps: the shorter side is resized to
-    /// input-size / crop-pct (torchvision's 0.875). 1 resizes the shorter side to the input
-    /// size exactly, so an image already at that size is used as it is.
-    #[arg(long)]
-    crop_pct: Option<f32>,
-    /// Normalisation mean, three comma-separated values.
-    #[arg(long, value_delimiter = ',', num_args = 3)]
-    mean: Option<Vec<f32>>,
-    /// Normalisation std, three comma-separated values.
-    #[arg(long, value_delimiter = ',', num_args = 3)]
-    std: Option<Vec<f32>>,
-}
-
-impl PreprocessArgs {
-    fn settings(&self) -> PreprocessSettings {
-        let three = |v: &Option<Vec<f32>>| v.as_deref().map(|v| [v[0], v[1], v[2]]);
-        PreprocessSettings {
-            input_size: self.input_size,
-            crop_pct: self.crop_pct,
-            mean: three(&self.mean),
-            std: three(&self.std),
-        }
-    }
-}
-
 #[derive(Args)]
 struct InspectArgs {
     /// The checkpoint (.safetensors).
@@ -171,25 +123,8 @@ struct MergeArgs {
     /// The shards' output directories, in any order.
     #[arg(required = true)]
     shards: Vec<PathBuf>,
-    /// Where the merged output goes.
-    #[arg(long)]
-    out: PathBuf,
-    /// Replace an existing output directory.
-    #[arg(long)]
-    force: bool,
-}
-
-#[derive(Args)]
-struct DemoArgs {
-    /// The pretrained checkpoint to fine-tune.
-    #[arg(long, default_value = FIXTURE)]
-    fixture: PathBuf,
-    /// Where the synthetic data is generated (reused when already there).
-    #[arg(long, default_value = DATA_DIR)]
-    data: PathBuf,
-    /// Where the demo's outputs go.
-    #[arg(long, default_value = DEMO_DIR)]
-    out: PathBuf,
+    #[command(flatten)]
+    output: OutputSettings,
 }
 
 fn main() -> ExitCode {
@@ -201,7 +136,23 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     keep_freed_memory();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version.
+        Err(e) if !e.use_stderr() => e.exit(),
+        // A bad argument is one line, like every other error: clap's message without its usage.
+        Err(e) => {
+            let text = e.render().to_string();
+            let lines: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more"))
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            eprintln!("{}", lines.join(" "));
+            return ExitCode::from(2);
+        }
+    };
     match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
@@ -226,7 +177,6 @@ fn keep_freed_memory() {
 
 /// Exit status: 0 on success, 1 when an audit check fails (2, from `main`, on an error).
 fn run(cli: Cli) -> Result<u8> {
-    use bench::BenchCommand as B;
     match cli.command {
         Command::Audit(a) => return Ok(if audit::audit_cmd(a)? { 0 } else { 1 }),
         Command::Demo(a) => demo(a).map(|_| ()),
@@ -237,57 +187,21 @@ fn run(cli: Cli) -> Result<u8> {
         Command::Finetune(a) => train::finetune_cmd(a),
         Command::Explain(a) => explain::explain_cmd(a),
         Command::Drift(a) => drift::drift_cmd(a),
-        Command::Merge(a) if a.shards[0].join("partial.json").is_file() => {
-            let merged = progress::run(|p| merge::merge_audit(&a.shards, &a.out, a.force, p))?;
-            return Ok(if merged.document.pass { 0 } else { 1 });
-        }
         Command::Merge(a) => {
-            progress::run(|p| merge::merge_explain(&a.shards, &a.out, a.force, p)).map(|_| ())
+            let (out, force) = (a.output.dir("merge"), a.output.force);
+            if a.shards[0].join("partial.json").is_file() {
+                let merged = progress::run(|p| merge::merge_audit(&a.shards, &out, force, p))?;
+                return Ok(if merged.document.pass { 0 } else { 1 });
+            }
+            progress::run(|p| merge::merge_explain(&a.shards, &out, force, p)).map(|_| ())
         }
-        Command::Bench(B::Drift(a)) => bench::bench_drift(a),
-        Command::Bench(B::Demo(a)) => {
-            let s = demo(DemoArgs {
-                fixture: PathBuf::from(FIXTURE),
-                data: PathBuf::from(DATA_DIR),
-                out: a.out,
-            })?;
-            println!(
-                "\nbench demo: {s:.1} s end to end with {} rayon threads ({} the 5-minute target)",
-                finelens_pipeline::bench::rayon_threads(),
-                if s < 300.0 { "within" } else { "OVER" }
-            );
-            Ok(())
-        }
-        Command::Bench(B::Train(a)) => bench::bench_train(a),
-        Command::Bench(B::Explain(a)) => bench::bench_explain(a),
+        Command::Bench(b) => bench::bench(b),
     }?;
     Ok(0)
 }
 
-/// A default path under the project: as given when it exists from here, else under the
-/// workspace this binary was built from (so the demo also runs from another directory).
-fn project_path(p: &Path) -> PathBuf {
-    if p.is_absolute() || p.exists() {
-        return p.to_owned();
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let candidate = root.join(p);
-    if candidate.exists() {
-        candidate
-    } else {
-        p.to_owned()
-    }
-}
-
 fn synth_cmd(a: SynthArgs) -> Result<()> {
-    let cfg = SynthConfig {
-        size: a.size,
-        train_per_class: a.train_per_class,
-        val_per_class: a.val_per_class,
-        test_per_class: a.test_per_class,
-        seed: a.seed,
-    };
-    progress::run(|p| finelens_pipeline::train::synthesise(&a.out, &a.task, &cfg, a.force, p))
+    progress::run(|p| finelens_pipeline::train::synthesise(&a.out, &a.task, &a.config, a.force, p))
 }
 
 fn inspect(a: InspectArgs) -> Result<()> {
@@ -301,19 +215,20 @@ fn inspect(a: InspectArgs) -> Result<()> {
 }
 
 /// Run the demo; its running time in seconds.
-fn demo(a: DemoArgs) -> Result<f64> {
-    let data = if a.data == Path::new(DATA_DIR) {
-        project_path(Path::new("fixtures")).join("data")
-    } else {
-        a.data
-    };
-    let settings = finelens_pipeline::demo::DemoSettings {
-        fixture: project_path(&a.fixture),
-        data,
-        out: a.out,
-        command_line: std::env::args().collect(),
-    };
+fn demo(paths: DemoPaths) -> Result<f64> {
+    let settings = paths.settings(std::env::args().collect());
     let outcome = progress::run(|p| finelens_pipeline::demo::demo(&settings, p))?;
     println!("\n{outcome}");
     Ok(outcome.seconds)
+}
+
+/// `bench demo`: the demo, timed.
+fn bench_demo(out: PathBuf) -> Result<()> {
+    let s = demo(DemoPaths::shipped(out))?;
+    println!(
+        "\nbench demo: {s:.1} s end to end with {} rayon threads ({} the 5-minute target)",
+        finelens_pipeline::bench::rayon_threads(),
+        if s < 300.0 { "within" } else { "OVER" }
+    );
+    Ok(())
 }

@@ -8,21 +8,11 @@ use finelens_models::{Arch, Head};
 use finelens_pipeline::train::{
     self, DataSplit, EvalSettings, FinetuneSettings, Reading, TrainSettings,
 };
-use finelens_pipeline::write_json;
+use finelens_pipeline::{write_json, PreprocessSettings};
 use finelens_tune::{HeadChoice, OptimizerConfig, TrainConfig};
 
 use crate::progress::run;
-use crate::{CheckpointArgs, PreprocessArgs};
-
-#[derive(Args)]
-pub struct DataArgs {
-    /// Fail on an image file that cannot be decoded instead of skipping it with a warning.
-    #[arg(long)]
-    strict: bool,
-    /// Images per batch.
-    #[arg(long, default_value_t = 64)]
-    batch_size: usize,
-}
+use crate::CheckpointArgs;
 
 #[derive(Args)]
 pub struct EvalArgs {
@@ -34,42 +24,22 @@ pub struct EvalArgs {
     #[command(flatten)]
     ckpt: CheckpointArgs,
     #[command(flatten)]
-    pre: PreprocessArgs,
-    #[command(flatten)]
-    data_args: DataArgs,
+    pre: PreprocessSettings,
+    /// Fail on an image file that cannot be decoded instead of skipping it with a warning.
+    #[arg(long)]
+    strict: bool,
+    /// Images per batch.
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
     /// Also write the metrics as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
 }
 
-/// Where training and validation images come from.
-#[derive(Args)]
-struct SplitArgs {
-    /// Training ImageFolder: <train>/<class>/<image>.
-    #[arg(long)]
-    train: PathBuf,
-    /// Validation ImageFolder; without it, --val-fraction of --train is held out (seeded).
-    #[arg(long)]
-    val: Option<PathBuf>,
-    /// Share of each class held out for validation when --val is not given.
-    #[arg(long, default_value_t = 0.2)]
-    val_fraction: f64,
-}
-
-impl SplitArgs {
-    fn split(&self) -> DataSplit {
-        DataSplit {
-            train: self.train.clone(),
-            val: self.val.clone(),
-            val_fraction: self.val_fraction,
-        }
-    }
-}
-
 #[derive(Args)]
 pub struct TrainArgs {
     #[command(flatten)]
-    split: SplitArgs,
+    split: DataSplit,
     /// Architecture: resnet18, resnet34, resnet50, resnet-mini.
     #[arg(long, default_value = "resnet-mini")]
     arch: String,
@@ -85,7 +55,7 @@ pub struct TrainArgs {
     #[command(flatten)]
     hp: Hyperparams,
     #[command(flatten)]
-    data_args: DataArgs,
+    reading: Reading,
 }
 
 #[derive(Args)]
@@ -95,9 +65,9 @@ pub struct FinetuneArgs {
     #[command(flatten)]
     ckpt: CheckpointArgs,
     #[command(flatten)]
-    pre: PreprocessArgs,
+    pre: PreprocessSettings,
     #[command(flatten)]
-    split: SplitArgs,
+    split: DataSplit,
     /// New classifier head: linear, or mlp:N (GAP → Dense(N) → ReLU → Dense(classes)); or
     /// keep, to continue with the checkpoint's own head (the data must have its classes).
     #[arg(long, default_value = "linear")]
@@ -124,7 +94,7 @@ pub struct FinetuneArgs {
     #[command(flatten)]
     hp: Hyperparams,
     #[command(flatten)]
-    data_args: DataArgs,
+    reading: Reading,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -140,6 +110,9 @@ struct Hyperparams {
     /// Passes over the training set.
     #[arg(long, default_value_t = 10)]
     epochs: usize,
+    /// Images per batch.
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
     /// Peak learning rate.
     #[arg(long, default_value_t = 0.05)]
     lr: f64,
@@ -161,9 +134,6 @@ struct Hyperparams {
     /// Keep the learning rate constant instead of warm-up + cosine.
     #[arg(long)]
     constant_lr: bool,
-    /// Smallest random-resized-crop area as a share of the image (torchvision: 0.08).
-    #[arg(long, default_value_t = 0.6)]
-    crop_scale_min: f32,
     /// Seed for initialisation, shuffling and augmentation.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -173,14 +143,14 @@ struct Hyperparams {
 }
 
 impl Hyperparams {
-    fn config(&self, batch_size: usize, backbone_lr_mult: f64) -> Result<TrainConfig> {
+    fn config(&self, backbone_lr_mult: f64) -> Result<TrainConfig> {
         let optimizer = match self.optimizer {
             Optimizer::Sgd => OptimizerConfig::sgd(self.momentum, self.nesterov, self.weight_decay),
             Optimizer::Adamw => OptimizerConfig::adamw(self.weight_decay),
         };
         let cfg = TrainConfig {
             epochs: self.epochs,
-            batch_size,
+            batch_size: self.batch_size,
             lr: self.lr,
             optimizer,
             warmup_epochs: (!self.constant_lr).then_some(self.warmup_epochs),
@@ -191,48 +161,34 @@ impl Hyperparams {
         cfg.check()?;
         Ok(cfg)
     }
-
-    fn reading(&self, d: &DataArgs) -> Reading {
-        Reading {
-            crop_scale_min: self.crop_scale_min,
-            strict: d.strict,
-        }
-    }
 }
 
 pub fn train_cmd(a: TrainArgs) -> Result<()> {
     let s = TrainSettings {
-        split: a.split.split(),
+        split: a.split,
         arch: Arch::parse(&a.arch)?,
         head: Head::parse(&a.head)?,
         input_size: a.size,
-        config: a.hp.config(a.data_args.batch_size, 1.0)?,
-        reading: a.hp.reading(&a.data_args),
+        config: a.hp.config(1.0)?,
+        reading: a.reading,
         out: a.out.clone(),
     };
-    let r = run(|p| train::train(&s, p))?;
-    println!(
-        "saved {} (sha256 {}), validation accuracy {:.2}%",
-        a.out.display(),
-        &r.sha256[..12],
-        100.0 * r.history.last().map_or(f64::NAN, |h| h.val.accuracy)
-    );
-    Ok(())
+    run(|p| train::train(&s, p)).map(drop)
 }
 
 pub fn finetune_cmd(a: FinetuneArgs) -> Result<()> {
     let s = FinetuneSettings {
         parent: a.ckpt.source(&a.checkpoint)?,
-        preprocess: a.pre.settings(),
-        split: a.split.split(),
+        preprocess: a.pre.clone(),
+        split: a.split,
         head: match a.head.as_str() {
             "keep" => HeadChoice::Keep,
             h => HeadChoice::New(Head::parse(h)?),
         },
         freeze: a.freeze.clone(),
         lp_epochs: a.lp_epochs,
-        config: a.hp.config(a.data_args.batch_size, a.backbone_lr_mult)?,
-        reading: a.hp.reading(&a.data_args),
+        config: a.hp.config(a.backbone_lr_mult)?,
+        reading: a.reading,
         out: a.out.clone(),
         resume: a.resume,
     };
@@ -242,10 +198,10 @@ pub fn finetune_cmd(a: FinetuneArgs) -> Result<()> {
 pub fn eval_cmd(a: EvalArgs) -> Result<()> {
     let s = EvalSettings {
         model: a.ckpt.source(&a.checkpoint)?,
-        preprocess: a.pre.settings(),
+        preprocess: a.pre.clone(),
         data: a.data.clone(),
-        batch_size: a.data_args.batch_size,
-        strict: a.data_args.strict,
+        batch_size: a.batch_size,
+        strict: a.strict,
     };
     let r = run(|p| train::evaluate(&s, p))?;
     println!("{}", train::metrics_table(&r.metrics));

@@ -1,10 +1,12 @@
-//! Image data for finelens: torchvision-style ImageFolder datasets and transforms, streaming
-//! mini-batches, and deterministic synthetic shape tasks with ground-truth masks.
+//! Data for finelens: torchvision-style ImageFolder datasets and transforms, streaming
+//! mini-batches, deterministic synthetic shape tasks with ground-truth masks, and text through a
+//! Hugging Face tokenizer.
 
 pub mod batch;
 pub mod error;
 pub mod image_folder;
 pub mod synth;
+pub mod text;
 pub mod transforms;
 
 pub use batch::{Batch, Loader};

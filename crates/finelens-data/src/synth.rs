@@ -198,12 +198,24 @@ const PATCH_COLOURS: [[f32; 3]; 6] = [
     [0.0, 1.0, 1.0],
 ];
 
+/// How much synthetic data, and from which seed (the defaults are the demo's).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct SynthConfig {
+    /// Image side in pixels.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 64))]
     pub size: usize,
+    /// Training images per class.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 200))]
     pub train_per_class: usize,
+    /// Validation images per class.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 50))]
     pub val_per_class: usize,
+    /// Test images per class.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 50))]
     pub test_per_class: usize,
+    /// Random seed; the same seed writes the same images.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 0))]
     pub seed: u64,
 }
 

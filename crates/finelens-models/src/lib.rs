@@ -1,7 +1,8 @@
-//! Image classifier architectures for finelens: the ResNet family with torchvision's parameter
-//! names, differentiable pooling and batch norm (candle's own have gaps, see shared/CANDLE-NOTES.md),
+//! Classifier architectures for finelens: the ResNet family with torchvision's parameter names and
+//! BERT-family text encoders with Hugging Face's, differentiable pooling and batch norm (candle's own have gaps, see shared/CANDLE-NOTES.md),
 //! named activation hooks, and safetensors checkpoints with metadata.
 
+pub mod bert;
 pub mod checkpoint;
 pub mod conv;
 pub mod describe;
@@ -14,6 +15,7 @@ pub mod resnet;
 #[cfg(test)]
 mod testutil;
 
+pub use bert::{Bert, BertConfig, BertSpec, TextHead, TokenBatch};
 pub use checkpoint::{Checkpoint, Metadata};
 pub use describe::{InputKind, ModelDescription, Stage};
 pub use error::{ModelError, Result};

@@ -185,6 +185,49 @@ impl BatchNorm2d {
     }
 }
 
+/// Layer normalisation over the last dimension (Ba, Kiros & Hinton 2016), `nn.LayerNorm`:
+/// (x − mean) / √(biased var + eps) · weight + bias. Composed of differentiable ops: candle-nn's
+/// fused `layer_norm` has no backward and silently gives zero gradients (shared/CANDLE-NOTES.md).
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let last = candle_core::D::Minus1;
+    let centred = x.broadcast_sub(&x.mean_keepdim(last)?)?;
+    let var = centred.sqr()?.mean_keepdim(last)?;
+    let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
+    Ok(normed.broadcast_mul(weight)?.broadcast_add(bias)?)
+}
+
+/// Softmax over the last dimension from exp, sum and div (candle-nn's `softmax_last_dim` has no
+/// backward). The row maximum is subtracted for range; softmax does not depend on it, so it is
+/// detached.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let last = candle_core::D::Minus1;
+    let e = x.broadcast_sub(&x.max_keepdim(last)?.detach())?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(last)?)?)
+}
+
+/// GELU with the exact erf form, x·½(1 + erf(x/√2)) (Hendrycks & Gimpel 2016; BERT's `gelu`).
+/// Built on `erf`, whose backward is exact: candle's fused `gelu_erf` backward rounds 1/√(2π) to
+/// six digits.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    let cdf = ((x / std::f64::consts::SQRT_2)?.erf()? + 1.0)? * 0.5;
+    Ok((x * cdf?)?)
+}
+
+impl Linear {
+    /// Over the last dimension of an input of any rank (N×T×in → N×T×out).
+    pub fn forward_nd(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (rows, inp) = (
+            dims[..dims.len() - 1].iter().product::<usize>(),
+            dims[dims.len() - 1],
+        );
+        let y = self.forward(&x.reshape((rows, inp))?)?;
+        let mut out = dims;
+        *out.last_mut().expect("rank ≥ 1") = y.dim(1)?;
+        Ok(y.reshape(out)?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -32,6 +32,10 @@ pub enum Init {
     LinearUniform {
         fan_in: usize,
     },
+    /// N(0, std²): BERT's `initializer_range` (0.02) for weights and embeddings.
+    Normal {
+        std: f64,
+    },
     Ones,
     Zeros,
 }
@@ -112,6 +116,10 @@ impl ParamStore {
                     let fan_out: usize = spec.shape[0] * spec.shape[2..].iter().product::<usize>();
                     let normal =
                         Normal::new(0.0, (2.0 / fan_out as f64).sqrt()).expect("positive std");
+                    (0..n).map(|_| normal.sample(&mut rng) as f32).collect()
+                }
+                Init::Normal { std } => {
+                    let normal = Normal::new(0.0, std).expect("positive std");
                     (0..n).map(|_| normal.sample(&mut rng) as f32).collect()
                 }
                 Init::LinearUniform { fan_in } => {
@@ -306,6 +314,16 @@ impl ParamStore {
         }
         Ok(out)
     }
+    /// A copy with floating-point tensors cast to `dtype` and the same weights trainable: an f64
+    /// model whose weight gradients a finite-difference test can check.
+    pub fn cast(&self, dtype: DType) -> Result<Self> {
+        let mut out = self.frozen_as(dtype)?;
+        for (n, e) in &self.entries {
+            out.entries.get_mut(n).expect("same names").trainable = e.trainable;
+        }
+        Ok(out)
+    }
+
     /// A frozen copy for analysis: every tensor detached (explaining a model needs no weight
     /// gradient) and floating-point tensors cast to `dtype` (f64 for finite-difference checks).
     pub fn frozen_as(&self, dtype: DType) -> Result<Self> {

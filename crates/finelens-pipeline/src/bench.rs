@@ -2,7 +2,7 @@
 //! (`Event::Info`, one line each) and returns them typed, for `--json`. Speed is measured here,
 //! never in tests.
 
-use std::path::Path;
+use std::path::PathBuf;
 
 use finelens_models::Arch;
 use serde::Serialize;
@@ -26,11 +26,28 @@ fn cases(quick: bool) -> Vec<(Arch, usize)> {
     c
 }
 
+/// Training throughput (images/s) for resnet-mini at 64×64 and resnet18 at 224×224.
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct TrainBench {
+    /// Timed optimiser steps per model (after one warm-up step).
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 3))]
+    pub steps: usize,
+    /// Images per batch.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 32))]
+    pub batch_size: usize,
+    /// Skip resnet18 at 224×224 (it takes minutes on 2 cores).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub quick: bool,
+}
+
 /// Training images/s: forward (train mode) + cross-entropy + backward + SGD step.
 pub fn train(
-    steps: usize,
-    batch_size: usize,
-    quick: bool,
+    &TrainBench {
+        steps,
+        batch_size,
+        quick,
+    }: &TrainBench,
     progress: Progress,
 ) -> Result<Vec<finelens_tune::bench::Throughput>> {
     if steps == 0 || batch_size == 0 {
@@ -50,13 +67,34 @@ pub fn train(
         .collect()
 }
 
+/// Explanation speed (ms/image, batch 1) for resnet18 at 224×224 and resnet-mini at 64×64.
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct ExplainBench {
+    /// Timed repeats per figure (the median is printed), after one warm-up run.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 3))]
+    pub repeats: usize,
+    /// Internal batch sizes to try for IG-50 (the fastest is reported).
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, value_delimiter = ',', default_value = "5,10,25,50")
+    )]
+    pub ig_batches: Vec<usize>,
+    /// Skip resnet18 at 224×224.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub quick: bool,
+}
+
 /// Explanation ms per image at batch 1 (median of `repeats`).
 pub fn explain(
-    repeats: usize,
-    ig_batches: &[usize],
-    quick: bool,
+    ExplainBench {
+        repeats,
+        ig_batches,
+        quick,
+    }: &ExplainBench,
     progress: Progress,
 ) -> Result<Vec<finelens_attrib::bench::ExplainTimings>> {
+    let (repeats, quick) = (*repeats, *quick);
     if repeats == 0 || ig_batches.is_empty() || ig_batches.contains(&0) {
         return Err(settings(
             "bench: repeats and every IG internal batch must be at least 1",
@@ -83,14 +121,33 @@ pub struct DriftBench {
     pub cka: finelens_drift::bench::CkaBench,
 }
 
+/// Weight drift over two generated checkpoints (GB/s, peak resident memory) and minibatch CKA
+/// over probe images for resnet-mini's five tapped layers (seconds).
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct DriftBenchSettings {
+    /// Size of each generated checkpoint, in GiB.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 1.0))]
+    pub gigabytes: f64,
+    /// Where the generated checkpoints are written (and reused by later runs).
+    #[cfg_attr(feature = "cli", arg(long, default_value = "target/drift-bench"))]
+    pub dir: PathBuf,
+    /// Probe images for the CKA figure.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 2000))]
+    pub cka_images: usize,
+}
+
 /// Weight drift over two generated checkpoints of `gigabytes` each (kept in `dir`), and
 /// minibatch CKA over `cka_images` probe images.
 pub fn drift(
-    gigabytes: f64,
-    dir: &Path,
-    cka_images: usize,
+    DriftBenchSettings {
+        gigabytes,
+        dir,
+        cka_images,
+    }: &DriftBenchSettings,
     progress: Progress,
 ) -> Result<DriftBench> {
+    let (gigabytes, cka_images) = (*gigabytes, *cka_images);
     if gigabytes.is_nan() || gigabytes <= 0.0 || cka_images < crate::drift::MIN_CKA_BATCH {
         return Err(settings(
             "bench: the checkpoint size must be positive and the CKA images at least 4",

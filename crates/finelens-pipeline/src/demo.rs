@@ -2,7 +2,7 @@
 //! its own task, one fine-tuning recipe on a clean task and on its shortcut variant, explanations,
 //! drift, and both audits on one page. Every step is a job of this crate.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use finelens_attrib::{BaselineSpec, Method, MethodOptions, MethodSpec};
@@ -32,6 +32,67 @@ pub const EXPLAIN_IMAGES: usize = 8;
 pub const METHODS: &str = "saliency,smoothgrad,integrated_gradients,grad_cam,occlusion";
 /// The audit's methods; the first is the one the policy gates on.
 pub const AUDIT_METHODS: &str = "integrated_gradients,saliency,grad_cam";
+
+/// The shipped pretrained checkpoint (resnet-mini trained on the synthetic `pretrain` task).
+pub const FIXTURE: &str = "fixtures/resnet-mini-pretrain.safetensors";
+/// Where the demo and the fixture recipe put generated synthetic data.
+pub const DATA_DIR: &str = "fixtures/data";
+/// Where the demo writes its outputs.
+pub const DEMO_DIR: &str = "reports/demo";
+
+/// Where the demo reads and writes; relative defaults are found from the working directory or,
+/// failing that, in the workspace finelens was built from (so the demo runs from anywhere).
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct DemoPaths {
+    /// The pretrained checkpoint to fine-tune.
+    #[cfg_attr(feature = "cli", arg(long, default_value = FIXTURE))]
+    pub fixture: PathBuf,
+    /// Where the synthetic data is generated (reused when already there).
+    #[cfg_attr(feature = "cli", arg(long, default_value = DATA_DIR))]
+    pub data: PathBuf,
+    /// Where the demo's outputs go.
+    #[cfg_attr(feature = "cli", arg(long, default_value = DEMO_DIR))]
+    pub out: PathBuf,
+}
+
+impl DemoPaths {
+    /// The shipped fixture and data, outputs in `out`.
+    pub fn shipped(out: PathBuf) -> DemoPaths {
+        DemoPaths {
+            fixture: FIXTURE.into(),
+            data: DATA_DIR.into(),
+            out,
+        }
+    }
+
+    /// The settings, with the inputs found and `command_line` recorded.
+    pub fn settings(&self, command_line: Vec<String>) -> DemoSettings {
+        DemoSettings {
+            fixture: project_path(&self.fixture),
+            data: if self.data == Path::new(DATA_DIR) {
+                project_path(Path::new("fixtures")).join("data")
+            } else {
+                self.data.clone()
+            },
+            out: self.out.clone(),
+            command_line,
+        }
+    }
+}
+
+/// A path as given when it exists from here, else under the workspace finelens was built from.
+fn project_path(p: &Path) -> PathBuf {
+    if p.is_absolute() || p.exists() {
+        return p.to_owned();
+    }
+    let candidate = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(p);
+    if candidate.exists() {
+        candidate
+    } else {
+        p.to_owned()
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct DemoSettings {

@@ -189,14 +189,34 @@ pub struct Analysed {
 /// checkpoint, the defaults: the architecture's input size, torchvision's crop of 0.875 and
 /// ImageNet's mean and std).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct PreprocessSettings {
+    /// Input side in pixels.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub input_size: Option<usize>,
     /// Share of the resized image the centre crop keeps: the shorter side is resized to
-    /// `input_size / crop_pct`. 1 resizes the shorter side to the input size exactly (an image
-    /// already at that size is used as it is).
+    /// input-size / crop-pct (torchvision's 0.875). 1 resizes the shorter side to the input
+    /// size exactly, so an image already at that size is used as it is.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub crop_pct: Option<f32>,
+    /// Normalisation mean, three comma-separated values.
+    #[cfg_attr(feature = "cli", arg(long, value_parser = three_floats))]
     pub mean: Option<[f32; 3]>,
+    /// Normalisation std, three comma-separated values.
+    #[cfg_attr(feature = "cli", arg(long, value_parser = three_floats))]
     pub std: Option<[f32; 3]>,
+}
+
+/// `a,b,c` as three numbers (a mean or std per channel).
+#[cfg(feature = "cli")]
+fn three_floats(s: &str) -> std::result::Result<[f32; 3], String> {
+    let v: Vec<f32> = s
+        .split(',')
+        .map(|x| x.trim().parse::<f32>())
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| format!("expected three comma-separated numbers: {e}"))?;
+    <[f32; 3]>::try_from(v.as_slice())
+        .map_err(|_| format!("expected three comma-separated numbers, got {}", v.len()))
 }
 
 impl PreprocessSettings {

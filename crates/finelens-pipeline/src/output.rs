@@ -75,6 +75,29 @@ pub fn png_bytes(img: &image::RgbImage) -> Result<Vec<u8>> {
     Ok(finelens_report::heatmap::png(img)?)
 }
 
+/// Where a job writes, as a command line gives it.
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct OutputSettings {
+    /// Output directory (default: reports/<command>). Refused when it exists, unless --force;
+    /// written under a temporary name and renamed into place once complete; a run that fails
+    /// keeps what it wrote as <out>.partial.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub out: Option<PathBuf>,
+    /// Replace an existing output directory (the new one is complete before the old one goes).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub force: bool,
+}
+
+impl OutputSettings {
+    /// The directory: as given, or `reports/<command>`.
+    pub fn dir(&self, command: &str) -> PathBuf {
+        self.out
+            .clone()
+            .unwrap_or_else(|| Path::new("reports").join(command))
+    }
+}
+
 /// An output directory being written: files go to [`OutputDir::path`], a temporary directory
 /// beside the destination, until [`OutputDir::commit`] puts it in place.
 pub struct OutputDir {

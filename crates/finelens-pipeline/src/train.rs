@@ -22,10 +22,17 @@ use crate::progress::{Event, Progress};
 /// Where training and validation images come from: two ImageFolders with the same classes, or
 /// a seeded stratified split of one.
 #[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct DataSplit {
+    /// Training ImageFolder: <train>/<class>/<image>.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub train: PathBuf,
+    /// Validation ImageFolder; without it, val-fraction of the training folder is held out
+    /// (stratified, seeded).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub val: Option<PathBuf>,
-    /// Share of each class held out when `val` is not given.
+    /// Share of each class held out for validation when no validation folder is given.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 0.2))]
     pub val_fraction: f64,
 }
 
@@ -69,10 +76,13 @@ impl DataSplit {
 
 /// How images are read for training.
 #[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct Reading {
-    /// Smallest random-resized-crop area as a share of the image.
+    /// Smallest random-resized-crop area as a share of the image (torchvision: 0.08).
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 0.6))]
     pub crop_scale_min: f32,
-    /// Fail on an undecodable image instead of skipping it.
+    /// Fail on an image file that cannot be decoded instead of skipping it with a warning.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub strict: bool,
 }
 
@@ -245,6 +255,12 @@ pub fn train(s: &TrainSettings, progress: Progress) -> Result<TrainOutcome> {
     }
     .record_in(&mut meta);
     let sha256 = checkpoint::save(&s.out, &store, &meta)?;
+    progress(Event::Info(format!(
+        "saved {} (sha256 {}), validation accuracy {:.2}%",
+        s.out.display(),
+        &sha256[..12],
+        100.0 * history.last().map_or(f64::NAN, |h| h.val.accuracy)
+    )));
     Ok(TrainOutcome { sha256, history })
 }
 

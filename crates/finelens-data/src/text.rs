@@ -1,0 +1,139 @@
+//! Text for finelens: a Hugging Face `tokenizer.json` read offline with the `tokenizers` crate,
+//! as transformers' fast tokenizers use it, and padded batches of its encodings.
+//!
+//! Two things differ from what the file alone would do. A `tokenizer.json` may store fixed
+//! padding and truncation (all-MiniLM's pads and cuts every text to 128 tokens); both are cleared,
+//! and texts are cut at the caller's `max_length` and padded per batch. And Rust's `encode` gives
+//! byte offsets where Python gives character offsets: [`TextTokenizer::encode`] gives character
+//! offsets, so spans (rationales, highlighted words) mean the same in both.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use tokenizers::{Tokenizer, TruncationParams};
+
+use crate::error::{DataError, Result};
+
+/// One text, tokenized.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Encoded {
+    pub ids: Vec<u32>,
+    pub type_ids: Vec<u32>,
+    /// Per token, the characters (not bytes) of the text it covers; special tokens cover (0, 0).
+    pub offsets: Vec<(usize, usize)>,
+    /// Per token, the index of the word it belongs to; `None` for special tokens.
+    pub word_ids: Vec<Option<u32>>,
+    /// Whether the text was longer than the maximum length and cut.
+    pub truncated: bool,
+}
+
+/// A tokenizer for one model, cutting texts at `max_length` tokens (special tokens included).
+pub struct TextTokenizer {
+    inner: Tokenizer,
+    path: PathBuf,
+    max_length: usize,
+    pad_id: u32,
+}
+
+impl TextTokenizer {
+    pub fn from_file(path: &Path, max_length: usize) -> Result<Self> {
+        if max_length < 2 {
+            return Err(DataError::Config(format!(
+                "the maximum length must leave room for [CLS] and [SEP], got {max_length}"
+            )));
+        }
+        let bad = |reason: String| DataError::Decode {
+            path: path.to_owned(),
+            reason,
+        };
+        if !path.is_file() {
+            return Err(DataError::Io {
+                path: path.to_owned(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no tokenizer (tokenizer.json) here",
+                ),
+            });
+        }
+        let mut inner =
+            Tokenizer::from_file(path).map_err(|e| bad(format!("not a tokenizer.json: {e}")))?;
+        inner.with_padding(None);
+        inner
+            .with_truncation(Some(TruncationParams {
+                max_length,
+                ..TruncationParams::default()
+            }))
+            .map_err(|e| bad(e.to_string()))?;
+        let pad_id = inner
+            .token_to_id("[PAD]")
+            .or_else(|| inner.token_to_id("<pad>"))
+            .unwrap_or(0);
+        Ok(TextTokenizer {
+            inner,
+            path: path.to_owned(),
+            max_length,
+            pad_id,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn max_length(&self) -> usize {
+        self.max_length
+    }
+
+    /// Ids the tokenizer can produce, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Tokenize one text with the special tokens ([CLS] … [SEP] for BERT).
+    pub fn encode(&self, text: &str) -> Result<Encoded> {
+        let e = self
+            .inner
+            .encode_char_offsets(text, true)
+            .map_err(|e| DataError::Config(format!("cannot tokenize {text:?}: {e}")))?;
+        Ok(Encoded {
+            ids: e.get_ids().to_vec(),
+            type_ids: e.get_type_ids().to_vec(),
+            offsets: e.get_offsets().to_vec(),
+            word_ids: e.get_word_ids().to_vec(),
+            truncated: !e.get_overflowing().is_empty(),
+        })
+    }
+
+    /// Texts as one batch padded to its longest: ids, token types and the attention mask
+    /// (1 = token, 0 = padding), each N × T u32.
+    pub fn batch(&self, texts: &[Encoded], device: &Device) -> Result<(Tensor, Tensor, Tensor)> {
+        let t = texts.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+        let n = texts.len();
+        let (mut ids, mut types, mut mask) = (
+            Vec::with_capacity(n * t),
+            Vec::with_capacity(n * t),
+            Vec::with_capacity(n * t),
+        );
+        for e in texts {
+            let pad = t - e.ids.len();
+            ids.extend(
+                e.ids
+                    .iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(self.pad_id, pad)),
+            );
+            types.extend(
+                e.type_ids
+                    .iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(0, pad)),
+            );
+            mask.extend(std::iter::repeat_n(1u32, e.ids.len()).chain(std::iter::repeat_n(0, pad)));
+        }
+        Ok((
+            Tensor::from_vec(ids, (n, t), device)?,
+            Tensor::from_vec(types, (n, t), device)?,
+            Tensor::from_vec(mask, (n, t), device)?,
+        ))
+    }
+}
