@@ -21,6 +21,9 @@ pub enum DataError {
     EmptyClass { path: PathBuf },
     #[error("{path}: cannot write image ({reason})")]
     Encode { path: PathBuf, reason: String },
+    /// A text set's record or file (`file:line` when the line is known).
+    #[error("{at}: {reason}")]
+    Text { at: String, reason: String },
     #[error("invalid data settings: {0}")]
     Config(String),
     #[error(transparent)]

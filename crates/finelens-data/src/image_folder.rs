@@ -135,29 +135,13 @@ impl ImageFolder {
     /// A seeded, stratified split: `val_fraction` of each class (at least one image when the
     /// class has two or more) goes to validation. Same seed, same split.
     pub fn split(&self, val_fraction: f64, seed: u64) -> Result<(Vec<Sample>, Vec<Sample>)> {
-        if !(0.0..1.0).contains(&val_fraction) {
-            return Err(DataError::Config(format!(
-                "validation fraction {val_fraction} must be in [0, 1)"
-            )));
-        }
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let (mut train, mut val) = (Vec::new(), Vec::new());
-        for label in 0..self.classes.len() {
-            let mut of_class: Vec<Sample> = self
-                .samples
-                .iter()
-                .filter(|s| s.label == label)
-                .cloned()
-                .collect();
-            of_class.shuffle(&mut rng);
-            let mut n_val = (of_class.len() as f64 * val_fraction).round() as usize;
-            if val_fraction > 0.0 && n_val == 0 && of_class.len() >= 2 {
-                n_val = 1;
-            }
-            val.extend(of_class.drain(..n_val));
-            train.extend(of_class);
-        }
-        Ok((train, val))
+        stratified_split(
+            &self.samples,
+            self.classes.len(),
+            |s| s.label,
+            val_fraction,
+            seed,
+        )
     }
 
     /// Per-class image counts, in class order.
@@ -168,6 +152,39 @@ impl ImageFolder {
         }
         c
     }
+}
+
+/// A seeded, stratified split of `items` over `classes` classes: `val_fraction` of each class
+/// (at least one item when the class has two or more) goes to validation. Same seed, same split.
+pub fn stratified_split<T: Clone>(
+    items: &[T],
+    classes: usize,
+    label: impl Fn(&T) -> usize,
+    val_fraction: f64,
+    seed: u64,
+) -> Result<(Vec<T>, Vec<T>)> {
+    if !(0.0..1.0).contains(&val_fraction) {
+        return Err(DataError::Config(format!(
+            "validation fraction {val_fraction} must be in [0, 1)"
+        )));
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let (mut train, mut val) = (Vec::new(), Vec::new());
+    for class in 0..classes {
+        let mut of_class: Vec<T> = items
+            .iter()
+            .filter(|s| label(s) == class)
+            .cloned()
+            .collect();
+        of_class.shuffle(&mut rng);
+        let mut n_val = (of_class.len() as f64 * val_fraction).round() as usize;
+        if val_fraction > 0.0 && n_val == 0 && of_class.len() >= 2 {
+            n_val = 1;
+        }
+        val.extend(of_class.drain(..n_val));
+        train.extend(of_class);
+    }
+    Ok((train, val))
 }
 
 /// Images to analyse, from whatever a user points at.
