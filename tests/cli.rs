@@ -1656,3 +1656,120 @@ fn report_renders_in_headless_chromium_without_errors_or_requests() {
     // The fail badge's background (#fbd9d6) is on screen: the styles applied.
     assert!(colours.contains(&[0xfb, 0xd9, 0xd6]) || colours.contains(&[0xd7, 0xf0, 0xdd]));
 }
+
+/// The fetched all-MiniLM-L6-v2 folder, or `None` (said) when it is absent and not required.
+fn text_model() -> Option<PathBuf> {
+    let dir = std::env::var_os("FINELENS_TEXT_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/models/all-minilm-l6-v2")
+        });
+    if dir.join("model.safetensors").is_file() {
+        return Some(dir);
+    }
+    assert!(
+        std::env::var_os("FINELENS_REQUIRE_TEXT_MODEL").is_none(),
+        "{} is missing: run scripts/fetch-models.sh",
+        dir.display()
+    );
+    eprintln!("skipped: no text model at {}", dir.display());
+    None
+}
+
+/// A real Hugging Face folder fine-tuned through the binary on the synthetic sentiment task: the
+/// output is a model folder again (Hugging Face names, config with the labels, tokenizer), its
+/// metrics are written, and it fine-tunes again with its own head kept; bad text inputs are
+/// one-line errors.
+#[test]
+fn finetune_a_text_model_folder() {
+    let Some(model) = text_model() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let o = finelens(&[
+        "data",
+        "synth",
+        "--task",
+        "text-sentiment",
+        "--out",
+        d.path().to_str().unwrap(),
+        "--train-per-class",
+        "24",
+        "--val-per-class",
+        "8",
+        "--test-per-class",
+        "8",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let task = d.path().join("text-sentiment");
+    let out = d.path().join("ft");
+    let finetune = |out: &Path, model: &Path, extra: &[&str]| {
+        let (train, val) = (task.join("train.jsonl"), task.join("val.jsonl"));
+        let mut args = vec![
+            "finetune",
+            model.to_str().unwrap(),
+            "--train",
+            train.to_str().unwrap(),
+            "--val",
+            val.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--epochs",
+            "3",
+            "--batch-size",
+            "16",
+            "--lr",
+            "5e-4",
+            "--optimizer",
+            "adamw",
+            "--weight-decay",
+            "0.01",
+            "--decay",
+            "linear",
+            "--warmup-epochs",
+            "0.5",
+            "--max-grad-norm",
+            "1",
+            "--max-length",
+            "24",
+            "--freeze",
+            "embeddings",
+        ];
+        args.extend_from_slice(extra);
+        finelens(&args)
+    };
+    let o = finetune(&out, &model, &["--head", "cls"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let metrics = read_json(&out.join("metrics.json"));
+    assert_eq!(metrics["schema_version"], "finelens-metrics/1");
+    assert_eq!(metrics["history"].as_array().unwrap().len(), 3);
+    let acc = metrics["val"]["accuracy"].as_f64().unwrap();
+    assert!(acc >= 0.75, "validation accuracy {acc}: {}", stdout(&o));
+    let config = read_json(&out.join("config.json"));
+    assert_eq!(config["architectures"][0], "BertForSequenceClassification");
+    assert_eq!(config["id2label"]["1"], "positive");
+    assert!(out.join("tokenizer.json").is_file() && out.join("curves.png").is_file());
+    // The folder is a model folder again: fine-tune it with its own head.
+    let o = finetune(&d.path().join("again"), &out, &["--head", "keep"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // Bad input: a label column that is not there, a max length beyond the model's positions.
+    let o = finetune(&d.path().join("x"), &model, &["--label-column", "stars"]);
+    assert_one_line_error(&o, "train.jsonl:1: no field `stars`");
+    let o = finelens(&[
+        "finetune",
+        model.to_str().unwrap(),
+        "--train",
+        task.join("train.jsonl").to_str().unwrap(),
+        "--out",
+        d.path().join("x").to_str().unwrap(),
+        "--max-length",
+        "4096",
+    ]);
+    assert_one_line_error(
+        &o,
+        "max length 4096 must be between 2 and the model's 512 positions",
+    );
+    assert!(
+        !d.path().join("x").exists(),
+        "nothing written on an input error"
+    );
+}

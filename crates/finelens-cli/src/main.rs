@@ -80,7 +80,8 @@ struct SynthArgs {
     /// Output directory; each task goes to <out>/<task>/{images,masks}/<split>/<class>/.
     #[arg(long, default_value = DATA_DIR)]
     out: PathBuf,
-    /// Which task: pretrain, finetune, shortcut, or all.
+    /// Which task: pretrain, finetune, shortcut, or all (the image tasks); text-sentiment or
+    /// text-shortcut (JSONL with cue-word rationales).
     #[arg(long, default_value = "all")]
     task: String,
     #[command(flatten)]

@@ -4,12 +4,14 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use finelens_models::{Arch, Head};
+use finelens_models::{Arch, Head, TextHead};
+use finelens_pipeline::text::{self, TextFinetuneSettings, TextReading};
 use finelens_pipeline::train::{
     self, DataSplit, EvalSettings, FinetuneSettings, Reading, TrainSettings,
 };
 use finelens_pipeline::{write_json, PreprocessSettings};
-use finelens_tune::{HeadChoice, OptimizerConfig, TrainConfig};
+use finelens_tune::recipe::Recipe;
+use finelens_tune::HeadChoice;
 
 use crate::progress::run;
 use crate::CheckpointArgs;
@@ -53,14 +55,16 @@ pub struct TrainArgs {
     #[arg(long)]
     out: PathBuf,
     #[command(flatten)]
-    hp: Hyperparams,
+    hp: Recipe,
     #[command(flatten)]
     reading: Reading,
 }
 
 #[derive(Args)]
 pub struct FinetuneArgs {
-    /// The pretrained checkpoint (.safetensors).
+    /// The pretrained checkpoint (.safetensors), or a Hugging Face text model folder
+    /// (config.json, model.safetensors, tokenizer.json; then --train is a .csv, .tsv, .jsonl or
+    /// a folder per class of .txt files, and the output folder is a model folder too).
     checkpoint: PathBuf,
     #[command(flatten)]
     ckpt: CheckpointArgs,
@@ -69,15 +73,19 @@ pub struct FinetuneArgs {
     #[command(flatten)]
     split: DataSplit,
     /// New classifier head: linear, or mlp:N (GAP → Dense(N) → ReLU → Dense(classes)); or
-    /// keep, to continue with the checkpoint's own head (the data must have its classes).
+    /// keep, to continue with the checkpoint's own head (the data must have its classes). For a
+    /// text model folder: cls (= linear: pooler → linear), mean (mean over tokens → linear),
+    /// mlp:N, or keep.
     #[arg(long, default_value = "linear")]
     head: String,
     /// LP-FT: train only the head for this many of the --epochs first, then fine-tune under
     /// --freeze for the rest (Kumar et al. 2022).
     #[arg(long, default_value_t = 0)]
     lp_epochs: usize,
-    /// What stays frozen: head-only (linear probe), last:N (train the last N residual blocks
-    /// and the head), none, or comma-separated globs of parameter names to freeze.
+    /// What stays frozen: head-only (linear probe), last:N (train the last N residual blocks —
+    /// for text, encoder layers and the pooler — and the head), none, or comma-separated globs
+    /// of parameter names to freeze; for text also embeddings and encoder.layer.A-B (with the
+    /// embeddings).
     #[arg(long, default_value = "none")]
     freeze: String,
     /// The backbone's learning rate as a multiple of the head's (discriminative fine-tuning).
@@ -92,75 +100,11 @@ pub struct FinetuneArgs {
     #[arg(long)]
     resume: bool,
     #[command(flatten)]
-    hp: Hyperparams,
+    hp: Recipe,
     #[command(flatten)]
     reading: Reading,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum Optimizer {
-    /// SGD with momentum (PyTorch's update rule).
-    Sgd,
-    /// AdamW (decoupled weight decay).
-    Adamw,
-}
-
-#[derive(Args)]
-struct Hyperparams {
-    /// Passes over the training set.
-    #[arg(long, default_value_t = 10)]
-    epochs: usize,
-    /// Images per batch.
-    #[arg(long, default_value_t = 64)]
-    batch_size: usize,
-    /// Peak learning rate.
-    #[arg(long, default_value_t = 0.05)]
-    lr: f64,
-    /// The optimiser.
-    #[arg(long, value_enum, default_value_t = Optimizer::Sgd)]
-    optimizer: Optimizer,
-    /// SGD momentum.
-    #[arg(long, default_value_t = 0.9)]
-    momentum: f64,
-    /// Use Nesterov momentum (SGD).
-    #[arg(long)]
-    nesterov: bool,
-    /// Weight decay (L2 for SGD, decoupled for AdamW).
-    #[arg(long, default_value_t = 5e-4)]
-    weight_decay: f64,
-    /// Linear warm-up (in epochs) before cosine decay; 0 for cosine from the start.
-    #[arg(long, default_value_t = 1.0)]
-    warmup_epochs: f64,
-    /// Keep the learning rate constant instead of warm-up + cosine.
-    #[arg(long)]
-    constant_lr: bool,
-    /// Seed for initialisation, shuffling and augmentation.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Stop early after this many epochs without a lower validation loss.
-    #[arg(long)]
-    patience: Option<usize>,
-}
-
-impl Hyperparams {
-    fn config(&self, backbone_lr_mult: f64) -> Result<TrainConfig> {
-        let optimizer = match self.optimizer {
-            Optimizer::Sgd => OptimizerConfig::sgd(self.momentum, self.nesterov, self.weight_decay),
-            Optimizer::Adamw => OptimizerConfig::adamw(self.weight_decay),
-        };
-        let cfg = TrainConfig {
-            epochs: self.epochs,
-            batch_size: self.batch_size,
-            lr: self.lr,
-            optimizer,
-            warmup_epochs: (!self.constant_lr).then_some(self.warmup_epochs),
-            backbone_lr_mult,
-            seed: self.seed,
-            patience: self.patience,
-        };
-        cfg.check()?;
-        Ok(cfg)
-    }
+    #[command(flatten)]
+    text: TextReading,
 }
 
 pub fn train_cmd(a: TrainArgs) -> Result<()> {
@@ -177,6 +121,25 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
 }
 
 pub fn finetune_cmd(a: FinetuneArgs) -> Result<()> {
+    if text::is_model_folder(&a.checkpoint) {
+        let s = TextFinetuneSettings {
+            model: a.checkpoint.clone(),
+            train: a.split.train.clone(),
+            val: a.split.val.clone(),
+            val_fraction: a.split.val_fraction,
+            reading: a.text.clone(),
+            head: match a.head.as_str() {
+                "keep" => None,
+                "linear" => Some(TextHead::Cls),
+                h => Some(h.parse()?),
+            },
+            freeze: a.freeze.clone(),
+            lp_epochs: a.lp_epochs,
+            config: a.hp.config(a.backbone_lr_mult)?,
+            out: a.out.clone(),
+        };
+        return run(|p| text::finetune_text(&s, p)).map(drop);
+    }
     let s = FinetuneSettings {
         parent: a.ckpt.source(&a.checkpoint)?,
         preprocess: a.pre.clone(),

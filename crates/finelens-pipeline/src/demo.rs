@@ -129,6 +129,8 @@ fn recipe() -> TrainConfig {
         backbone_lr_mult: 1.0,
         seed: 0,
         patience: None,
+        decay: finelens_tune::train::Decay::Cosine,
+        max_grad_norm: None,
     }
 }
 

@@ -20,6 +20,7 @@ pub mod output;
 pub mod page;
 pub mod progress;
 pub mod shard;
+pub mod text;
 pub mod train;
 
 pub use error::{Context, PipelineError, Result};

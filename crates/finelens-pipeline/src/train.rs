@@ -480,7 +480,23 @@ pub fn synthesise(
     force: bool,
     progress: Progress,
 ) -> Result<()> {
+    use finelens_data::text::{generate_text, TextSynthConfig, TextTask};
     use finelens_data::Task;
+    if let Some(t) = TextTask::parse(task) {
+        let text_cfg = TextSynthConfig {
+            train_per_class: cfg.train_per_class,
+            val_per_class: cfg.val_per_class,
+            test_per_class: cfg.test_per_class,
+            seed: cfg.seed,
+        };
+        let dir = generate_text(out, t, &text_cfg, force)?;
+        progress(Event::Info(format!(
+            "{}: 2 classes → {}",
+            t.name(),
+            dir.root.display()
+        )));
+        return Ok(());
+    }
     let tasks = if task == "all" {
         Task::ALL.to_vec()
     } else {

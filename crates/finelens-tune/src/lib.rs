@@ -6,8 +6,10 @@ pub mod error;
 pub mod finetune;
 pub mod metrics;
 pub mod optim;
+pub mod recipe;
 pub mod record;
 pub mod schedule;
+pub mod text;
 pub mod train;
 
 pub use error::{Result, TuneError};
@@ -19,4 +21,7 @@ pub use metrics::{cross_entropy, evaluate, Metrics};
 pub use optim::{Optimizer, OptimizerConfig, OptimizerState};
 pub use record::{EpochSummary, TrainingKind, TrainingRecord};
 pub use schedule::Schedule;
-pub use train::{epochs_since_best, fit, EpochRecord, Progress, Start, TrainConfig, TrainData};
+pub use train::{
+    epochs_since_best, fit, fit_task, Decay, EpochRecord, Progress, Start, Supervised, TrainConfig,
+    TrainData,
+};

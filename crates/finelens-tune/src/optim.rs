@@ -93,6 +93,8 @@ pub struct OptimizerState {
 struct Slot {
     var: Var,
     lr_mult: f64,
+    /// Whether weight decay applies (not to biases and LayerNorm weights in transformer recipes).
+    decay: bool,
     first: Option<Tensor>,
     second: Option<Tensor>,
 }
@@ -104,14 +106,23 @@ pub struct Optimizer {
 }
 
 impl Optimizer {
-    /// `params`: (variable, learning-rate multiplier).
+    /// `params`: (variable, learning-rate multiplier); weight decay applies to all.
     pub fn new(config: OptimizerConfig, params: Vec<(Var, f64)>) -> Result<Self> {
+        Self::with_decay(
+            config,
+            params.into_iter().map(|(v, m)| (v, m, true)).collect(),
+        )
+    }
+
+    /// `params`: (variable, learning-rate multiplier, whether weight decay applies to it).
+    pub fn with_decay(config: OptimizerConfig, params: Vec<(Var, f64, bool)>) -> Result<Self> {
         config.check()?;
         let slots = params
             .into_iter()
-            .map(|(var, lr_mult)| Slot {
+            .map(|(var, lr_mult, decay)| Slot {
                 var,
                 lr_mult,
+                decay,
                 first: None,
                 second: None,
             })
@@ -187,7 +198,7 @@ impl Optimizer {
                     nesterov,
                     weight_decay,
                 } => {
-                    let g = if weight_decay > 0.0 {
+                    let g = if weight_decay > 0.0 && s.decay {
                         (g + (&p * weight_decay)?)?
                     } else {
                         g.clone()
@@ -214,7 +225,11 @@ impl Optimizer {
                     eps,
                     weight_decay,
                 } => {
-                    let p = (&p * (1.0 - lr * weight_decay))?;
+                    let p = if s.decay {
+                        (&p * (1.0 - lr * weight_decay))?
+                    } else {
+                        p
+                    };
                     let m = match &s.first {
                         Some(m) => ((m * beta1)? + (g * (1.0 - beta1))?)?,
                         None => (g * (1.0 - beta1))?,

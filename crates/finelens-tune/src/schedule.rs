@@ -12,6 +12,12 @@ pub enum Schedule {
         warmup_steps: usize,
         total_steps: usize,
     },
+    /// Linear warm-up from 0 over `warmup_steps`, then linear decay to 0 at `total_steps`
+    /// (transformers' `get_linear_schedule_with_warmup`, BERT's recipe).
+    WarmupLinear {
+        warmup_steps: usize,
+        total_steps: usize,
+    },
 }
 
 impl Schedule {
@@ -29,6 +35,17 @@ impl Schedule {
                     let span = total_steps.saturating_sub(warmup_steps).max(1) as f64;
                     let t = ((step - warmup_steps) as f64 / span).min(1.0);
                     base * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+                }
+            }
+            Schedule::WarmupLinear {
+                warmup_steps,
+                total_steps,
+            } => {
+                if step < warmup_steps {
+                    base * (step + 1) as f64 / warmup_steps as f64
+                } else {
+                    let span = total_steps.saturating_sub(warmup_steps).max(1) as f64;
+                    base * (1.0 - ((step - warmup_steps) as f64 / span).min(1.0))
                 }
             }
         }
@@ -51,5 +68,13 @@ mod tests {
         assert!((s.lr(1.0, 9) - 0.5).abs() < 1e-12);
         assert!(s.lr(1.0, 14).abs() < 1e-12);
         assert_eq!(Schedule::Constant.lr(0.3, 100), 0.3);
+        let l = Schedule::WarmupLinear {
+            warmup_steps: 2,
+            total_steps: 12,
+        };
+        assert!((l.lr(1.0, 0) - 0.5).abs() < 1e-12);
+        assert!((l.lr(1.0, 2) - 1.0).abs() < 1e-12);
+        assert!((l.lr(1.0, 7) - 0.5).abs() < 1e-12);
+        assert!(l.lr(1.0, 12).abs() < 1e-12);
     }
 }

@@ -3,7 +3,8 @@
 
 use std::time::Instant;
 
-use candle_core::Device;
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
 use finelens_data::{Loader, Sample};
 use finelens_models::{Classifier, Mode, ParamStore};
 use serde::{Deserialize, Serialize};
@@ -30,6 +31,23 @@ pub struct TrainConfig {
     /// Early stopping: end the run after this many epochs without a lower validation loss.
     #[serde(default)]
     pub patience: Option<usize>,
+    /// The decay after warm-up: cosine (the image recipes') or linear (BERT's).
+    #[serde(default)]
+    pub decay: Decay,
+    /// Clip the gradients' global L2 norm to this before each step
+    /// (`torch.nn.utils.clip_grad_norm_`); BERT recipes use 1.
+    #[serde(default)]
+    pub max_grad_norm: Option<f64>,
+}
+
+/// How the learning rate falls after warm-up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+#[serde(rename_all = "snake_case")]
+pub enum Decay {
+    #[default]
+    Cosine,
+    Linear,
 }
 
 impl TrainConfig {
@@ -61,16 +79,33 @@ impl TrainConfig {
                 ));
             }
         }
+        if let Some(c) = self.max_grad_norm {
+            if !(c > 0.0 && c.is_finite()) {
+                return bad(format!(
+                    "gradient clipping norm {c} must be a positive number"
+                ));
+            }
+        }
         self.optimizer.check()
     }
 
     fn schedule(&self, steps_per_epoch: usize) -> Schedule {
         match self.warmup_epochs {
             None => Schedule::Constant,
-            Some(w) => Schedule::WarmupCosine {
-                warmup_steps: (w * steps_per_epoch as f64).round() as usize,
-                total_steps: self.epochs * steps_per_epoch,
-            },
+            Some(w) => {
+                let warmup_steps = (w * steps_per_epoch as f64).round() as usize;
+                let total_steps = self.epochs * steps_per_epoch;
+                match self.decay {
+                    Decay::Cosine => Schedule::WarmupCosine {
+                        warmup_steps,
+                        total_steps,
+                    },
+                    Decay::Linear => Schedule::WarmupLinear {
+                        warmup_steps,
+                        total_steps,
+                    },
+                }
+            }
         }
     }
 }
@@ -124,8 +159,61 @@ pub struct TrainData<'a> {
     pub device: &'a Device,
 }
 
-/// Train `model` (built from `store`) in place. `lr_mult(name)` gives each trainable parameter's
-/// learning-rate multiplier. Returns every epoch's record.
+/// An epoch's batches: each one's logits (train mode) and u32 labels.
+pub type Batches<'a> = Box<dyn Iterator<Item = Result<(Tensor, Tensor)>> + 'a>;
+
+/// What the training loop needs from a task, whatever the model reads: its batches as logits in
+/// train mode with their labels, and validation.
+pub trait Supervised {
+    /// Training examples (the steps per epoch follow from them).
+    fn train_len(&self) -> usize;
+    fn val_len(&self) -> usize;
+    /// Epoch `epoch`'s batches (shuffled, augmented, with dropout as the task does, all seeded by
+    /// epoch and step): each batch's logits in train mode and its u32 labels.
+    fn train_batches(&self, epoch: u64) -> Result<Batches<'_>>;
+    /// Metrics on the validation set, in eval mode.
+    fn validate(&self) -> Result<Metrics>;
+}
+
+/// An image classifier on ImageFolder samples.
+struct ImageTask<'a> {
+    model: &'a dyn Classifier,
+    data: &'a TrainData<'a>,
+}
+
+impl Supervised for ImageTask<'_> {
+    fn train_len(&self) -> usize {
+        self.data.train.len()
+    }
+
+    fn val_len(&self) -> usize {
+        self.data.val.len()
+    }
+
+    fn train_batches(&self, epoch: u64) -> Result<Batches<'_>> {
+        let batches = self
+            .data
+            .train_loader
+            .epoch(self.data.train, epoch, self.data.device)?;
+        Ok(Box::new(batches.map(move |b| {
+            let b = b?;
+            Ok((self.model.forward(&b.images, Mode::Train)?, b.labels))
+        })))
+    }
+
+    fn validate(&self) -> Result<Metrics> {
+        evaluate(
+            self.model,
+            self.data.val,
+            self.data.eval_loader,
+            self.data.class_names,
+            self.data.device,
+        )
+    }
+}
+
+/// Train `model` (built from `store`) in place on images. `lr_mult(name)` gives each trainable
+/// parameter's learning-rate multiplier. Returns every epoch's record.
 pub fn fit(
     model: &dyn Classifier,
     store: &ParamStore,
@@ -135,41 +223,86 @@ pub fn fit(
     start: Start,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Vec<EpochRecord>> {
+    fit_task(
+        &ImageTask { model, data },
+        store,
+        cfg,
+        &|n| (lr_mult(n), true),
+        start,
+        progress,
+    )
+}
+
+/// Scale `grads` so that their global L2 norm is at most `max` (PyTorch's `clip_grad_norm_`);
+/// the norm before clipping.
+fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max: f64) -> Result<f64> {
+    let mut total = 0f64;
+    for v in vars {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            total += g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
+        }
+    }
+    let norm = total.sqrt();
+    if norm > max {
+        let scale = max / (norm + 1e-6);
+        for v in vars {
+            if let Some(g) = grads.get(v.as_tensor()) {
+                let scaled = (g * scale)?;
+                grads.insert(v.as_tensor(), scaled);
+            }
+        }
+    }
+    Ok(norm)
+}
+
+/// Train the model behind `task` (built from `store`) in place. `param(name)` gives each
+/// trainable parameter's learning-rate multiplier and whether weight decay applies to it.
+pub fn fit_task(
+    task: &dyn Supervised,
+    store: &ParamStore,
+    cfg: &TrainConfig,
+    param: &dyn Fn(&str) -> (f64, bool),
+    start: Start,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Vec<EpochRecord>> {
     cfg.check()?;
-    if data.train.is_empty() || data.val.is_empty() {
+    if task.train_len() == 0 || task.val_len() == 0 {
         return Err(TuneError::Config(
             "training and validation sets must both be non-empty".into(),
         ));
     }
-    let params: Vec<_> = store
-        .trainable_vars()
+    let trainable = store.trainable_vars();
+    let vars: Vec<Var> = trainable.iter().map(|(_, v)| v.clone()).collect();
+    let params: Vec<_> = trainable
         .into_iter()
-        .map(|(n, v)| (v, lr_mult(&n)))
+        .map(|(n, v)| {
+            let (mult, decay) = param(&n);
+            (v, mult, decay)
+        })
         .collect();
     if params.is_empty() {
         return Err(TuneError::Config(
             "nothing to train: every parameter is frozen".into(),
         ));
     }
-    let mut opt = Optimizer::new(cfg.optimizer, params)?;
+    let mut opt = Optimizer::with_decay(cfg.optimizer, params)?;
     if let Some(state) = start.optimizer {
         opt.restore(state)?;
     }
-    let steps_per_epoch = data.train.len().div_ceil(cfg.batch_size);
+    let steps_per_epoch = task.train_len().div_ceil(cfg.batch_size);
     let schedule = cfg.schedule(steps_per_epoch);
     let mut records = Vec::new();
     for epoch in start.epoch..cfg.epochs {
         let start = Instant::now();
         let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
         let mut lr = cfg.lr;
-        for (step, batch) in data
-            .train_loader
-            .epoch(data.train, epoch as u64, data.device)?
-            .enumerate()
-        {
-            let batch = batch?;
-            let logits = model.forward(&batch.images, Mode::Train)?;
-            let loss = cross_entropy(&logits, &batch.labels)?;
+        for (step, batch) in task.train_batches(epoch as u64)?.enumerate() {
+            let (logits, labels) = batch?;
+            let loss = cross_entropy(&logits, &labels)?;
             let value = loss.to_scalar::<f32>()?;
             if !value.is_finite() {
                 // Reported 1-based, as the progress lines count.
@@ -180,11 +313,15 @@ pub fn fit(
                 });
             }
             lr = schedule.lr(cfg.lr, epoch * steps_per_epoch + step);
-            opt.step(&loss.backward()?, lr)?;
-            let n = batch.samples.len();
+            let mut grads = loss.backward()?;
+            if let Some(max) = cfg.max_grad_norm {
+                clip_grad_norm(&mut grads, &vars, max)?;
+            }
+            opt.step(&grads, lr)?;
+            let n = labels.dim(0)?;
             loss_sum += value as f64 * n as f64;
             let pred: Vec<u32> = logits.argmax(1)?.to_vec1()?;
-            let truth: Vec<u32> = batch.labels.to_vec1()?;
+            let truth: Vec<u32> = labels.to_vec1()?;
             correct += pred.iter().zip(&truth).filter(|(p, t)| p == t).count();
             seen += n;
             progress(Progress::Step {
@@ -195,13 +332,7 @@ pub fn fit(
             });
         }
         let train_seconds = start.elapsed().as_secs_f64();
-        let val = evaluate(
-            model,
-            data.val,
-            data.eval_loader,
-            data.class_names,
-            data.device,
-        )?;
+        let val = task.validate()?;
         // A diverged model can keep a finite training loss for a batch or two while its outputs
         // already overflow; never hand such an epoch on (it would be saved as "best").
         if !val.loss.is_finite() {
@@ -298,6 +429,8 @@ mod tests {
             backbone_lr_mult: 1.0,
             seed,
             patience: None,
+            decay: Decay::Cosine,
+            max_grad_norm: None,
         };
         let data = TrainData {
             train: &train,
@@ -382,6 +515,8 @@ mod tests {
             backbone_lr_mult: 1.0,
             seed: 0,
             patience: None,
+            decay: Decay::Cosine,
+            max_grad_norm: None,
         };
         assert!(base.check().is_ok());
         for (bad, needle) in [

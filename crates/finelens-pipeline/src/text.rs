@@ -1,0 +1,336 @@
+//! Text jobs: fine-tune a BERT-family model folder on a labelled text set. The output folder is
+//! itself a Hugging Face model folder — `model.safetensors` with Hugging Face's names (and
+//! finelens's record in its header), `config.json`, the tokenizer — beside `metrics.json` and
+//! `curves.png`, so transformers loads it unchanged (`BertForSequenceClassification` for the
+//! `cls` head; the encoder as `BertModel` for the others).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use finelens_data::text::{Columns, TextSet, TextTokenizer};
+use finelens_models::bert::{read_hf_folder, BertSpec, TextHead, WEIGHTS_FILE};
+use finelens_models::checkpoint::{save_state, sha256_file};
+use finelens_models::ParamStore;
+use finelens_tune::text::{
+    run_text, TextData, TextEvent, TextFinetuneJob, TextFreeze, TokenizedSample,
+};
+use finelens_tune::{TrainConfig, TrainingRecord};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{input, settings, Context, Result};
+use crate::output::{create_dir, write_file, write_json};
+use crate::progress::{Event, Progress};
+use crate::train::{training_curves, MetricsReport};
+
+/// The safetensors header key of finelens's record in a text model folder.
+pub const TEXT_RECORD_KEY: &str = "finelens";
+
+/// How texts are read: their columns and the maximum length in tokens.
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct TextReading {
+    /// Text models: the text column (CSV/TSV header) or field (JSONL).
+    #[cfg_attr(feature = "cli", arg(long, default_value = "text"))]
+    pub text_column: String,
+    /// Text models: the label column or field.
+    #[cfg_attr(feature = "cli", arg(long, default_value = "label"))]
+    pub label_column: String,
+    /// Text models: tokens per text, [CLS] and [SEP] included; longer texts are cut (and counted).
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 128))]
+    pub max_length: usize,
+}
+
+impl Default for TextReading {
+    fn default() -> Self {
+        TextReading {
+            text_column: "text".into(),
+            label_column: "label".into(),
+            max_length: 128,
+        }
+    }
+}
+
+impl TextReading {
+    fn columns(&self) -> Columns {
+        Columns {
+            text: self.text_column.clone(),
+            label: self.label_column.clone(),
+        }
+    }
+}
+
+/// What `finelens finetune` does with a text model folder.
+#[derive(Debug, Clone)]
+pub struct TextFinetuneSettings {
+    /// A Hugging Face model folder (`config.json`, `model.safetensors`, `tokenizer.json`).
+    pub model: PathBuf,
+    /// A text set (`.csv`, `.tsv`, `.jsonl`, or a folder per class).
+    pub train: PathBuf,
+    pub val: Option<PathBuf>,
+    pub val_fraction: f64,
+    pub reading: TextReading,
+    /// A new head; `None` keeps the folder's classifier (its classes must be the data's).
+    pub head: Option<TextHead>,
+    /// `none`, `head-only`, `embeddings`, `encoder.layer.A-B`, `last:N` or globs.
+    pub freeze: String,
+    pub lp_epochs: usize,
+    pub config: TrainConfig,
+    pub out: PathBuf,
+}
+
+/// finelens's record in a text model's `model.safetensors` header.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TextModelRecord {
+    pub spec: BertSpec,
+    pub classes: Vec<String>,
+    pub max_length: usize,
+    pub parent_sha256: String,
+    pub training: TrainingRecord,
+}
+
+/// Tokenize a set; the number of texts cut at the maximum length.
+fn tokenize(set: &TextSet, tok: &TextTokenizer) -> Result<(Vec<TokenizedSample>, usize)> {
+    let mut cut = 0;
+    let samples = set
+        .samples
+        .iter()
+        .map(|s| {
+            let e = tok.encode(&s.text)?;
+            cut += usize::from(e.truncated);
+            Ok(TokenizedSample {
+                ids: e.ids,
+                type_ids: e.type_ids,
+                label: s.label,
+            })
+        })
+        .collect::<Result<_>>()?;
+    Ok((samples, cut))
+}
+
+fn read_set(
+    path: &Path,
+    reading: &TextReading,
+    classes: Option<&[String]>,
+    progress: Progress,
+) -> Result<TextSet> {
+    let set = TextSet::read(path, &reading.columns(), classes)?;
+    for (at, why) in &set.skipped {
+        progress(Event::Warning(format!("warning: skipping {at}: {why}")));
+    }
+    Ok(set)
+}
+
+/// Write the model folder: weights with Hugging Face's names and finelens's record, the
+/// source's `config.json` made a classifier's, and the tokenizer files.
+fn write_model_folder(
+    dir: &Path,
+    source: &Path,
+    store: &ParamStore,
+    record: &TextModelRecord,
+) -> Result<()> {
+    let tensors: Vec<(String, candle_core::Tensor)> =
+        store.iter().map(|(n, t, _)| (n.to_owned(), t)).collect();
+    let header = HashMap::from([
+        // transformers refuses safetensors weights without this.
+        ("format".to_owned(), "pt".to_owned()),
+        (
+            TEXT_RECORD_KEY.to_owned(),
+            serde_json::to_string(record).expect("plain data serialises"),
+        ),
+    ]);
+    save_state(&dir.join(WEIGHTS_FILE), tensors, header)?;
+    let config_path = source.join("config.json");
+    let text =
+        std::fs::read_to_string(&config_path).map_err(|e| input(&config_path, e.to_string()))?;
+    let mut config: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&text).map_err(|e| input(&config_path, e.to_string()))?;
+    let arch = if record.spec.head == TextHead::Cls {
+        "BertForSequenceClassification"
+    } else {
+        "BertModel"
+    };
+    config.insert("architectures".into(), serde_json::json!([arch]));
+    let id2label: serde_json::Map<String, serde_json::Value> = record
+        .classes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (i.to_string(), c.clone().into()))
+        .collect();
+    let label2id: serde_json::Map<String, serde_json::Value> = record
+        .classes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.clone(), i.into()))
+        .collect();
+    config.insert("id2label".into(), id2label.into());
+    config.insert("label2id".into(), label2id.into());
+    config.insert("finelens_head".into(), record.spec.head.to_string().into());
+    write_file(
+        &dir.join("config.json"),
+        serde_json::to_string_pretty(&config)
+            .expect("JSON serialises")
+            .as_bytes(),
+    )?;
+    for name in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "vocab.txt",
+    ] {
+        let from = source.join(name);
+        if from.is_file() {
+            let bytes = std::fs::read(&from).map_err(|e| input(&from, e.to_string()))?;
+            write_file(&dir.join(name), &bytes)?;
+        }
+    }
+    Ok(())
+}
+
+/// Fine-tune a text model folder; writes the model folder, `metrics.json` and `curves.png`.
+pub fn finetune_text(s: &TextFinetuneSettings, progress: Progress) -> Result<MetricsReport> {
+    s.config.check()?;
+    let freeze = TextFreeze::parse(&s.freeze)?;
+    let folder = read_hf_folder(&s.model)?;
+    let max_positions = folder.config.max_position_embeddings;
+    if s.reading.max_length < 2 || s.reading.max_length > max_positions {
+        return Err(settings(format!(
+            "max length {} must be between 2 and the model's {max_positions} positions",
+            s.reading.max_length
+        )));
+    }
+    let tok_path = s.model.join("tokenizer.json");
+    let tok = TextTokenizer::from_file(&tok_path, s.reading.max_length)?;
+    if tok.vocab_size() > folder.config.vocab_size {
+        return Err(input(
+            &tok_path,
+            format!(
+                "the tokenizer has {} ids but the model's vocabulary {}",
+                tok.vocab_size(),
+                folder.config.vocab_size
+            ),
+        ));
+    }
+    let train_set = read_set(&s.train, &s.reading, None, progress)?;
+    let classes = train_set.classes.clone();
+    let (train, val) = match &s.val {
+        Some(v) => {
+            let val_set = read_set(v, &s.reading, Some(&classes), progress)?;
+            (train_set.samples.clone(), val_set.samples)
+        }
+        None => train_set.split(s.val_fraction, s.config.seed)?,
+    };
+    let split = |samples: Vec<finelens_data::text::TextSample>| TextSet {
+        path: s.train.clone(),
+        classes: classes.clone(),
+        samples,
+        skipped: Vec::new(),
+    };
+    let (train, cut_train) = tokenize(&split(train), &tok)?;
+    let (val, cut_val) = tokenize(&split(val), &tok)?;
+    if cut_train + cut_val > 0 {
+        progress(Event::Info(format!(
+            "{} of {} texts were longer than {} tokens and were cut",
+            cut_train + cut_val,
+            train.len() + val.len(),
+            s.reading.max_length
+        )));
+    }
+    let head = match s.head {
+        Some(h) => h,
+        None => match folder.classes {
+            Some(k) if k == classes.len() => TextHead::Cls,
+            Some(k) => {
+                return Err(settings(format!(
+                    "the data has {} classes but the model's classifier has {k}; pass --head cls, mean or mlp:N to replace it",
+                    classes.len()
+                )))
+            }
+            None => {
+                return Err(input(
+                    &s.model,
+                    "the model has no classifier to keep; pass --head cls, mean or mlp:N",
+                ))
+            }
+        },
+    };
+    let (spec, store) = folder.store(head, classes.len(), s.config.seed)?;
+    create_dir(&s.out)?;
+    let parent_sha256 = sha256_file(&s.model.join(WEIGHTS_FILE))?;
+    let pad_id = folder.config.pad_token_id;
+    let job = TextFinetuneJob {
+        spec: spec.clone(),
+        store,
+        freeze,
+        freeze_spec: s.freeze.clone(),
+        lp_epochs: s.lp_epochs,
+        config: s.config.clone(),
+        data: TextData {
+            train: &train,
+            val: &val,
+            class_names: &classes,
+            pad_id,
+        },
+        parent: s.model.clone(),
+    };
+    let outcome = run_text(
+        job,
+        &mut |store, training| {
+            let record = TextModelRecord {
+                spec: spec.clone(),
+                classes: classes.clone(),
+                max_length: s.reading.max_length,
+                parent_sha256: parent_sha256.clone(),
+                training: training.clone(),
+            };
+            write_model_folder(&s.out, &s.model, store, &record)
+                .map_err(|e| finelens_tune::TuneError::Config(e.to_string()))
+        },
+        &mut |e| match e {
+            TextEvent::Phase {
+                name,
+                epochs,
+                frozen,
+                weights,
+            } => progress(Event::Info(format!(
+                "{name}: bert ({} layers, hidden {}, head {head}) from {}, {epochs} epochs on {} texts, validating on {}, {} classes; {frozen} of {weights} parameter tensors frozen",
+                spec.config.num_hidden_layers,
+                spec.config.hidden_size,
+                s.model.display(),
+                train.len(),
+                val.len(),
+                classes.len(),
+            ))),
+            TextEvent::Progress(p) => progress(Event::Train(p)),
+        },
+    )
+    .context(s.train.display())?;
+    let best = &outcome.history[outcome.best_epoch];
+    let model_path = s.out.join(WEIGHTS_FILE);
+    let report = MetricsReport {
+        schema_version: <MetricsReport as crate::output::Versioned>::SCHEMA.into(),
+        best_epoch: outcome.best_epoch,
+        val: best.val.clone(),
+        history: outcome.history.clone(),
+        parent_sha256,
+        checkpoint: model_path.clone(),
+    };
+    write_json(&s.out.join("metrics.json"), &report)?;
+    write_file(
+        &s.out.join("curves.png"),
+        &training_curves(&outcome.history)?,
+    )?;
+    progress(Event::Info(format!(
+        "best epoch {} of {}: validation accuracy {:.2}%, loss {:.4}\nmodel folder {}",
+        outcome.best_epoch + 1,
+        outcome.history.len(),
+        100.0 * best.val.accuracy,
+        best.val.loss,
+        s.out.display(),
+    )));
+    Ok(report)
+}
+
+/// Whether `path` is a Hugging Face model folder (a directory with `config.json`).
+pub fn is_model_folder(path: &Path) -> bool {
+    path.is_dir() && path.join("config.json").is_file()
+}
