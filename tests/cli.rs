@@ -1747,6 +1747,38 @@ fn finetune_a_text_model_folder() {
     assert_eq!(config["architectures"][0], "BertForSequenceClassification");
     assert_eq!(config["id2label"]["1"], "positive");
     assert!(out.join("tokenizer.json").is_file() && out.join("curves.png").is_file());
+    // Evaluating the output folder on the validation set gives the best epoch's figures, and
+    // inspect describes both folders.
+    let eval_json = d.path().join("eval.json");
+    let o = finelens(&[
+        "eval",
+        out.to_str().unwrap(),
+        "--data",
+        task.join("val.jsonl").to_str().unwrap(),
+        "--json",
+        eval_json.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e = read_json(&eval_json);
+    assert_eq!(e["schema_version"], "finelens-eval/1");
+    assert_eq!(e["accuracy"], metrics["val"]["accuracy"]);
+    let (a, b) = (
+        e["loss"].as_f64().unwrap(),
+        metrics["val"]["loss"].as_f64().unwrap(),
+    );
+    assert!((a - b).abs() <= 1e-6 * b.abs().max(1e-3), "{a} vs {b}");
+    let o = finelens(&["inspect", out.to_str().unwrap()]);
+    let text = stdout(&o);
+    assert!(
+        text.contains("bert (6 layers, hidden 384, 12 heads")
+            && text.contains("head cls, 2 classes: negative, positive")
+            && text.contains("max length 24"),
+        "{text}"
+    );
+    let o = finelens(&["inspect", model.to_str().unwrap()]);
+    assert!(stdout(&o).contains("classifier   none"), "{}", stdout(&o));
+    assert!(stdout(&o).contains("22713216 in"), "{}", stdout(&o));
+
     // The folder is a model folder again: fine-tune it with its own head.
     let o = finetune(&d.path().join("again"), &out, &["--head", "keep"]);
     assert!(o.status.success(), "{}", stderr(&o));

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use finelens_pipeline::bench::{DriftBenchSettings, ExplainBench, TrainBench};
+use finelens_pipeline::bench::{DriftBenchSettings, ExplainBench, TextBench, TrainBench};
 use finelens_pipeline::{bench, write_json};
 
 #[derive(Subcommand)]
@@ -21,6 +21,9 @@ pub enum BenchCommand {
     /// Weight drift over two generated checkpoints (GB/s, peak resident memory) and minibatch
     /// CKA over 2,000 probe images for resnet-mini's five tapped layers (seconds).
     Drift(WithJson<DriftBenchSettings>),
+    /// Text fine-tuning throughput (sentences/s, peak memory) for all-MiniLM-L6-v2's shape at
+    /// 64 tokens, batch 16; scripts/peer_text_bench.py is the PyTorch peer.
+    Text(WithJson<TextBench>),
 }
 
 #[derive(Args)]
@@ -57,6 +60,7 @@ pub fn bench(command: BenchCommand) -> Result<()> {
         BenchCommand::Train(a) => run(a, bench::train),
         BenchCommand::Explain(a) => run(a, bench::explain),
         BenchCommand::Drift(a) => run(a, bench::drift),
+        BenchCommand::Text(a) => run(a, bench::text),
         BenchCommand::Demo(a) => crate::bench_demo(a.out),
     }
 }

@@ -110,7 +110,7 @@ impl CheckpointArgs {
 
 #[derive(Args)]
 struct InspectArgs {
-    /// The checkpoint (.safetensors).
+    /// The checkpoint (.safetensors), or a Hugging Face text model folder.
     checkpoint: PathBuf,
     #[command(flatten)]
     ckpt: CheckpointArgs,
@@ -206,6 +206,18 @@ fn synth_cmd(a: SynthArgs) -> Result<()> {
 }
 
 fn inspect(a: InspectArgs) -> Result<()> {
+    if finelens_pipeline::text::is_model_folder(&a.checkpoint) {
+        let summary = finelens_pipeline::text::inspect_text(&a.checkpoint)?;
+        println!(
+            "{}",
+            if a.json {
+                serde_json::to_string_pretty(&summary)?
+            } else {
+                summary.to_string()
+            }
+        );
+        return Ok(());
+    }
     let summary = CheckpointSummary::of(&a.ckpt.source(&a.checkpoint)?.checkpoint()?);
     if a.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);

@@ -18,9 +18,10 @@ use crate::CheckpointArgs;
 
 #[derive(Args)]
 pub struct EvalArgs {
-    /// The checkpoint (.safetensors).
+    /// The checkpoint (.safetensors), or a fine-tuned text model folder.
     checkpoint: PathBuf,
-    /// An ImageFolder: <data>/<class>/<image>. Its classes must be the checkpoint's.
+    /// An ImageFolder: <data>/<class>/<image>. Its classes must be the checkpoint's. For a text
+    /// model, a .csv, .tsv, .jsonl or folder per class whose labels are among its classes.
     #[arg(long)]
     data: PathBuf,
     #[command(flatten)]
@@ -36,6 +37,8 @@ pub struct EvalArgs {
     /// Also write the metrics as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    #[command(flatten)]
+    text: TextReading,
 }
 
 #[derive(Args)]
@@ -159,6 +162,17 @@ pub fn finetune_cmd(a: FinetuneArgs) -> Result<()> {
 }
 
 pub fn eval_cmd(a: EvalArgs) -> Result<()> {
+    if text::is_model_folder(&a.checkpoint) {
+        let s = text::TextEvalSettings {
+            model: a.checkpoint.clone(),
+            data: a.data.clone(),
+            reading: a.text.clone(),
+            batch_size: a.batch_size,
+        };
+        let r = run(|p| text::evaluate_text_model(&s, p))?;
+        println!("{}", train::metrics_table(&r.metrics));
+        return a.json.as_ref().map_or(Ok(()), |p| Ok(write_json(p, &r)?));
+    }
     let s = EvalSettings {
         model: a.ckpt.source(&a.checkpoint)?,
         preprocess: a.pre.clone(),

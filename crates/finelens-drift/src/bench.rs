@@ -96,19 +96,6 @@ pub fn write_generated_checkpoint(
     Ok(())
 }
 
-/// Peak resident memory so far (Linux), after `reset_peak_rss`.
-fn peak_rss() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
-fn reset_peak_rss() {
-    // Writing 5 to clear_refs resets the peak RSS to the current RSS (Linux ≥ 4.0).
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
 /// Generate two checkpoints of about `gigabytes` each in `dir` (kept for reuse when present)
 /// and time the weight-drift pass over them (statistics without spectral norms: the streaming
 /// part whose speed is bounded by memory bandwidth).
@@ -127,7 +114,7 @@ pub fn weight_drift_bench(dir: &Path, gigabytes: f64) -> Result<WeightDriftBench
     if !b.exists() {
         write_generated_checkpoint(&b, tensors, rows, cols, 2, Some(1))?;
     }
-    reset_peak_rss();
+    finelens_models::memory::reset_peak_rss();
     let start = Instant::now();
     let d = weight_drift(
         &a,
@@ -144,7 +131,7 @@ pub fn weight_drift_bench(dir: &Path, gigabytes: f64) -> Result<WeightDriftBench
         largest_tensor_bytes: tensor_bytes,
         seconds,
         gigabytes_per_second: d.bytes_read as f64 / seconds / 1e9,
-        peak_rss_bytes: peak_rss(),
+        peak_rss_bytes: finelens_models::memory::peak_rss_bytes(),
     })
 }
 

@@ -84,6 +84,28 @@ pub struct BertConfig {
 }
 
 impl BertConfig {
+    /// all-MiniLM-L6-v2's shape (6 layers, hidden 384, 12 heads, vocabulary 30,522): the
+    /// benchmarks' model.
+    pub fn all_minilm_l6() -> BertConfig {
+        BertConfig {
+            model_type: "bert".into(),
+            vocab_size: 30_522,
+            hidden_size: 384,
+            num_hidden_layers: 6,
+            num_attention_heads: 12,
+            intermediate_size: 1536,
+            max_position_embeddings: 512,
+            type_vocab_size: 2,
+            layer_norm_eps: 1e-12,
+            hidden_act: "gelu".into(),
+            hidden_dropout_prob: 0.1,
+            attention_probs_dropout_prob: 0.1,
+            pad_token_id: 0,
+            initializer_range: 0.02,
+            position_embedding_type: "absolute".into(),
+        }
+    }
+
     /// Refuse what the encoder does not implement, naming the setting.
     pub fn check(&self) -> Result<()> {
         let bad = |m: String| Err(ModelError::Config(m));
@@ -644,6 +666,8 @@ pub struct HfFolder {
     pub config: BertConfig,
     pub tensors: BTreeMap<String, Tensor>,
     pub sha256: String,
+    /// The weights file's header metadata (`format`, and finelens's record in a folder it wrote).
+    pub header: std::collections::HashMap<String, String>,
     /// The classes of a `classifier` the file carries (a fine-tuned model).
     pub classes: Option<usize>,
 }
@@ -685,7 +709,11 @@ pub fn read_hf_folder(dir: &Path) -> Result<HfFolder> {
             "missing (finelens reads safetensors weights, not pytorch_model.bin)",
         ));
     }
-    let (raw, sha256) = crate::checkpoint::read_tensors(&weights)?;
+    let crate::checkpoint::SafetensorsFile {
+        tensors: raw,
+        header,
+        sha256,
+    } = crate::checkpoint::read_with_header(&weights)?;
     let mut tensors = BTreeMap::new();
     for (name, t) in raw {
         let name = name.replace(".gamma", ".weight").replace(".beta", ".bias");
@@ -722,6 +750,7 @@ pub fn read_hf_folder(dir: &Path) -> Result<HfFolder> {
         config,
         tensors,
         sha256,
+        header,
         classes,
     })
 }

@@ -356,6 +356,24 @@ pub fn read_tensors(path: &Path) -> Result<(BTreeMap<String, Tensor>, String)> {
     Ok((raw.tensors, raw.sha256))
 }
 
+/// A safetensors file, read whole.
+pub struct SafetensorsFile {
+    pub tensors: BTreeMap<String, Tensor>,
+    /// The header's metadata (empty when it has none).
+    pub header: HashMap<String, String>,
+    pub sha256: String,
+}
+
+/// The tensors by name, the header's metadata and the file's SHA-256, in one read.
+pub fn read_with_header(path: &Path) -> Result<SafetensorsFile> {
+    let raw = read_raw(path)?;
+    Ok(SafetensorsFile {
+        tensors: raw.tensors,
+        header: raw.header.unwrap_or_default(),
+        sha256: raw.sha256,
+    })
+}
+
 /// Read what [`save_state`] wrote: the tensors by name and the header.
 pub fn load_state(path: &Path) -> Result<(BTreeMap<String, Tensor>, HashMap<String, String>)> {
     let raw = read_raw(path)?;

@@ -8,6 +8,7 @@ pub mod conv;
 pub mod describe;
 pub mod error;
 pub mod json;
+pub mod memory;
 pub mod nn;
 pub mod params;
 pub mod pool;

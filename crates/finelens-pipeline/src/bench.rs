@@ -164,3 +164,41 @@ pub fn drift(
     progress(Event::Info(cka.to_string()));
     Ok(DriftBench { weights, cka })
 }
+
+/// Text fine-tuning throughput (sentences/s) for an all-MiniLM-L6-v2-shaped encoder.
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct TextBench {
+    /// Timed optimiser steps (after one warm-up step).
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 5))]
+    pub steps: usize,
+    /// Sentences per batch.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 16))]
+    pub batch_size: usize,
+    /// Tokens per sentence.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 64))]
+    pub tokens: usize,
+}
+
+/// Fine-tuning steps of all-MiniLM-L6-v2's shape: train mode with dropout, cross-entropy,
+/// backward, AdamW. Compare with `scripts/peer_text_bench.py`, interleaved.
+pub fn text(s: &TextBench, progress: Progress) -> Result<finelens_tune::bench::TextThroughput> {
+    if s.steps == 0 || s.batch_size == 0 || !(2..=512).contains(&s.tokens) {
+        return Err(settings(
+            "bench: steps and batch size must be at least 1, tokens between 2 and 512",
+        ));
+    }
+    progress(Event::Info(format!(
+        "text fine-tuning throughput: all-MiniLM-L6-v2's shape, {} rayon threads",
+        rayon_threads()
+    )));
+    let t = finelens_tune::bench::text_throughput(
+        "all-MiniLM-L6-v2",
+        finelens_models::bert::BertConfig::all_minilm_l6(),
+        s.tokens,
+        s.batch_size,
+        s.steps,
+    )?;
+    progress(Event::Info(t.to_string()));
+    Ok(t)
+}

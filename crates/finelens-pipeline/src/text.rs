@@ -8,11 +8,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use finelens_data::text::{Columns, TextSet, TextTokenizer};
-use finelens_models::bert::{read_hf_folder, BertSpec, TextHead, WEIGHTS_FILE};
+use finelens_models::bert::{read_hf_folder, Bert, BertSpec, TextHead, WEIGHTS_FILE};
 use finelens_models::checkpoint::{save_state, sha256_file};
 use finelens_models::ParamStore;
 use finelens_tune::text::{
-    run_text, TextData, TextEvent, TextFinetuneJob, TextFreeze, TokenizedSample,
+    evaluate_text, run_text, TextData, TextEvent, TextFinetuneJob, TextFreeze, TokenizedSample,
 };
 use finelens_tune::{TrainConfig, TrainingRecord};
 use serde::{Deserialize, Serialize};
@@ -20,7 +20,10 @@ use serde::{Deserialize, Serialize};
 use crate::error::{input, settings, Context, Result};
 use crate::output::{create_dir, write_file, write_json};
 use crate::progress::{Event, Progress};
-use crate::train::{training_curves, MetricsReport};
+use crate::train::{training_curves, EvaluationReport, MetricsReport};
+
+/// Texts are cut at this many tokens unless told otherwise.
+pub const DEFAULT_MAX_LENGTH: usize = 128;
 
 /// The safetensors header key of finelens's record in a text model folder.
 pub const TEXT_RECORD_KEY: &str = "finelens";
@@ -35,9 +38,10 @@ pub struct TextReading {
     /// Text models: the label column or field.
     #[cfg_attr(feature = "cli", arg(long, default_value = "label"))]
     pub label_column: String,
-    /// Text models: tokens per text, [CLS] and [SEP] included; longer texts are cut (and counted).
-    #[cfg_attr(feature = "cli", arg(long, default_value_t = 128))]
-    pub max_length: usize,
+    /// Text models: tokens per text, [CLS] and [SEP] included (default 128, or the length a
+    /// fine-tuned model was trained with); longer texts are cut and counted.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub max_length: Option<usize>,
 }
 
 impl Default for TextReading {
@@ -45,7 +49,7 @@ impl Default for TextReading {
         TextReading {
             text_column: "text".into(),
             label_column: "label".into(),
-            max_length: 128,
+            max_length: None,
         }
     }
 }
@@ -189,17 +193,17 @@ fn write_model_folder(
 /// Fine-tune a text model folder; writes the model folder, `metrics.json` and `curves.png`.
 pub fn finetune_text(s: &TextFinetuneSettings, progress: Progress) -> Result<MetricsReport> {
     s.config.check()?;
+    let max_length = s.reading.max_length.unwrap_or(DEFAULT_MAX_LENGTH);
     let freeze = TextFreeze::parse(&s.freeze)?;
     let folder = read_hf_folder(&s.model)?;
     let max_positions = folder.config.max_position_embeddings;
-    if s.reading.max_length < 2 || s.reading.max_length > max_positions {
+    if !(2..=max_positions).contains(&max_length) {
         return Err(settings(format!(
-            "max length {} must be between 2 and the model's {max_positions} positions",
-            s.reading.max_length
+            "max length {max_length} must be between 2 and the model's {max_positions} positions"
         )));
     }
     let tok_path = s.model.join("tokenizer.json");
-    let tok = TextTokenizer::from_file(&tok_path, s.reading.max_length)?;
+    let tok = TextTokenizer::from_file(&tok_path, max_length)?;
     if tok.vocab_size() > folder.config.vocab_size {
         return Err(input(
             &tok_path,
@@ -229,10 +233,9 @@ pub fn finetune_text(s: &TextFinetuneSettings, progress: Progress) -> Result<Met
     let (val, cut_val) = tokenize(&split(val), &tok)?;
     if cut_train + cut_val > 0 {
         progress(Event::Info(format!(
-            "{} of {} texts were longer than {} tokens and were cut",
+            "{} of {} texts were longer than {max_length} tokens and were cut",
             cut_train + cut_val,
             train.len() + val.len(),
-            s.reading.max_length
         )));
     }
     let head = match s.head {
@@ -278,7 +281,7 @@ pub fn finetune_text(s: &TextFinetuneSettings, progress: Progress) -> Result<Met
             let record = TextModelRecord {
                 spec: spec.clone(),
                 classes: classes.clone(),
-                max_length: s.reading.max_length,
+                max_length,
                 parent_sha256: parent_sha256.clone(),
                 training: training.clone(),
             };
@@ -333,4 +336,199 @@ pub fn finetune_text(s: &TextFinetuneSettings, progress: Progress) -> Result<Met
 /// Whether `path` is a Hugging Face model folder (a directory with `config.json`).
 pub fn is_model_folder(path: &Path) -> bool {
     path.is_dir() && path.join("config.json").is_file()
+}
+
+/// A fine-tuned text model folder, read: its spec, classes and finelens's record when it has one.
+pub struct TextModel {
+    pub dir: PathBuf,
+    pub sha256: String,
+    pub spec: BertSpec,
+    pub classes: Vec<String>,
+    pub store: ParamStore,
+    pub record: Option<TextModelRecord>,
+}
+
+/// Read a model folder with a classifier: finelens's (its record names the head and classes)
+/// or transformers' `BertForSequenceClassification` (classes from `id2label`).
+pub fn load_text_model(dir: &Path) -> Result<TextModel> {
+    let folder = read_hf_folder(dir)?;
+    let weights = dir.join(WEIGHTS_FILE);
+    let record: Option<TextModelRecord> = match folder.header.get(TEXT_RECORD_KEY) {
+        Some(json) => Some(
+            serde_json::from_str(json)
+                .map_err(|e| input(&weights, format!("bad finelens record: {e}")))?,
+        ),
+        None => None,
+    };
+    let (head, classes) = match &record {
+        Some(r) => (r.spec.head, r.classes.clone()),
+        None => {
+            let Some(k) = folder.classes else {
+                return Err(input(
+                    dir,
+                    "the model has no classifier: fine-tune it first (finelens finetune)",
+                ));
+            };
+            let config_path = dir.join("config.json");
+            let text = std::fs::read_to_string(&config_path)
+                .map_err(|e| input(&config_path, e.to_string()))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| input(&config_path, e.to_string()))?;
+            let classes = (0..k)
+                .map(|i| {
+                    v["id2label"][i.to_string()]
+                        .as_str()
+                        .map_or_else(|| format!("LABEL_{i}"), str::to_owned)
+                })
+                .collect();
+            (TextHead::Cls, classes)
+        }
+    };
+    let (spec, store) = folder.store(head, classes.len(), 0)?;
+    Ok(TextModel {
+        dir: dir.to_owned(),
+        sha256: folder.sha256.clone(),
+        spec,
+        classes,
+        store,
+        record,
+    })
+}
+
+/// What `finelens eval` does with a text model folder.
+#[derive(Debug, Clone)]
+pub struct TextEvalSettings {
+    pub model: PathBuf,
+    /// A text set whose labels are among the model's classes.
+    pub data: PathBuf,
+    pub reading: TextReading,
+    pub batch_size: usize,
+}
+
+/// Evaluate a fine-tuned text model folder on a text set.
+pub fn evaluate_text_model(s: &TextEvalSettings, progress: Progress) -> Result<EvaluationReport> {
+    let m = load_text_model(&s.model)?;
+    let max_length = s
+        .reading
+        .max_length
+        .or(m.record.as_ref().map(|r| r.max_length))
+        .unwrap_or(DEFAULT_MAX_LENGTH);
+    let tok = TextTokenizer::from_file(&s.model.join("tokenizer.json"), max_length)?;
+    let set = read_set(&s.data, &s.reading, Some(&m.classes), progress)?;
+    let (samples, cut) = tokenize(&set, &tok)?;
+    if cut > 0 {
+        progress(Event::Info(format!(
+            "{cut} of {} texts were longer than {max_length} tokens and were cut",
+            samples.len()
+        )));
+    }
+    let model = Bert::new(m.spec.clone(), &m.store)?;
+    let metrics = evaluate_text(
+        &model,
+        &samples,
+        m.spec.config.pad_token_id,
+        s.batch_size,
+        &m.classes,
+    )?;
+    Ok(EvaluationReport {
+        schema_version: <EvaluationReport as crate::output::Versioned>::SCHEMA.into(),
+        checkpoint: s.model.clone(),
+        sha256: m.sha256,
+        data: s.data.clone(),
+        metrics,
+    })
+}
+
+/// What `finelens inspect` shows of a text model folder.
+#[derive(Debug, Clone, Serialize)]
+pub struct TextModelSummary {
+    pub path: PathBuf,
+    pub sha256: String,
+    pub model_type: String,
+    pub layers: usize,
+    pub hidden_size: usize,
+    pub attention_heads: usize,
+    pub intermediate_size: usize,
+    pub vocab_size: usize,
+    pub max_positions: usize,
+    /// Encoder and classifier weights (the classifier's when the folder has one).
+    pub parameters: usize,
+    pub tensors: usize,
+    /// The classifier's classes, when the folder has one.
+    pub classes: Option<Vec<String>>,
+    pub head: Option<TextHead>,
+    pub record: Option<TextModelRecord>,
+}
+
+pub fn inspect_text(dir: &Path) -> Result<TextModelSummary> {
+    let folder = read_hf_folder(dir)?;
+    let c = &folder.config;
+    let (classes, head, record) = match load_text_model(dir) {
+        Ok(m) => (Some(m.classes), Some(m.spec.head), m.record),
+        Err(_) if folder.classes.is_none() => (None, None, None),
+        Err(e) => return Err(e),
+    };
+    Ok(TextModelSummary {
+        path: dir.to_owned(),
+        sha256: folder.sha256.clone(),
+        model_type: c.model_type.clone(),
+        layers: c.num_hidden_layers,
+        hidden_size: c.hidden_size,
+        attention_heads: c.num_attention_heads,
+        intermediate_size: c.intermediate_size,
+        vocab_size: c.vocab_size,
+        max_positions: c.max_position_embeddings,
+        parameters: folder.tensors.values().map(|t| t.elem_count()).sum(),
+        tensors: folder.tensors.len(),
+        classes,
+        head,
+        record,
+    })
+}
+
+impl std::fmt::Display for TextModelSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "model folder {}", self.path.display())?;
+        writeln!(f, "sha256       {} (model.safetensors)", self.sha256)?;
+        writeln!(
+            f,
+            "arch         {} ({} layers, hidden {}, {} heads, feed-forward {})",
+            self.model_type,
+            self.layers,
+            self.hidden_size,
+            self.attention_heads,
+            self.intermediate_size
+        )?;
+        writeln!(
+            f,
+            "vocabulary   {} ids, {} positions",
+            self.vocab_size, self.max_positions
+        )?;
+        writeln!(
+            f,
+            "parameters   {} in {} tensors",
+            self.parameters, self.tensors
+        )?;
+        match (&self.classes, &self.head) {
+            (Some(c), Some(h)) => write!(
+                f,
+                "classifier   head {h}, {} classes: {}",
+                c.len(),
+                c.join(", ")
+            )?,
+            _ => write!(f, "classifier   none (an encoder: fine-tune it to add one)")?,
+        }
+        if let Some(r) = &self.record {
+            write!(
+                f,
+                "\nfine-tuned   from {} (sha256), max length {}, best epoch {}",
+                &r.parent_sha256[..12.min(r.parent_sha256.len())],
+                r.max_length,
+                r.training
+                    .best_epoch
+                    .map_or("?".into(), |e| (e + 1).to_string())
+            )?;
+        }
+        Ok(())
+    }
 }
