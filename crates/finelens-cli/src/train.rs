@@ -125,6 +125,10 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
 
 pub fn finetune_cmd(a: FinetuneArgs) -> Result<()> {
     if text::is_model_folder(&a.checkpoint) {
+        anyhow::ensure!(
+            !a.resume,
+            "--resume is not supported for text model folders yet"
+        );
         let s = TextFinetuneSettings {
             model: a.checkpoint.clone(),
             train: a.split.train.clone(),

@@ -756,14 +756,31 @@ pub fn read_hf_folder(dir: &Path) -> Result<HfFolder> {
 }
 
 impl HfFolder {
-    /// The folder's encoder with `head` for `classes` classes: the encoder's tensors from the
-    /// file, the head's from the file when it has one of that shape (`BertForSequenceClassification`
-    /// with head `cls`), else freshly initialised from `seed`.
+    /// The folder's encoder with a fresh `head` for `classes` classes, initialised from `seed`.
     pub fn store(
         &self,
         head: TextHead,
         classes: usize,
         seed: u64,
+    ) -> Result<(BertSpec, ParamStore)> {
+        self.build(head, classes, Some(seed))
+    }
+
+    /// The folder's encoder and its own head (`head` for `classes` classes, as the file holds it).
+    pub fn store_with_head(
+        &self,
+        head: TextHead,
+        classes: usize,
+    ) -> Result<(BertSpec, ParamStore)> {
+        self.build(head, classes, None)
+    }
+
+    /// `fresh`: initialise the head from this seed; `None`: take it from the file.
+    fn build(
+        &self,
+        head: TextHead,
+        classes: usize,
+        fresh: Option<u64>,
     ) -> Result<(BertSpec, ParamStore)> {
         let spec = BertSpec {
             config: self.config.clone(),
@@ -778,19 +795,28 @@ impl HfFolder {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         let head_specs = spec.head_specs();
-        let from_file = head_specs.iter().all(|s| {
-            self.tensors
-                .get(&s.name)
-                .is_some_and(|t| t.dims() == s.shape.as_slice())
-        });
-        if from_file {
-            for s in &head_specs {
-                tensors.insert(s.name.clone(), self.tensors[&s.name].clone());
+        match fresh {
+            None => {
+                for s in &head_specs {
+                    match self.tensors.get(&s.name) {
+                        Some(t) if t.dims() == s.shape.as_slice() => {
+                            tensors.insert(s.name.clone(), t.clone());
+                        }
+                        _ => {
+                            return Err(ModelError::KeyMismatch {
+                                path: self.dir.join(WEIGHTS_FILE),
+                                arch: format!("a {head} head for {classes} classes"),
+                                detail: format!("no {} of shape {:?}", s.name, s.shape),
+                            })
+                        }
+                    }
+                }
             }
-        } else {
-            let fresh = ParamStore::init(&head_specs, seed, &Device::Cpu)?;
-            for (name, t, _) in fresh.iter() {
-                tensors.insert(name.to_owned(), t);
+            Some(seed) => {
+                let fresh = ParamStore::init(&head_specs, seed, &Device::Cpu)?;
+                for (name, t, _) in fresh.iter() {
+                    tensors.insert(name.to_owned(), t);
+                }
             }
         }
         let store = ParamStore::from_tensors(
@@ -1047,6 +1073,12 @@ mod tests {
         let folder = read_hf_folder(d.path()).unwrap();
         assert_eq!(folder.classes, None);
         let (_, store) = folder.store(TextHead::Mean, 2, 0).unwrap();
+        let e = folder
+            .store_with_head(TextHead::Cls, 2)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("no classifier.weight of shape [2, 8]"), "{e}");
         assert!(store.contains("bert.encoder.layer.1.output.LayerNorm.weight"));
         cfg["vocab_size"] = 31.into();
         std::fs::write(d.path().join("config.json"), cfg.to_string()).unwrap();

@@ -18,9 +18,9 @@ use finelens_tune::{TrainConfig, TrainingRecord};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{input, settings, Context, Result};
-use crate::output::{create_dir, write_file, write_json};
+use crate::output::{create_dir, write_file};
 use crate::progress::{Event, Progress};
-use crate::train::{training_curves, EvaluationReport, MetricsReport};
+use crate::train::{write_metrics, EvaluationReport, MetricsReport};
 
 /// Texts are cut at this many tokens unless told otherwise.
 pub const DEFAULT_MAX_LENGTH: usize = 128;
@@ -238,25 +238,21 @@ pub fn finetune_text(s: &TextFinetuneSettings, progress: Progress) -> Result<Met
             train.len() + val.len(),
         )));
     }
-    let head = match s.head {
-        Some(h) => h,
-        None => match folder.classes {
-            Some(k) if k == classes.len() => TextHead::Cls,
-            Some(k) => {
+    let (spec, store) = match s.head {
+        Some(head) => folder.store(head, classes.len(), s.config.seed)?,
+        None => {
+            let m = load_text_model(&s.model)?;
+            if m.classes != classes {
                 return Err(settings(format!(
-                    "the data has {} classes but the model's classifier has {k}; pass --head cls, mean or mlp:N to replace it",
-                    classes.len()
-                )))
+                    "the data has classes [{}] but the model's classifier has [{}]; pass --head cls, mean or mlp:N to replace it",
+                    classes.join(", "),
+                    m.classes.join(", ")
+                )));
             }
-            None => {
-                return Err(input(
-                    &s.model,
-                    "the model has no classifier to keep; pass --head cls, mean or mlp:N",
-                ))
-            }
-        },
+            (m.spec, m.store)
+        }
     };
-    let (spec, store) = folder.store(head, classes.len(), s.config.seed)?;
+    let head = spec.head;
     create_dir(&s.out)?;
     let parent_sha256 = sha256_file(&s.model.join(WEIGHTS_FILE))?;
     let pad_id = folder.config.pad_token_id;
@@ -307,21 +303,14 @@ pub fn finetune_text(s: &TextFinetuneSettings, progress: Progress) -> Result<Met
         },
     )
     .context(s.train.display())?;
-    let best = &outcome.history[outcome.best_epoch];
-    let model_path = s.out.join(WEIGHTS_FILE);
-    let report = MetricsReport {
-        schema_version: <MetricsReport as crate::output::Versioned>::SCHEMA.into(),
-        best_epoch: outcome.best_epoch,
-        val: best.val.clone(),
-        history: outcome.history.clone(),
-        parent_sha256,
-        checkpoint: model_path.clone(),
-    };
-    write_json(&s.out.join("metrics.json"), &report)?;
-    write_file(
-        &s.out.join("curves.png"),
-        &training_curves(&outcome.history)?,
+    let report = write_metrics(
+        &s.out,
+        &outcome.history,
+        outcome.best_epoch,
+        &parent_sha256,
+        &s.out.join(WEIGHTS_FILE),
     )?;
+    let best = &outcome.history[outcome.best_epoch];
     progress(Event::Info(format!(
         "best epoch {} of {}: validation accuracy {:.2}%, loss {:.4}\nmodel folder {}",
         outcome.best_epoch + 1,
@@ -384,7 +373,7 @@ pub fn load_text_model(dir: &Path) -> Result<TextModel> {
             (TextHead::Cls, classes)
         }
     };
-    let (spec, store) = folder.store(head, classes.len(), 0)?;
+    let (spec, store) = folder.store_with_head(head, classes.len())?;
     Ok(TextModel {
         dir: dir.to_owned(),
         sha256: folder.sha256.clone(),

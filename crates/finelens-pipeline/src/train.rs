@@ -303,6 +303,27 @@ impl Versioned for MetricsReport {
     }
 }
 
+/// Write a fine-tuning run's `metrics.json` and `curves.png` into `out`.
+pub fn write_metrics(
+    out: &Path,
+    history: &[EpochRecord],
+    best_epoch: usize,
+    parent_sha256: &str,
+    checkpoint: &Path,
+) -> Result<MetricsReport> {
+    let report = MetricsReport {
+        schema_version: MetricsReport::SCHEMA.into(),
+        best_epoch,
+        val: history[best_epoch].val.clone(),
+        history: history.to_vec(),
+        parent_sha256: parent_sha256.to_owned(),
+        checkpoint: checkpoint.to_owned(),
+    };
+    write_json(&out.join("metrics.json"), &report)?;
+    write_file(&out.join("curves.png"), &training_curves(history)?)?;
+    Ok(report)
+}
+
 pub fn finetune(s: &FinetuneSettings, progress: Progress) -> Result<MetricsReport> {
     let mut parent = s.parent.checkpoint()?;
     s.preprocess.apply(&mut parent.meta)?;
@@ -352,20 +373,14 @@ pub fn finetune(s: &FinetuneSettings, progress: Progress) -> Result<MetricsRepor
         FinetuneEvent::Progress(p) => progress(Event::Train(p)),
     })
     .context(s.split.train.display())?;
-    let best = &outcome.history[outcome.best_epoch];
-    let report = MetricsReport {
-        schema_version: MetricsReport::SCHEMA.into(),
-        best_epoch: outcome.best_epoch,
-        val: best.val.clone(),
-        history: outcome.history.clone(),
-        parent_sha256: parent.sha256.clone(),
-        checkpoint: model_path.clone(),
-    };
-    write_json(&s.out.join("metrics.json"), &report)?;
-    write_file(
-        &s.out.join("curves.png"),
-        &training_curves(&outcome.history)?,
+    let report = write_metrics(
+        &s.out,
+        &outcome.history,
+        outcome.best_epoch,
+        &parent.sha256,
+        &model_path,
     )?;
+    let best = &outcome.history[outcome.best_epoch];
     progress(Event::Info(format!(
         "best epoch {} of {}: validation accuracy {:.2}%, loss {:.4}\ncheckpoint {}\nmetrics    {}\ncurves     {}",
         outcome.best_epoch + 1,

@@ -58,7 +58,7 @@ fn job(model: &Path, data: &Path, out: PathBuf, shard: Option<Shard>) -> AuditJo
         shared: MethodOptions::default(),
         limit: 100,
         replacement: BaselineSpec::Blur(None),
-        sanity_images: 5,
+        sanity_images: 3,
         seed: 1,
         strict: true,
         out,
@@ -156,7 +156,7 @@ fn three_audit_shards_merged_equal_one_run() {
     ] {
         assert_close(&a, &b, part);
     }
-    assert_eq!(merged.audit.methods[0].sanity.images, 5);
+    assert_eq!(merged.audit.methods[0].sanity.images, 3);
     // Every figure, CKA's within its estimator's noise.
     assert_eq!(merged.audit.figures.len(), whole.audit.figures.len());
     for (figure, &v) in &whole.audit.figures {

@@ -376,7 +376,7 @@ impl std::fmt::Display for EpochRecord {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "epoch {:>3}  train loss {:.4} acc {:.2}%  val loss {:.4} acc {:.2}%  lr {:.2e}  {:.1} s ({:.0} img/s)",
+            "epoch {:>3}  train loss {:.4} acc {:.2}%  val loss {:.4} acc {:.2}%  lr {:.2e}  {:.1} s ({:.0} examples/s)",
             self.epoch + 1,
             self.train_loss,
             100.0 * self.train_accuracy,
