@@ -18,11 +18,13 @@ fetch-models:
 text-parity:
     python3 scripts/text_parity.py .cache/models/all-minilm-l6-v2
 
-# Benchmarks on this machine: training throughput, explanation time per method.
+# Benchmarks on this machine: training throughput, explanation time per method, drift, text
+# fine-tuning (scripts/peer_text_bench.py is its PyTorch peer), the demo.
 bench:
     cargo run --release -p finelens-cli -- bench train
     cargo run --release -p finelens-cli -- bench explain
     cargo run --release -p finelens-cli -- bench drift
+    cargo run --release -p finelens-cli -- bench text
     cargo run --release -p finelens-cli -- bench demo
 
 # Regenerate the pretrained fixture checkpoint, deterministically (about 10 minutes on 2 cores):
