@@ -841,22 +841,15 @@ mod tests {
     fn tiny(head: TextHead) -> BertSpec {
         BertSpec {
             config: BertConfig {
-                model_type: "bert".into(),
                 vocab_size: 30,
                 hidden_size: 8,
                 num_hidden_layers: 2,
                 num_attention_heads: 2,
                 intermediate_size: 16,
                 max_position_embeddings: 16,
-                type_vocab_size: 2,
-                layer_norm_eps: 1e-12,
-                hidden_act: "gelu".into(),
-                hidden_dropout_prob: 0.1,
-                attention_probs_dropout_prob: 0.1,
-                pad_token_id: 0,
                 // Larger than BERT's 0.02, so that attention and GELU are far from linear.
                 initializer_range: 0.5,
-                position_embedding_type: "absolute".into(),
+                ..BertConfig::all_minilm_l6()
             },
             classes: 3,
             head,

@@ -392,21 +392,13 @@ mod tests {
     fn tiny() -> BertSpec {
         BertSpec {
             config: BertConfig {
-                model_type: "bert".into(),
                 vocab_size: 20,
                 hidden_size: 16,
                 num_hidden_layers: 2,
                 num_attention_heads: 2,
                 intermediate_size: 32,
                 max_position_embeddings: 16,
-                type_vocab_size: 2,
-                layer_norm_eps: 1e-12,
-                hidden_act: "gelu".into(),
-                hidden_dropout_prob: 0.1,
-                attention_probs_dropout_prob: 0.1,
-                pad_token_id: 0,
-                initializer_range: 0.02,
-                position_embedding_type: "absolute".into(),
+                ..BertConfig::all_minilm_l6()
             },
             classes: 2,
             head: TextHead::Cls,
