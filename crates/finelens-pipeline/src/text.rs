@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use finelens_data::text::{Columns, TextSet, TextTokenizer};
-use finelens_models::bert::{read_hf_folder, Bert, BertSpec, TextHead, WEIGHTS_FILE};
-use finelens_models::checkpoint::{save_state, sha256_file};
+use finelens_models::bert::{read_hf_folder, Bert, BertSpec, HfFolder, TextHead, WEIGHTS_FILE};
+use finelens_models::checkpoint::save_state;
 use finelens_models::ParamStore;
 use finelens_tune::text::{
     evaluate_text, run_text, TextData, TextEvent, TextFinetuneJob, TextFreeze, TokenizedSample,
@@ -241,7 +241,7 @@ pub fn finetune_text(s: &TextFinetuneSettings, progress: Progress) -> Result<Met
     let (spec, store) = match s.head {
         Some(head) => folder.store(head, classes.len(), s.config.seed)?,
         None => {
-            let m = load_text_model(&s.model)?;
+            let m = text_model_of(&folder)?;
             if m.classes != classes {
                 return Err(settings(format!(
                     "the data has classes [{}] but the model's classifier has [{}]; pass --head cls, mean or mlp:N to replace it",
@@ -254,7 +254,7 @@ pub fn finetune_text(s: &TextFinetuneSettings, progress: Progress) -> Result<Met
     };
     let head = spec.head;
     create_dir(&s.out)?;
-    let parent_sha256 = sha256_file(&s.model.join(WEIGHTS_FILE))?;
+    let parent_sha256 = folder.sha256.clone();
     let pad_id = folder.config.pad_token_id;
     let job = TextFinetuneJob {
         spec: spec.clone(),
@@ -340,7 +340,12 @@ pub struct TextModel {
 /// Read a model folder with a classifier: finelens's (its record names the head and classes)
 /// or transformers' `BertForSequenceClassification` (classes from `id2label`).
 pub fn load_text_model(dir: &Path) -> Result<TextModel> {
-    let folder = read_hf_folder(dir)?;
+    text_model_of(&read_hf_folder(dir)?)
+}
+
+/// [`load_text_model`] of a folder already read.
+fn text_model_of(folder: &HfFolder) -> Result<TextModel> {
+    let dir = folder.dir.as_path();
     let weights = dir.join(WEIGHTS_FILE);
     let record: Option<TextModelRecord> = match folder.header.get(TEXT_RECORD_KEY) {
         Some(json) => Some(
@@ -452,7 +457,7 @@ pub struct TextModelSummary {
 pub fn inspect_text(dir: &Path) -> Result<TextModelSummary> {
     let folder = read_hf_folder(dir)?;
     let c = &folder.config;
-    let (classes, head, record) = match load_text_model(dir) {
+    let (classes, head, record) = match text_model_of(&folder) {
         Ok(m) => (Some(m.classes), Some(m.spec.head), m.record),
         Err(_) if folder.classes.is_none() => (None, None, None),
         Err(e) => return Err(e),
