@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use finelens_data::text::{Columns, TextSet, TextTokenizer};
+use finelens_data::text::{Columns, TextSample, TextSet, TextTokenizer};
 use finelens_models::bert::{read_hf_folder, Bert, BertSpec, HfFolder, TextHead, WEIGHTS_FILE};
 use finelens_models::checkpoint::save_state;
 use finelens_models::ParamStore;
@@ -93,10 +93,9 @@ pub struct TextModelRecord {
 }
 
 /// Tokenize a set; the number of texts cut at the maximum length.
-fn tokenize(set: &TextSet, tok: &TextTokenizer) -> Result<(Vec<TokenizedSample>, usize)> {
+fn tokenize(samples: &[TextSample], tok: &TextTokenizer) -> Result<(Vec<TokenizedSample>, usize)> {
     let mut cut = 0;
-    let samples = set
-        .samples
+    let samples = samples
         .iter()
         .map(|s| {
             let e = tok.encode(&s.text)?;
@@ -223,14 +222,8 @@ pub fn finetune_text(s: &TextFinetuneSettings, progress: Progress) -> Result<Met
         }
         None => train_set.split(s.val_fraction, s.config.seed)?,
     };
-    let split = |samples: Vec<finelens_data::text::TextSample>| TextSet {
-        path: s.train.clone(),
-        classes: classes.clone(),
-        samples,
-        skipped: Vec::new(),
-    };
-    let (train, cut_train) = tokenize(&split(train), &tok)?;
-    let (val, cut_val) = tokenize(&split(val), &tok)?;
+    let (train, cut_train) = tokenize(&train, &tok)?;
+    let (val, cut_val) = tokenize(&val, &tok)?;
     if cut_train + cut_val > 0 {
         progress(Event::Info(format!(
             "{} of {} texts were longer than {max_length} tokens and were cut",
@@ -409,7 +402,7 @@ pub fn evaluate_text_model(s: &TextEvalSettings, progress: Progress) -> Result<E
         .unwrap_or(DEFAULT_MAX_LENGTH);
     let tok = TextTokenizer::from_file(&s.model.join("tokenizer.json"), max_length)?;
     let set = read_set(&s.data, &s.reading, Some(&m.classes), progress)?;
-    let (samples, cut) = tokenize(&set, &tok)?;
+    let (samples, cut) = tokenize(&set.samples, &tok)?;
     if cut > 0 {
         progress(Event::Info(format!(
             "{cut} of {} texts were longer than {max_length} tokens and were cut",
