@@ -152,7 +152,7 @@ pub const RULES: &[Rule] = &[
         key: "max_mean_relative_delta",
         bound: Bound::Max,
         default: 0.05,
-        meaning: "mean relative gap, over the images, between the sum of integrated gradients and F(x) − F(baseline) (Sundararajan et al.'s completeness); larger means too few integration steps",
+        meaning: "mean gap, over the images, between the sum of integrated gradients and F(x) − F(baseline) (Sundararajan et al.'s completeness), relative to the mean |F(x) − F(baseline)|; larger means too few integration steps",
     },
     Rule {
         figure: Figure::DriftMinCkaPenultimate,

@@ -435,15 +435,9 @@ pub fn summarise(partial: AuditPartial, class_names: &[String]) -> Result<AuditR
         figures.insert(Figure::ShortcutMaxHotspotConcentration, v);
     }
     let results: Vec<ImageResult> = images.iter().map(|i| i.image.clone()).collect();
-    let deltas: Vec<f64> = results
-        .iter()
-        .filter_map(|r| r.completeness.map(|c| c.relative_delta))
-        .collect();
-    if !deltas.is_empty() {
-        figures.insert(
-            Figure::CompletenessMaxMeanRelativeDelta,
-            deltas.iter().sum::<f64>() / deltas.len() as f64,
-        );
+    let completeness: Vec<Completeness> = results.iter().filter_map(|r| r.completeness).collect();
+    if let Some(v) = pooled_relative_delta(&completeness) {
+        figures.insert(Figure::CompletenessMaxMeanRelativeDelta, v);
     }
     let labelled: Vec<bool> = results.iter().filter_map(|r| r.correct).collect();
     let accuracy = (!labelled.is_empty())
@@ -479,4 +473,48 @@ pub fn audit(
         examine(model, rebuild, images, settings, progress)?,
         class_names,
     )
+}
+
+/// Σᵢ |δᵢ| / Σᵢ |F(xᵢ) − F(x′)|: the mean completeness gap relative to the mean output change.
+/// A mean of per-image ratios explodes on one image whose output barely moves from the
+/// baseline's (|F(x) − F(x′)| ≈ 0), however exact its attribution, and fails a sound audit.
+pub fn pooled_relative_delta(images: &[Completeness]) -> Option<f64> {
+    let gap: f64 = images.iter().map(|c| c.delta.abs()).sum();
+    let moved: f64 = images.iter().map(|c| c.output_difference.abs()).sum();
+    (!images.is_empty()).then(|| gap / moved.max(f64::MIN_POSITIVE))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(sum: f64, difference: f64) -> Completeness {
+        let delta = (sum - difference).abs();
+        Completeness {
+            attribution_sum: sum,
+            output_difference: difference,
+            delta,
+            relative_delta: delta / difference.abs(),
+        }
+    }
+
+    #[test]
+    fn pooled_relative_delta_is_not_dominated_by_an_image_that_barely_moves() {
+        // Three images 1% off, and one whose output moves by 0.006 with a gap of 0.018: its own
+        // ratio is 3, the mean of ratios 0.76, the pooled figure (0.02 + 0.03 + 0.01 + 0.018) /
+        // (2 + 3 + 1 + 0.006).
+        let images = [
+            image(2.02, 2.0),
+            image(-3.03, -3.0),
+            image(0.99, 1.0),
+            image(-0.012, 0.006),
+        ];
+        let pooled = pooled_relative_delta(&images).unwrap();
+        assert!((pooled - 0.078 / 6.006).abs() < 1e-12, "{pooled}");
+        let mean: f64 = images.iter().map(|c| c.relative_delta).sum::<f64>() / 4.0;
+        assert!(mean > 0.7, "{mean}");
+        assert_eq!(pooled_relative_delta(&[]), None);
+        // Exact attributions give 0, not NaN, even when nothing moved.
+        assert_eq!(pooled_relative_delta(&[image(0.0, 0.0)]), Some(0.0));
+    }
 }

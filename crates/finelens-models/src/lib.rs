@@ -2,6 +2,7 @@
 //! BERT-family text encoders with Hugging Face's, differentiable pooling and batch norm (candle's own have gaps, see shared/CANDLE-NOTES.md),
 //! named activation hooks, and safetensors checkpoints with metadata.
 
+pub mod batch_norm;
 pub mod bert;
 pub mod checkpoint;
 pub mod conv;
@@ -12,6 +13,7 @@ pub mod memory;
 pub mod nn;
 pub mod params;
 pub mod pool;
+pub mod relu;
 pub mod resnet;
 #[cfg(test)]
 mod testutil;

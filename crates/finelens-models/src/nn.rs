@@ -112,7 +112,9 @@ impl Linear {
     }
 }
 
-/// `nn.BatchNorm2d` written with differentiable candle ops (no fused kernel without backward).
+/// `nn.BatchNorm2d` on the per-channel kernels of [`crate::batch_norm`] (candle-nn's has no
+/// backward; composed of candle ops it spent a quarter of a training step in single-threaded
+/// reductions).
 ///
 /// Train mode normalises by the batch mean and *biased* variance and updates the running
 /// statistics with the *unbiased* variance, `r ← (1 − m)·r + m·batch`, m = 0.1, exactly as
@@ -144,16 +146,12 @@ impl BatchNorm2d {
     }
 
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let c = x.dim(1)?;
-        let per_channel = |t: &Tensor| t.reshape((1, c, 1, 1));
         if mode == Mode::Eval || self.frozen {
             // y = x·s + (b − μ·s), s = γ/√(σ² + ε): one scale and one shift per channel.
             let scale = (self.weight.clone()
                 / (self.running_var.as_detached_tensor() + BN_EPS)?.sqrt()?)?;
             let shift = (&self.bias - (self.running_mean.as_detached_tensor() * &scale)?)?;
-            return Ok(x
-                .broadcast_mul(&per_channel(&scale)?)?
-                .broadcast_add(&per_channel(&shift)?)?);
+            return Ok(crate::batch_norm::channel_affine(x, &scale, &shift)?);
         }
         let (n, _, h, w) = x.dims4()?;
         let count = n * h * w;
@@ -163,17 +161,17 @@ impl BatchNorm2d {
                 self.name
             )));
         }
-        let mean = x.mean_keepdim((0, 2, 3))?;
-        let centred = x.broadcast_sub(&mean)?;
-        let var = centred.sqr()?.mean_keepdim((0, 2, 3))?;
-        let y = centred.broadcast_div(&(&var + BN_EPS)?.sqrt()?)?;
-        let y = y
-            .broadcast_mul(&per_channel(&self.weight)?)?
-            .broadcast_add(&per_channel(&self.bias)?)?;
+        let (y, mean, var) =
+            crate::batch_norm::batch_norm_train(x, &self.weight, &self.bias, BN_EPS)?;
 
         let m = BN_MOMENTUM;
-        let batch_mean = mean.detach().flatten_all()?;
-        let unbiased = (var.detach().flatten_all()? * (count as f64 / (count - 1) as f64))?;
+        let dtype = self.running_mean.dtype();
+        let batch_mean = Tensor::new(mean, x.device())?.to_dtype(dtype)?;
+        let unbiased: Vec<f64> = var
+            .iter()
+            .map(|v| v * count as f64 / (count - 1) as f64)
+            .collect();
+        let unbiased = Tensor::new(unbiased, x.device())?.to_dtype(dtype)?;
         let rm = ((self.running_mean.as_detached_tensor() * (1.0 - m))? + (batch_mean * m)?)?;
         let rv = ((self.running_var.as_detached_tensor() * (1.0 - m))? + (unbiased * m)?)?;
         self.running_mean.set(&rm)?;

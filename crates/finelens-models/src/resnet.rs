@@ -12,6 +12,7 @@ use crate::error::{ModelError, Result};
 use crate::nn::{bn_specs, conv_specs, linear_specs, BatchNorm2d, Conv2d, Linear, Mode};
 use crate::params::{ParamSpec, ParamStore};
 use crate::pool::{max_pool2d, Pool2d};
+use crate::relu::relu;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlockKind {
@@ -295,14 +296,14 @@ impl Block {
         for (i, (conv, bn)) in self.convs.iter().enumerate() {
             h = bn.forward(&conv.forward(&h)?, mode)?;
             if i != last {
-                h = h.relu()?;
+                h = relu(&h)?;
             }
         }
         let identity = match &self.downsample {
             Some((conv, bn)) => bn.forward(&conv.forward(x)?, mode)?,
             None => x.clone(),
         };
-        Ok((h + identity)?.relu()?)
+        Ok(relu(&(h + identity)?)?)
     }
 }
 
@@ -458,7 +459,7 @@ impl Classifier for ResNet {
     fn forward_hooked(&self, x: &Tensor, mode: Mode, mut hook: Option<Hook>) -> Result<Tensor> {
         let h = tap(&mut hook, "conv1", self.conv1.forward(x)?)?;
         let h = tap(&mut hook, "bn1", self.bn1.forward(&h, mode)?)?;
-        let h = tap(&mut hook, "relu", h.relu()?)?;
+        let h = tap(&mut hook, "relu", relu(&h)?)?;
         let mut h = tap(&mut hook, "maxpool", max_pool2d(&h, STEM_POOL)?)?;
         for (li, blocks) in self.layers.iter().enumerate() {
             for b in blocks {
@@ -472,7 +473,7 @@ impl Classifier for ResNet {
             HeadLayers::Linear(fc) => tap(&mut hook, "fc", fc.forward(&h)?),
             HeadLayers::Mlp(fc0, fc2) => {
                 let z = tap(&mut hook, "fc.0", fc0.forward(&h)?)?;
-                let z = tap(&mut hook, "fc.1", z.relu()?)?;
+                let z = tap(&mut hook, "fc.1", relu(&z)?)?;
                 tap(&mut hook, "fc", fc2.forward(&z)?)
             }
         }

@@ -1,0 +1,159 @@
+//! ReLU as one parallel pass each way.
+//!
+//! candle's `relu` runs single-threaded, and its backward builds the mask from the input with four
+//! more sweeps (`ge`, `zeros_like`, `to_dtype`, `mul`). Here the forward splits across the rayon
+//! pool and the backward reads the mask off the output, dx = dy·[y > 0], as PyTorch's
+//! `threshold_backward` does (so the gradient at exactly 0 is 0, PyTorch's convention; candle's
+//! is 1).
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use num_traits::Float;
+use rayon::prelude::*;
+
+/// Values per rayon task: small tensors are not worth a split.
+const CHUNK: usize = 1 << 14;
+
+/// max(x, 0), element-wise.
+pub fn relu(x: &Tensor) -> candle_core::Result<Tensor> {
+    let x = x.contiguous()?;
+    if x.track_op() {
+        x.apply_op1(Relu)
+    } else {
+        x.apply_op1_no_bwd(&Relu)
+    }
+}
+
+fn slice<'a, T>(v: &'a [T], l: &Layout, op: &str) -> candle_core::Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("{op}: operands must be contiguous"),
+    }
+}
+
+fn forward<T: Float + Send + Sync>(x: &[T]) -> Vec<T> {
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(o, x)| {
+            for (o, &v) in o.iter_mut().zip(x) {
+                *o = if v > T::zero() { v } else { T::zero() };
+            }
+        });
+    out
+}
+
+fn backward<T: Float + Send + Sync>(y: &[T], dy: &[T]) -> Vec<T> {
+    let mut out = vec![T::zero(); y.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(y.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
+        .for_each(|(o, (y, dy))| {
+            for ((o, &y), &d) in o.iter_mut().zip(y).zip(dy) {
+                *o = if y > T::zero() { d } else { T::zero() };
+            }
+        });
+    out
+}
+
+struct Relu;
+
+impl CustomOp1 for Relu {
+    fn name(&self) -> &'static str {
+        "finelens-relu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = match s {
+            CpuStorage::F32(v) => CpuStorage::F32(forward(slice(v, l, self.name())?)),
+            CpuStorage::F64(v) => CpuStorage::F64(forward(slice(v, l, self.name())?)),
+            other => candle_core::bail!(
+                "finelens-relu: only f32 and f64 are supported, got {:?}",
+                other.dtype()
+            ),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let grad = grad.detach().contiguous()?;
+        Ok(Some(y.detach().apply_op2_no_bwd(&grad, &Mask)?))
+    }
+}
+
+/// dy where y > 0, else 0.
+struct Mask;
+
+impl CustomOp2 for Mask {
+    fn name(&self) -> &'static str {
+        "finelens-relu-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let out = match (s1, s2) {
+            (CpuStorage::F32(y), CpuStorage::F32(d)) => {
+                CpuStorage::F32(backward(slice(y, l1, name)?, slice(d, l2, name)?))
+            }
+            (CpuStorage::F64(y), CpuStorage::F64(d)) => {
+                CpuStorage::F64(backward(slice(y, l1, name)?, slice(d, l2, name)?))
+            }
+            _ => candle_core::bail!("{name}: operands must be both f32 or both f64"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::randn;
+    use candle_core::{DType, Var};
+
+    #[test]
+    fn matches_candle_away_from_zero_and_masks_by_the_output() {
+        for dtype in [DType::F32, DType::F64] {
+            // Odd length over several rayon chunks.
+            let x = Var::from_tensor(&randn((3, 5, 61, 59), 0.0, 1.0, dtype, 9)).unwrap();
+            let r = randn(x.dims(), 0.0, 1.0, dtype, 10);
+            let ours = relu(&x).unwrap();
+            let theirs = x.relu().unwrap();
+            let diff = |a: &Tensor, b: &Tensor| -> f64 {
+                (a - b)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_scalar()
+                    .unwrap()
+            };
+            assert_eq!(diff(&ours, &theirs), 0.0);
+            let g0 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g1 = (&theirs * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            assert_eq!(diff(g0.get(&x).unwrap(), g1.get(&x).unwrap()), 0.0);
+        }
+        // At exactly 0 the gradient is 0 (PyTorch's convention).
+        let x =
+            Var::from_tensor(&Tensor::new(&[-1f32, 0.0, 2.0], &candle_core::Device::Cpu).unwrap())
+                .unwrap();
+        let g = relu(&x).unwrap().sum_all().unwrap().backward().unwrap();
+        assert_eq!(
+            g.get(&x).unwrap().to_vec1::<f32>().unwrap(),
+            vec![0.0, 0.0, 1.0]
+        );
+        assert!(!relu(&x.as_tensor().detach()).unwrap().track_op());
+    }
+}
