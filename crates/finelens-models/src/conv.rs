@@ -1,21 +1,30 @@
-//! 2-D convolution as im2col + GEMM in both directions, with a backward that computes only the
-//! gradients that are needed.
+//! 2-D convolution as im2col + GEMM in both directions, streamed over groups of images, with a
+//! backward that computes only the gradients that are needed.
 //!
 //! candle 0.11's conv backward always computes both gradients: the kernel's even when the kernel
 //! is a plain (frozen) tensor, and the input's, through a direct-loop `conv_transpose2d`, even when
 //! the input is an image that needs none (see shared/CANDLE-NOTES.md); its forward gathers im2col
-//! tiles with strided single-element writes. Here, with X̂ = im2col(X) of shape N × (C_in·k·k) × L
-//! (L = output pixels) and W reshaped to C_out × (C_in·k·k):
+//! tiles with strided single-element writes. Here, with X̂ = im2col(X) (C_in·k·k rows, one column
+//! per output pixel) and W reshaped to C_out × (C_in·k·k):
 //!
-//! * forward: Y = W · X̂, one GEMM per image (candle's `gemm`, multi-threaded);
+//! * forward: Y = W · X̂ (+ a bias per output channel, where batch norm was folded in);
 //! * input:   dX = col2im(Wᵀ · dY), the adjoint of the forward, only when X is tracked;
-//! * kernel:  dW = Σₙ dYₙ · X̂ₙᵀ, only when W is tracked (a trainable `Var`), accumulated by
-//!   `gemm` in place image by image.
+//! * kernel:  dW = Σ dY · X̂ᵀ, only when W is tracked (a trainable `Var`); the bias: Σ dY.
+//!
+//! The columns of a whole batch are nine times the activations of a 3×3 layer (231 MB for a
+//! ResNet-18 layer1 at 224 px and batch 32), and allocating, zeroing and page-faulting them every
+//! call cost more than a tenth of a training step. Each pass instead walks the batch a group of
+//! images at a time through one reused column buffer; a group holds just enough images that the
+//! GEMM has [`COLUMNS`] columns, so a late-stage layer (7×7 or 2×2 pixels per image) still feeds
+//! both cores and reads the kernel once per group rather than once per image.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
+
+/// Output columns a GEMM should have at least (as images of one group), when the batch allows.
+const COLUMNS: usize = 256;
 
 /// `F.conv2d(x, weight, stride=stride, padding=padding)` (no bias, no dilation, no groups) with a
 /// backward that skips gradients nobody asked for.
@@ -26,16 +35,37 @@ pub fn conv2d(
     padding: usize,
 ) -> candle_core::Result<Tensor> {
     let g = Geometry::new(x.dims4()?, weight.dims4()?, stride, padding)?;
-    let cols = g.im2col(&x.detach())?;
-    let y = g
-        .flat_kernel(&weight.detach())?
-        .broadcast_left(g.n)?
-        .matmul(&cols)?
-        .reshape((g.n, g.c_out, g.oh, g.ow))?;
-    if !x.track_op() && !weight.track_op() {
-        return Ok(y);
+    let (x, weight) = (x.contiguous()?, weight.contiguous()?);
+    if x.track_op() || weight.track_op() {
+        x.apply_op2(&weight, Conv(g))
+    } else {
+        x.apply_op2_no_bwd(&weight, &Conv(g))
     }
-    x.apply_op3(weight, &y, ConvGrad(g))
+}
+
+/// [`conv2d`] plus a bias per output channel, added as the GEMM's starting value (no extra pass):
+/// a convolution with an eval-mode batch norm folded in.
+pub fn conv2d_biased(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    stride: usize,
+    padding: usize,
+) -> candle_core::Result<Tensor> {
+    let g = Geometry::new(x.dims4()?, weight.dims4()?, stride, padding)?;
+    if bias.dims() != [g.c_out] {
+        candle_core::bail!(
+            "conv2d: a bias of shape {:?} does not fit {} output channels",
+            bias.dims(),
+            g.c_out
+        );
+    }
+    let (x, weight, bias) = (x.contiguous()?, weight.contiguous()?, bias.contiguous()?);
+    if x.track_op() || weight.track_op() || bias.track_op() {
+        x.apply_op3(&weight, &bias, Conv(g))
+    } else {
+        x.apply_op3_no_bwd(&weight, &bias, &Conv(g))
+    }
 }
 
 /// The shapes of one convolution.
@@ -82,143 +112,522 @@ impl Geometry {
         })
     }
 
+    /// C_in·k·k, the rows of X̂.
     fn rows(&self) -> usize {
         self.c_in * self.k * self.k
     }
 
-    /// W as C_out × (C_in·k·k).
-    fn flat_kernel(&self, weight: &Tensor) -> candle_core::Result<Tensor> {
-        weight.reshape((self.c_out, self.rows()))
+    /// Output pixels per image.
+    fn pixels(&self) -> usize {
+        self.oh * self.ow
     }
 
-    fn im2col(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.contiguous()?.apply_op1_no_bwd(&Im2Col(*self))
+    /// Images per GEMM.
+    fn group(&self) -> usize {
+        (COLUMNS / self.pixels().max(1)).min(self.n).max(1)
     }
 
-    /// Input cell (y, x) read by output (oy, ox) at kernel offset (ky, kx), if inside the input.
-    #[inline]
-    fn source(&self, o: usize, kk: usize, len: usize) -> Option<usize> {
-        let i = (o * self.stride + kk) as isize - self.padding as isize;
-        (i >= 0 && i < len as isize).then_some(i as usize)
+    /// The groups of images: (first image, images).
+    fn groups(&self) -> impl Iterator<Item = (usize, usize)> {
+        let (n, g) = (self.n, self.group());
+        (0..n).step_by(g).map(move |n0| (n0, g.min(n - n0)))
+    }
+
+    /// For kernel offset `kk` along an axis of length `len` with `out` outputs: the outputs whose
+    /// window reads inside the input, as a range, and the input index of the first of them.
+    fn valid(&self, kk: usize, len: usize, out: usize) -> (usize, usize, usize) {
+        let (s, p) = (self.stride, self.padding);
+        // o·s + kk − p ≥ 0  ⇔  o ≥ ⌈(p − kk)/s⌉;  o·s + kk − p < len  ⇔  o < ⌈(len + p − kk)/s⌉.
+        let lo = p.saturating_sub(kk).div_ceil(s);
+        let hi = (len + p).saturating_sub(kk).div_ceil(s).min(out);
+        let lo = lo.min(hi);
+        (lo, hi, (lo * s + kk).saturating_sub(p))
+    }
+
+    /// The columns of images n0..n0+gs into `cols` (rows × gs·L, image i in columns i·L..): rows
+    /// ordered (c, ky, kx) like a kernel reshaped to C_out × C_in·k·k; cells the window reads from
+    /// the padding are 0.
+    fn im2col<T: Float + Send + Sync>(&self, x: &[T], n0: usize, gs: usize, cols: &mut [T]) {
+        let (l, kk, hw) = (self.pixels(), self.k * self.k, self.h * self.w);
+        let width = gs * l;
+        // One input channel per task: its k·k rows, disjoint between tasks.
+        cols[..self.rows() * width]
+            .par_chunks_mut(kk * width)
+            .enumerate()
+            .for_each(|(c, rows)| {
+                for img in 0..gs {
+                    let src = &x[((n0 + img) * self.c_in + c) * hw..][..hw];
+                    for ky in 0..self.k {
+                        let (y_lo, y_hi, iy0) = self.valid(ky, self.h, self.oh);
+                        for kx in 0..self.k {
+                            let (x_lo, x_hi, ix0) = self.valid(kx, self.w, self.ow);
+                            let row = &mut rows[(ky * self.k + kx) * width + img * l..][..l];
+                            row[..y_lo * self.ow].fill(T::zero());
+                            row[y_hi * self.ow..].fill(T::zero());
+                            for oy in y_lo..y_hi {
+                                let iy = iy0 + (oy - y_lo) * self.stride;
+                                let line = &src[iy * self.w..][..self.w];
+                                let dst = &mut row[oy * self.ow..][..self.ow];
+                                dst[..x_lo].fill(T::zero());
+                                dst[x_hi..].fill(T::zero());
+                                let dst = &mut dst[x_lo..x_hi];
+                                if self.stride == 1 {
+                                    dst.copy_from_slice(&line[ix0..ix0 + dst.len()]);
+                                } else {
+                                    let src = line[ix0..].iter().step_by(self.stride);
+                                    for (d, &v) in dst.iter_mut().zip(src) {
+                                        *d = v;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+    }
+
+    /// The adjoint of [`Self::im2col`]: adds each column entry of images n0..n0+gs back into the
+    /// input cell it was read from, in `dx` (the whole batch's N×C_in×H×W gradient).
+    fn col2im<T: Float + Send + Sync>(&self, cols: &[T], n0: usize, gs: usize, dx: &mut [T]) {
+        let (l, kk, hw) = (self.pixels(), self.k * self.k, self.h * self.w);
+        let width = gs * l;
+        // One (image, channel) plane per task: planes are disjoint, so no atomics.
+        dx[n0 * self.c_in * hw..(n0 + gs) * self.c_in * hw]
+            .par_chunks_mut(hw)
+            .enumerate()
+            .for_each(|(plane, o)| {
+                let (img, c) = (plane / self.c_in, plane % self.c_in);
+                let rows = &cols[c * kk * width..][..kk * width];
+                for ky in 0..self.k {
+                    let (y_lo, y_hi, iy0) = self.valid(ky, self.h, self.oh);
+                    for kx in 0..self.k {
+                        let (x_lo, x_hi, ix0) = self.valid(kx, self.w, self.ow);
+                        let row = &rows[(ky * self.k + kx) * width + img * l..][..l];
+                        for oy in y_lo..y_hi {
+                            let iy = iy0 + (oy - y_lo) * self.stride;
+                            let dst = &mut o[iy * self.w..][..self.w];
+                            let src = &row[oy * self.ow + x_lo..oy * self.ow + x_hi];
+                            // Iterators, not indices: no bounds checks, and the stride-1 case
+                            // (every 3×3/1 layer) vectorises.
+                            if self.stride == 1 {
+                                for (d, &v) in dst[ix0..ix0 + src.len()].iter_mut().zip(src) {
+                                    *d = *d + v;
+                                }
+                            } else {
+                                let dst = dst[ix0..].iter_mut().step_by(self.stride);
+                                for (d, &v) in dst.zip(src) {
+                                    *d = *d + v;
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+    }
+
+    /// dY of images n0..n0+gs as C_out × gs·L: the batch's own rows for one image, else gathered
+    /// into `buf`.
+    fn dy_group<'a, T: Float>(
+        &self,
+        dy: &'a [T],
+        n0: usize,
+        gs: usize,
+        buf: &'a mut [T],
+    ) -> View<'a, T> {
+        let l = self.pixels();
+        let width = gs * l;
+        let data: &[T] = if gs == 1 {
+            &dy[n0 * self.c_out * l..][..self.c_out * l]
+        } else {
+            for img in 0..gs {
+                for co in 0..self.c_out {
+                    buf[co * width + img * l..][..l]
+                        .copy_from_slice(&dy[((n0 + img) * self.c_out + co) * l..][..l]);
+                }
+            }
+            &buf[..self.c_out * width]
+        };
+        View::rows(data, self.c_out, width)
+    }
+
+    fn forward<T: Float + Send + Sync + 'static>(
+        &self,
+        x: &[T],
+        w: &[T],
+        bias: Option<&[T]>,
+    ) -> Vec<T> {
+        let (l, r) = (self.pixels(), self.rows());
+        let mut y = vec![T::zero(); self.n * self.c_out * l];
+        let mut cols = vec![T::zero(); r * self.group() * l];
+        let mut out = vec![
+            T::zero();
+            if self.group() > 1 {
+                self.c_out * self.group() * l
+            } else {
+                0
+            }
+        ];
+        let kernel = View::rows(w, self.c_out, r);
+        for (n0, gs) in self.groups() {
+            let width = gs * l;
+            self.im2col(x, n0, gs, &mut cols);
+            let dst: &mut [T] = if gs == 1 {
+                &mut y[n0 * self.c_out * l..][..self.c_out * l]
+            } else {
+                &mut out[..self.c_out * width]
+            };
+            if let Some(b) = bias {
+                for (row, &b) in dst.chunks_mut(width).zip(b) {
+                    row.fill(b);
+                }
+            }
+            gemm_into(
+                dst,
+                width,
+                kernel,
+                View::rows(&cols, r, width),
+                bias.is_some(),
+            );
+            if gs > 1 {
+                for img in 0..gs {
+                    for co in 0..self.c_out {
+                        y[((n0 + img) * self.c_out + co) * l..][..l]
+                            .copy_from_slice(&out[co * width + img * l..][..l]);
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    fn input_grad<T: Float + Send + Sync + 'static>(&self, dy: &[T], w: &[T]) -> Vec<T> {
+        let (l, r) = (self.pixels(), self.rows());
+        let mut dx = vec![T::zero(); self.n * self.c_in * self.h * self.w];
+        let mut cols = vec![T::zero(); r * self.group() * l];
+        let mut buf = vec![
+            T::zero();
+            if self.group() > 1 {
+                self.c_out * self.group() * l
+            } else {
+                0
+            }
+        ];
+        let kernel_t = View::rows(w, self.c_out, r).t();
+        for (n0, gs) in self.groups() {
+            let width = gs * l;
+            let dy = self.dy_group(dy, n0, gs, &mut buf);
+            gemm_into(&mut cols[..r * width], width, kernel_t, dy, false);
+            self.col2im(&cols, n0, gs, &mut dx);
+        }
+        dx
+    }
+
+    fn kernel_grad<T: Float + Send + Sync + 'static>(&self, dy: &[T], x: &[T]) -> Vec<T> {
+        let (l, r) = (self.pixels(), self.rows());
+        let mut dw = vec![T::zero(); self.c_out * r];
+        let mut cols = vec![T::zero(); r * self.group() * l];
+        let mut buf = vec![
+            T::zero();
+            if self.group() > 1 {
+                self.c_out * self.group() * l
+            } else {
+                0
+            }
+        ];
+        for (i, (n0, gs)) in self.groups().enumerate() {
+            let width = gs * l;
+            self.im2col(x, n0, gs, &mut cols);
+            let dy = self.dy_group(dy, n0, gs, &mut buf);
+            gemm_into(
+                &mut dw,
+                r,
+                dy,
+                View::rows(&cols[..r * width], r, width).t(),
+                i > 0,
+            );
+        }
+        dw
     }
 }
 
-/// Returns the precomputed convolution (its third operand) and, in backward, the gradients of the
-/// first two.
-struct ConvGrad(Geometry);
+/// A matrix over a slice: element (i, j) at `i·rs + j·cs`.
+#[derive(Clone, Copy)]
+struct View<'a, T> {
+    data: &'a [T],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
 
-impl CustomOp3 for ConvGrad {
+impl<'a, T> View<'a, T> {
+    /// Row-major.
+    fn rows(data: &'a [T], rows: usize, cols: usize) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    fn t(self) -> Self {
+        Self {
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
+    }
+
+    fn fits(&self) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// dst = a·b, or dst += a·b with `accumulate`; dst is row-major with row stride `dst_rs`. The
+/// `gemm` crate candle runs on, multi-threaded on the rayon pool.
+fn gemm_into<T: Float + 'static>(
+    dst: &mut [T],
+    dst_rs: usize,
+    a: View<T>,
+    b: View<T>,
+    accumulate: bool,
+) {
+    let (m, n, k) = (a.rows, b.cols, a.cols);
+    assert!(
+        a.cols == b.rows && a.fits() && b.fits(),
+        "gemm_into: operands out of shape"
+    );
+    assert!(
+        m == 0 || n == 0 || (m - 1) * dst_rs + n <= dst.len(),
+        "gemm_into: destination out of shape"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above keep every index `gemm` touches inside the three slices, and dst
+    // (borrowed mutably) cannot alias a or b.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+fn slice<'a, T>(v: &'a [T], l: &Layout, op: &str) -> candle_core::Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("{op}: operands must be contiguous"),
+    }
+}
+
+/// Runs a two-operand kernel on f32 or f64 storage.
+fn run2(
+    op: &str,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    f32: impl FnOnce(&[f32], &[f32]) -> Vec<f32>,
+    f64: impl FnOnce(&[f64], &[f64]) -> Vec<f64>,
+) -> candle_core::Result<CpuStorage> {
+    Ok(match (s1, s2) {
+        (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+            CpuStorage::F32(f32(slice(a, l1, op)?, slice(b, l2, op)?))
+        }
+        (CpuStorage::F64(a), CpuStorage::F64(b)) => {
+            CpuStorage::F64(f64(slice(a, l1, op)?, slice(b, l2, op)?))
+        }
+        (a, b) => candle_core::bail!(
+            "{op}: operands must be both f32 or both f64, got {:?} and {:?}",
+            a.dtype(),
+            b.dtype()
+        ),
+    })
+}
+
+/// The convolution as a graph op: (x, w) or (x, w, bias).
+struct Conv(Geometry);
+
+impl Conv {
+    fn shape(&self) -> Shape {
+        let g = self.0;
+        Shape::from((g.n, g.c_out, g.oh, g.ow))
+    }
+
+    /// (dx, dw) for the operands that are tracked.
+    fn grads(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // Gradients are values, never graph: detach so that no gradient keeps a forward alive.
+        let grad = grad.detach().contiguous()?;
+        let dx = if x.track_op() {
+            Some(grad.apply_op2_no_bwd(&w.detach(), &InputGrad(self.0))?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            Some(grad.apply_op2_no_bwd(&x.detach(), &KernelGrad(self.0))?)
+        } else {
+            None
+        };
+        Ok((dx, dw))
+    }
+}
+
+impl CustomOp2 for Conv {
     fn name(&self) -> &'static str {
         "finelens-conv2d"
     }
 
     fn cpu_fwd(
         &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        y: &CpuStorage,
-        ly: &Layout,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let Some((start, end)) = ly.contiguous_offsets() else {
-            candle_core::bail!("finelens-conv2d: the convolution output must be contiguous");
-        };
-        let out = match y {
-            CpuStorage::F32(v) => CpuStorage::F32(v[start..end].to_vec()),
-            CpuStorage::F64(v) => CpuStorage::F64(v[start..end].to_vec()),
-            other => candle_core::bail!(
-                "finelens-conv2d: only f32 and f64 are supported, got {:?}",
-                other.dtype()
-            ),
-        };
-        Ok((out, ly.shape().clone()))
+        let g = self.0;
+        let out = run2(
+            CustomOp2::name(self),
+            (s1, l1),
+            (s2, l2),
+            |x, w| g.forward(x, w, None),
+            |x, w| g.forward(x, w, None),
+        )?;
+        Ok((out, self.shape()))
     }
 
     fn bwd(
         &self,
         x: &Tensor,
-        weight: &Tensor,
+        w: &Tensor,
         _y: &Tensor,
-        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        self.grads(x, w, grad)
+    }
+}
+
+impl CustomOp3 for Conv {
+    fn name(&self) -> &'static str {
+        "finelens-conv2d-biased"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (g, op) = (self.0, CustomOp3::name(self));
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
+                CpuStorage::F32(g.forward(
+                    slice(x, l1, op)?,
+                    slice(w, l2, op)?,
+                    Some(slice(b, l3, op)?),
+                ))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
+                CpuStorage::F64(g.forward(
+                    slice(x, l1, op)?,
+                    slice(w, l2, op)?,
+                    Some(slice(b, l3, op)?),
+                ))
+            }
+            _ => candle_core::bail!("{op}: operands must be all f32 or all f64"),
+        };
+        Ok((out, self.shape()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: &Tensor,
+        _y: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // Gradients are values, never graph: detach so that no gradient keeps a forward alive.
-        let grad = grad.detach();
+        let (dx, dw) = self.grads(x, w, grad)?;
         let g = self.0;
-        let grad = grad.reshape((g.n, g.c_out, g.oh * g.ow))?;
-        let dx = if x.track_op() {
-            let cols = g
-                .flat_kernel(&weight.detach())?
-                .t()?
-                .broadcast_left(g.n)?
-                .matmul(&grad)?;
-            Some(cols.apply_op1_no_bwd(&Col2Im(g))?)
+        let db = if bias.track_op() {
+            // Σ over images and pixels: contiguous sums over the pixels first.
+            Some(
+                grad.detach()
+                    .reshape((g.n, g.c_out, g.pixels()))?
+                    .sum(2)?
+                    .sum(0)?,
+            )
         } else {
             None
         };
-        let dw = if weight.track_op() {
-            let cols = g.im2col(&x.detach())?;
-            Some(grad.contiguous()?.apply_op2_no_bwd(&cols, &KernelGrad(g))?)
-        } else {
-            None
-        };
-        Ok((dx, dw, None))
+        Ok((dx, dw, db))
     }
 }
 
-/// dW = Σₙ dYₙ · X̂ₙᵀ (C_out × C_in·k·k) from the output gradient (N × C_out × L) and the columns
-/// (N × C_in·k·k × L): one GEMM per image accumulating into the same C_out × C_in·k·k buffer, so
-/// no N × C_out × C_in·k·k stack of per-image products (300 MB for a ResNet-18 layer4 conv at batch
-/// 32) is built and then summed single-threaded.
+/// dX from (dY, W).
+struct InputGrad(Geometry);
+
+impl CustomOp2 for InputGrad {
+    fn name(&self) -> &'static str {
+        "finelens-conv2d-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let out = run2(
+            self.name(),
+            (s1, l1),
+            (s2, l2),
+            |dy, w| g.input_grad(dy, w),
+            |dy, w| g.input_grad(dy, w),
+        )?;
+        Ok((out, Shape::from((g.n, g.c_in, g.h, g.w))))
+    }
+}
+
+/// dW from (dY, X).
 struct KernelGrad(Geometry);
-
-impl KernelGrad {
-    fn run<T: Float + 'static>(&self, dy: &[T], cols: &[T]) -> Vec<T> {
-        let g = self.0;
-        let (l, r) = (g.oh * g.ow, g.rows());
-        let mut dw = vec![T::zero(); g.c_out * r];
-        let threads = rayon::current_num_threads();
-        let parallelism = if threads > 1 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
-        for img in 0..g.n {
-            let (dy, x) = (
-                &dy[img * g.c_out * l..][..g.c_out * l],
-                &cols[img * r * l..][..r * l],
-            );
-            // SAFETY: dst is C_out × R row-major (row stride R); lhs dYₙ is C_out × L row-major;
-            // rhs X̂ₙᵀ is L × R read from X̂ₙ (R × L row-major: row stride 1, column stride L).
-            // Every index stays inside the slices above.
-            unsafe {
-                gemm::gemm(
-                    g.c_out,
-                    r,
-                    l,
-                    dw.as_mut_ptr(),
-                    1,
-                    r as isize,
-                    img > 0,
-                    dy.as_ptr(),
-                    1,
-                    l as isize,
-                    x.as_ptr(),
-                    l as isize,
-                    1,
-                    T::one(),
-                    T::one(),
-                    false,
-                    false,
-                    false,
-                    parallelism,
-                );
-            }
-        }
-        dw
-    }
-}
 
 impl CustomOp2 for KernelGrad {
     fn name(&self) -> &'static str {
@@ -227,140 +636,20 @@ impl CustomOp2 for KernelGrad {
 
     fn cpu_fwd(
         &self,
-        dy: &CpuStorage,
-        l_dy: &Layout,
-        cols: &CpuStorage,
-        l_cols: &Layout,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = self.0;
-        let (Some((a, b)), Some((c, d))) = (l_dy.contiguous_offsets(), l_cols.contiguous_offsets())
-        else {
-            candle_core::bail!("{}: operands must be contiguous", self.name());
-        };
-        let out = match (dy, cols) {
-            (CpuStorage::F32(dy), CpuStorage::F32(x)) => {
-                CpuStorage::F32(self.run(&dy[a..b], &x[c..d]))
-            }
-            (CpuStorage::F64(dy), CpuStorage::F64(x)) => {
-                CpuStorage::F64(self.run(&dy[a..b], &x[c..d]))
-            }
-            _ => candle_core::bail!("{}: operands must be both f32 or both f64", self.name()),
-        };
+        let out = run2(
+            self.name(),
+            (s1, l1),
+            (s2, l2),
+            |dy, x| g.kernel_grad(dy, x),
+            |dy, x| g.kernel_grad(dy, x),
+        )?;
         Ok((out, Shape::from((g.c_out, g.c_in, g.k, g.k))))
-    }
-}
-
-/// X (N×C×H×W) → X̂ (N × (C·k·k) × L), rows ordered (c, ky, kx) like a kernel reshaped to
-/// C_out × C·k·k; cells the window reads from the padding are 0.
-struct Im2Col(Geometry);
-
-impl Im2Col {
-    fn run<T: Float + Send + Sync>(&self, x: &[T]) -> Vec<T> {
-        let g = self.0;
-        let l = g.oh * g.ow;
-        let mut out = vec![T::zero(); g.n * g.rows() * l];
-        // One (image, channel) per task: k·k rows of L, disjoint between tasks.
-        out.par_chunks_mut(g.k * g.k * l)
-            .enumerate()
-            .for_each(|(plane, rows)| {
-                let src = &x[plane * g.h * g.w..][..g.h * g.w];
-                for ky in 0..g.k {
-                    for kx in 0..g.k {
-                        let row = &mut rows[(ky * g.k + kx) * l..][..l];
-                        for oy in 0..g.oh {
-                            let Some(iy) = g.source(oy, ky, g.h) else {
-                                continue;
-                            };
-                            let line = &src[iy * g.w..][..g.w];
-                            let dst = &mut row[oy * g.ow..][..g.ow];
-                            for (ox, d) in dst.iter_mut().enumerate() {
-                                if let Some(ix) = g.source(ox, kx, g.w) {
-                                    *d = line[ix];
-                                }
-                            }
-                        }
-                    }
-                }
-            });
-        out
-    }
-}
-
-impl CustomOp1 for Im2Col {
-    fn name(&self) -> &'static str {
-        "finelens-im2col"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = self.0;
-        let Some((start, end)) = l.contiguous_offsets() else {
-            candle_core::bail!("finelens-im2col: the input must be contiguous");
-        };
-        let shape = Shape::from((g.n, g.rows(), g.oh * g.ow));
-        match s {
-            CpuStorage::F32(v) => Ok((CpuStorage::F32(self.run(&v[start..end])), shape)),
-            CpuStorage::F64(v) => Ok((CpuStorage::F64(self.run(&v[start..end])), shape)),
-            other => candle_core::bail!(
-                "finelens-im2col: only f32 and f64 are supported, got {:?}",
-                other.dtype()
-            ),
-        }
-    }
-}
-
-/// The adjoint of im2col: sums each column entry back into the input cell it was read from.
-struct Col2Im(Geometry);
-
-impl Col2Im {
-    fn run<T: Float + Send + Sync + std::ops::AddAssign>(&self, cols: &[T]) -> Vec<T> {
-        let g = self.0;
-        let l = g.oh * g.ow;
-        let mut out = vec![T::zero(); g.n * g.c_in * g.h * g.w];
-        // One output plane per task: planes are disjoint, so the scatter needs no atomics.
-        out.par_chunks_mut(g.h * g.w)
-            .enumerate()
-            .for_each(|(plane, o)| {
-                let rows = &cols[plane * g.k * g.k * l..][..g.k * g.k * l];
-                for ky in 0..g.k {
-                    for kx in 0..g.k {
-                        let row = &rows[(ky * g.k + kx) * l..][..l];
-                        for oy in 0..g.oh {
-                            let Some(iy) = g.source(oy, ky, g.h) else {
-                                continue;
-                            };
-                            let dst = &mut o[iy * g.w..][..g.w];
-                            for (ox, &v) in row[oy * g.ow..][..g.ow].iter().enumerate() {
-                                if let Some(ix) = g.source(ox, kx, g.w) {
-                                    dst[ix] += v;
-                                }
-                            }
-                        }
-                    }
-                }
-            });
-        out
-    }
-}
-
-impl CustomOp1 for Col2Im {
-    fn name(&self) -> &'static str {
-        "finelens-col2im"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = self.0;
-        let Some((start, end)) = l.contiguous_offsets() else {
-            candle_core::bail!("finelens-col2im: columns must be contiguous");
-        };
-        let shape = Shape::from((g.n, g.c_in, g.h, g.w));
-        match s {
-            CpuStorage::F32(v) => Ok((CpuStorage::F32(self.run(&v[start..end])), shape)),
-            CpuStorage::F64(v) => Ok((CpuStorage::F64(self.run(&v[start..end])), shape)),
-            other => candle_core::bail!(
-                "finelens-col2im: only f32 and f64 are supported, got {:?}",
-                other.dtype()
-            ),
-        }
     }
 }
 
@@ -373,8 +662,12 @@ mod tests {
     /// (input N×C×H×W, C_out, k, stride, padding): the ResNet shapes (7×7/2 stem, 3×3/1 and /2,
     /// 1×1/2 downsample) on odd sizes where a stride leaves cells that no window reads.
     type Case = ((usize, usize, usize, usize), usize, usize, usize, usize);
-    const CASES: [Case; 6] = [
+    /// The last two batch several images into one GEMM (7×7 outputs: groups of 5 and 2; 2×2
+    /// outputs: one group of 5).
+    const CASES: [Case; 8] = [
         ((2, 3, 11, 9), 4, 7, 2, 3),
+        ((7, 3, 7, 7), 4, 3, 1, 1),
+        ((5, 2, 4, 4), 3, 3, 2, 1),
         ((2, 4, 7, 7), 5, 3, 1, 1),
         ((3, 4, 9, 8), 6, 3, 2, 1),
         ((2, 6, 7, 7), 3, 1, 2, 0),
@@ -488,5 +781,42 @@ mod tests {
 
         // Nothing tracked: no graph at all.
         assert!(!conv2d(&img, &w, 1, 0).unwrap().track_op());
+    }
+
+    /// The biased convolution is the plain one plus a per-channel bias, in value and in all three
+    /// gradients (the bias's is Σ dY over images and pixels).
+    #[test]
+    fn bias_adds_per_channel_and_gets_its_gradient() {
+        for (i, &(dims, c_out, k, stride, padding)) in CASES.iter().enumerate() {
+            let seed = 100 + 10 * i as u64;
+            let x = Var::from_tensor(&randn(dims, 0.0, 1.0, DType::F64, seed)).unwrap();
+            let w = Var::from_tensor(&randn(
+                (c_out, dims.1, k, k),
+                0.0,
+                0.5,
+                DType::F64,
+                seed + 1,
+            ))
+            .unwrap();
+            let b = Var::from_tensor(&randn(c_out, 0.0, 1.0, DType::F64, seed + 2)).unwrap();
+            let ours = conv2d_biased(&x, &w, &b, stride, padding).unwrap();
+            let reference = conv2d(&x, &w, stride, padding)
+                .unwrap()
+                .broadcast_add(&b.reshape((1, c_out, 1, 1)).unwrap())
+                .unwrap();
+            assert!(max_abs_diff(&ours, &reference) < 1e-12, "case {i}");
+            let r = randn(ours.dims(), 0.0, 1.0, DType::F64, seed + 3);
+            let g0 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g1 = (&reference * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for v in [&x, &w, &b] {
+                let err = max_abs_diff(g0.get(v).unwrap(), g1.get(v).unwrap());
+                assert!(err < 1e-12, "case {i}: gradient off by {err}");
+            }
+        }
     }
 }

@@ -92,6 +92,28 @@ impl Conv2d {
     }
 }
 
+/// `bn(conv(x))`. Where the batch norm is an affine map (eval mode, or frozen), it is folded
+/// into the convolution, conv(x; W·s) + t, so that neither pass sweeps the activations for it
+/// (forward and backward are the same function of x up to rounding).
+pub fn conv_bn(conv: &Conv2d, bn: &BatchNorm2d, x: &Tensor, mode: Mode) -> Result<Tensor> {
+    match bn.affine(mode)? {
+        Some((scale, shift)) => {
+            let c_out = scale.dim(0)?;
+            let weight = conv
+                .weight
+                .broadcast_mul(&scale.reshape((c_out, 1, 1, 1))?)?;
+            Ok(crate::conv::conv2d_biased(
+                x,
+                &weight,
+                &shift,
+                conv.stride,
+                conv.padding,
+            )?)
+        }
+        None => bn.forward(&conv.forward(x)?, mode),
+    }
+}
+
 /// `nn.Linear`: y = x Wᵀ + b.
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -145,12 +167,21 @@ impl BatchNorm2d {
         })
     }
 
+    /// In eval mode (or frozen) the layer is y = x·s + t per channel, s = γ/√(σ² + ε) and
+    /// t = β − μ·s from the running statistics: (s, t), graph-tracked when γ and β are trained.
+    /// In train mode, `None`.
+    pub fn affine(&self, mode: Mode) -> Result<Option<(Tensor, Tensor)>> {
+        if mode == Mode::Train && !self.frozen {
+            return Ok(None);
+        }
+        let scale =
+            (self.weight.clone() / (self.running_var.as_detached_tensor() + BN_EPS)?.sqrt()?)?;
+        let shift = (&self.bias - (self.running_mean.as_detached_tensor() * &scale)?)?;
+        Ok(Some((scale, shift)))
+    }
+
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        if mode == Mode::Eval || self.frozen {
-            // y = x·s + (b − μ·s), s = γ/√(σ² + ε): one scale and one shift per channel.
-            let scale = (self.weight.clone()
-                / (self.running_var.as_detached_tensor() + BN_EPS)?.sqrt()?)?;
-            let shift = (&self.bias - (self.running_mean.as_detached_tensor() * &scale)?)?;
+        if let Some((scale, shift)) = self.affine(mode)? {
             return Ok(crate::batch_norm::channel_affine(x, &scale, &shift)?);
         }
         let (n, _, h, w) = x.dims4()?;
@@ -310,5 +341,72 @@ mod tests {
         let x = Tensor::zeros((1, 3, 1, 1), DType::F32, &Device::Cpu).unwrap();
         assert!(bn.forward(&x, Mode::Train).is_err());
         assert!(bn.forward(&x, Mode::Eval).is_ok());
+    }
+
+    /// Folding an eval-mode batch norm into the convolution changes nothing but rounding: the
+    /// output and the gradients of the input, the kernel, γ and β agree with conv then BN.
+    #[test]
+    fn folded_conv_bn_matches_conv_then_batch_norm() {
+        let mut specs = Vec::new();
+        conv_specs(&mut specs, "conv", 6, 4, 3);
+        bn_specs(&mut specs, "bn", 6);
+        let s = ParamStore::init(&specs, 3, &Device::Cpu).unwrap();
+        // Running statistics and an affine part away from the identity.
+        let rand =
+            |n: usize, mean: f64, seed: u64| crate::testutil::randn(n, mean, 0.3, DType::F32, seed);
+        s.var("bn.running_mean")
+            .unwrap()
+            .set(&rand(6, 0.2, 1))
+            .unwrap();
+        s.var("bn.running_var")
+            .unwrap()
+            .set(&rand(6, 1.5, 2))
+            .unwrap();
+        s.var("bn.weight").unwrap().set(&rand(6, 1.0, 3)).unwrap();
+        s.var("bn.bias").unwrap().set(&rand(6, 0.0, 4)).unwrap();
+        let conv = Conv2d::load(&s, "conv", 2, 1).unwrap();
+        let bn = BatchNorm2d::load(&s, "bn").unwrap();
+        let x = candle_core::Var::from_tensor(&crate::testutil::randn(
+            (3, 4, 9, 8),
+            0.0,
+            1.0,
+            DType::F32,
+            5,
+        ))
+        .unwrap();
+        let folded = conv_bn(&conv, &bn, &x, Mode::Eval).unwrap();
+        let plain = bn.forward(&conv.forward(&x).unwrap(), Mode::Eval).unwrap();
+        let r = crate::testutil::randn(folded.dims(), 0.0, 1.0, DType::F32, 6);
+        let rel = |a: &Tensor, b: &Tensor| -> f32 {
+            let d: f32 = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            let m: f32 = b.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            d / m
+        };
+        assert!(rel(&folded, &plain) < 1e-5);
+        let g0 = (&folded * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g1 = (&plain * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for name in ["conv.weight", "bn.weight", "bn.bias"] {
+            let v = s.var(name).unwrap();
+            let e = rel(g0.get(v).unwrap(), g1.get(v).unwrap());
+            assert!(e < 1e-5, "{name}: {e}");
+        }
+        assert!(rel(g0.get(&x).unwrap(), g1.get(&x).unwrap()) < 1e-5);
     }
 }

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::describe::{InputKind, ModelDescription, Stage};
 use crate::error::{ModelError, Result};
-use crate::nn::{bn_specs, conv_specs, linear_specs, BatchNorm2d, Conv2d, Linear, Mode};
+use crate::nn::{bn_specs, conv_bn, conv_specs, linear_specs, BatchNorm2d, Conv2d, Linear, Mode};
 use crate::params::{ParamSpec, ParamStore};
 use crate::pool::{max_pool2d, Pool2d};
 use crate::relu::relu;
@@ -294,13 +294,13 @@ impl Block {
         let mut h = x.clone();
         let last = self.convs.len() - 1;
         for (i, (conv, bn)) in self.convs.iter().enumerate() {
-            h = bn.forward(&conv.forward(&h)?, mode)?;
+            h = conv_bn(conv, bn, &h, mode)?;
             if i != last {
                 h = relu(&h)?;
             }
         }
         let identity = match &self.downsample {
-            Some((conv, bn)) => bn.forward(&conv.forward(x)?, mode)?,
+            Some((conv, bn)) => conv_bn(conv, bn, x, mode)?,
             None => x.clone(),
         };
         Ok(relu(&(h + identity)?)?)
