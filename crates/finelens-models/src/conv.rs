@@ -23,8 +23,13 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
 
-/// Output columns a GEMM should have at least (as images of one group), when the batch allows.
-const COLUMNS: usize = 256;
+/// Output columns a GEMM should have at least (as images of one group), when the batch allows:
+/// GEMMs of a few hundred columns spend more on packing and on waking the second core than on
+/// arithmetic.
+const COLUMNS: usize = 1024;
+
+/// At most this many values in the column buffer (16 MB of f32), whatever the group wants.
+const MAX_BUFFER: usize = 1 << 22;
 
 /// `F.conv2d(x, weight, stride=stride, padding=padding)` (no bias, no dilation, no groups) with a
 /// backward that skips gradients nobody asked for.
@@ -124,7 +129,11 @@ impl Geometry {
 
     /// Images per GEMM.
     fn group(&self) -> usize {
-        (COLUMNS / self.pixels().max(1)).min(self.n).max(1)
+        let per_image = self.pixels().max(1);
+        (COLUMNS / per_image)
+            .min(MAX_BUFFER / (self.rows() * per_image).max(1))
+            .min(self.n)
+            .max(1)
     }
 
     /// The groups of images: (first image, images).

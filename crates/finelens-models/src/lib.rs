@@ -9,6 +9,7 @@ pub mod conv;
 pub mod describe;
 pub mod error;
 pub mod json;
+pub mod layer_norm;
 pub mod memory;
 pub mod nn;
 pub mod params;

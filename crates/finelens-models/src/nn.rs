@@ -215,14 +215,11 @@ impl BatchNorm2d {
 }
 
 /// Layer normalisation over the last dimension (Ba, Kiros & Hinton 2016), `nn.LayerNorm`:
-/// (x − mean) / √(biased var + eps) · weight + bias. Composed of differentiable ops: candle-nn's
-/// fused `layer_norm` has no backward and silently gives zero gradients (shared/CANDLE-NOTES.md).
+/// (x − mean) / √(biased var + eps) · weight + bias, as one op with a hand-written backward
+/// ([`crate::layer_norm`]); candle-nn's fused `layer_norm` has no backward and silently gives zero
+/// gradients (shared/CANDLE-NOTES.md).
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    let last = candle_core::D::Minus1;
-    let centred = x.broadcast_sub(&x.mean_keepdim(last)?)?;
-    let var = centred.sqr()?.mean_keepdim(last)?;
-    let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
-    Ok(normed.broadcast_mul(weight)?.broadcast_add(bias)?)
+    Ok(crate::layer_norm::layer_norm(x, weight, bias, eps)?)
 }
 
 /// Softmax over the last dimension from exp, sum and div (candle-nn's `softmax_last_dim` has no

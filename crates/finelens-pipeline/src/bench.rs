@@ -17,16 +17,17 @@ pub fn rayon_threads() -> String {
     })
 }
 
-/// The cases a benchmark runs: resnet-mini at 64×64, and resnet18 at 224×224 unless `quick`.
+/// The cases a benchmark runs: resnet-mini at 64×64, and resnet18 at 64×64 and 224×224 (the
+/// PyTorch peer's sizes) unless `quick`.
 fn cases(quick: bool) -> Vec<(Arch, usize)> {
     let mut c = vec![(Arch::ResNetMini, 64)];
     if !quick {
-        c.push((Arch::ResNet18, 224));
+        c.extend([(Arch::ResNet18, 64), (Arch::ResNet18, 224)]);
     }
     c
 }
 
-/// Training throughput (images/s) for resnet-mini at 64×64 and resnet18 at 224×224.
+/// Training throughput (images/s) for resnet-mini at 64×64 and resnet18 at 64×64 and 224×224.
 #[derive(Debug, Clone)]
 #[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct TrainBench {
@@ -36,38 +37,53 @@ pub struct TrainBench {
     /// Images per batch.
     #[cfg_attr(feature = "cli", arg(long, default_value_t = 32))]
     pub batch_size: usize,
-    /// Skip resnet18 at 224×224 (it takes minutes on 2 cores).
+    /// Skip resnet18 (it takes minutes on 2 cores).
     #[cfg_attr(feature = "cli", arg(long))]
     pub quick: bool,
+    /// The optimiser: sgd (momentum 0.9) or adamw.
+    #[cfg_attr(feature = "cli", arg(long, default_value = "sgd"))]
+    pub optimizer: String,
 }
 
-/// Training images/s: forward (train mode) + cross-entropy + backward + SGD step.
+/// Training images/s: forward (train mode) + cross-entropy + backward + optimiser step.
 pub fn train(
-    &TrainBench {
+    TrainBench {
         steps,
         batch_size,
         quick,
+        optimizer,
     }: &TrainBench,
     progress: Progress,
 ) -> Result<Vec<finelens_tune::bench::Throughput>> {
+    let (steps, batch_size) = (*steps, *batch_size);
     if steps == 0 || batch_size == 0 {
         return Err(settings("bench: steps and batch size must be at least 1"));
     }
+    let adamw = match optimizer.as_str() {
+        "sgd" => false,
+        "adamw" => true,
+        other => {
+            return Err(settings(format!(
+                "bench: unknown optimizer {other:?} (sgd or adamw)"
+            )))
+        }
+    };
     progress(Event::Info(format!(
-        "training throughput: forward (train mode) + cross-entropy + backward + SGD step, batch {batch_size}, {} rayon threads",
+        "training throughput: forward (train mode) + cross-entropy + backward + {optimizer} step, batch {batch_size}, {} rayon threads",
         rayon_threads()
     )));
-    cases(quick)
+    cases(*quick)
         .into_iter()
         .map(|(arch, size)| {
-            let t = finelens_tune::bench::train_throughput(arch, size, batch_size, steps)?;
+            let t = finelens_tune::bench::train_throughput(arch, size, batch_size, steps, adamw)?;
             progress(Event::Info(t.to_string()));
             Ok(t)
         })
         .collect()
 }
 
-/// Explanation speed (ms/image, batch 1) for resnet18 at 224×224 and resnet-mini at 64×64.
+/// Explanation speed (ms/image, batch 1) for resnet18 at 224×224 and 64×64 and resnet-mini at
+/// 64×64.
 #[derive(Debug, Clone)]
 #[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct ExplainBench {
@@ -80,7 +96,7 @@ pub struct ExplainBench {
         arg(long, value_delimiter = ',', default_value = "5,10,25,50")
     )]
     pub ig_batches: Vec<usize>,
-    /// Skip resnet18 at 224×224.
+    /// Skip resnet18.
     #[cfg_attr(feature = "cli", arg(long))]
     pub quick: bool,
 }
@@ -105,9 +121,9 @@ pub fn explain(
         rayon_threads()
     )));
     let mut out = Vec::new();
-    // resnet18 first, with ImageNet's 1000 classes as in the reference figures.
+    // resnet18 first, with 10 classes as the Captum peer (shared/peer-bench/captum_bench.py).
     for (arch, size) in cases(quick).into_iter().rev() {
-        let classes = if arch == Arch::ResNet18 { 1000 } else { 6 };
+        let classes = if arch == Arch::ResNet18 { 10 } else { 6 };
         let t = finelens_attrib::bench::explain_timings(arch, size, classes, repeats, ig_batches)?;
         progress(Event::Info(t.to_string()));
         out.push(t);

@@ -1,5 +1,6 @@
 //! Training throughput, for `finelens bench train`: full optimiser steps (forward in train
-//! mode, cross-entropy, backward, SGD with momentum) on random data, after one warm-up step.
+//! mode, cross-entropy, backward, SGD with momentum or AdamW) on random data, after one warm-up
+//! step.
 
 use std::time::Instant;
 
@@ -15,6 +16,8 @@ use crate::optim::{Optimizer, OptimizerConfig};
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Throughput {
     pub arch: String,
+    /// "sgd" (momentum 0.9) or "adamw".
+    pub optimizer: String,
     pub size: usize,
     pub batch: usize,
     pub steps: usize,
@@ -22,8 +25,16 @@ pub struct Throughput {
     pub images_per_second: f64,
 }
 
-/// Time `steps` training steps of `arch` at `size`×`size`, batch `batch`, 10 classes.
-pub fn train_throughput(arch: Arch, size: usize, batch: usize, steps: usize) -> Result<Throughput> {
+/// Time `steps` training steps of `arch` at `size`×`size`, batch `batch`, 10 classes, with SGD
+/// (momentum 0.9) or, with `adamw`, AdamW (weight decay 0.01), as the PyTorch peer
+/// (`shared/peer-bench/torch_train_bench.py`).
+pub fn train_throughput(
+    arch: Arch,
+    size: usize,
+    batch: usize,
+    steps: usize,
+    adamw: bool,
+) -> Result<Throughput> {
     let dev = Device::Cpu;
     let config = ModelConfig::new(arch, 10, Head::Linear)?;
     let store = ParamStore::init(&config.param_specs(), 0, &dev)?;
@@ -33,7 +44,12 @@ pub fn train_throughput(arch: Arch, size: usize, batch: usize, steps: usize) -> 
         .into_iter()
         .map(|(_, v)| (v, 1.0))
         .collect();
-    let mut opt = Optimizer::new(OptimizerConfig::sgd(0.9, false, 1e-4), params)?;
+    let config = if adamw {
+        OptimizerConfig::adamw(0.01)
+    } else {
+        OptimizerConfig::sgd(0.9, false, 0.0)
+    };
+    let mut opt = Optimizer::new(config, params)?;
     let x = Tensor::randn(0f32, 1.0, (batch, 3, size, size), &dev)?;
     let labels = Tensor::from_vec(
         (0..batch as u32).map(|i| i % 10).collect::<Vec<_>>(),
@@ -53,6 +69,7 @@ pub fn train_throughput(arch: Arch, size: usize, batch: usize, steps: usize) -> 
     let seconds_per_step = start.elapsed().as_secs_f64() / steps as f64;
     Ok(Throughput {
         arch: arch.name().into(),
+        optimizer: if adamw { "adamw" } else { "sgd" }.into(),
         size,
         batch,
         steps,
@@ -65,8 +82,13 @@ impl std::fmt::Display for Throughput {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "  {:<12} {:>3}×{:<3}  {:>8.2} s/step  {:>8.1} images/s",
-            self.arch, self.size, self.size, self.seconds_per_step, self.images_per_second
+            "  {:<12} {:>3}×{:<3} {:<6} {:>8.2} s/step  {:>8.1} images/s",
+            self.arch,
+            self.size,
+            self.size,
+            self.optimizer,
+            self.seconds_per_step,
+            self.images_per_second
         )
     }
 }
