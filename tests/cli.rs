@@ -1395,11 +1395,18 @@ fn audit_exit_status_gates_and_bad_input() {
         steps[0].contains("1/6: circle__00000") && steps[0].contains("s left)"),
         "{log}"
     );
-    let sanity = log
+    // The sanity check logs every map: 2 images from the trained model, then from two
+    // randomised models per stage of six.
+    let sanity: Vec<&str> = log
         .lines()
         .filter(|l| l.starts_with("saliency: randomisation sanity check "))
-        .count();
-    assert_eq!(sanity, 12, "two randomised models per stage of six: {log}");
+        .collect();
+    assert_eq!(sanity.len(), 26, "{log}");
+    assert!(
+        sanity[0].contains("1/26: the trained model, image 1 of 2")
+            && sanity[25].contains("26/26: stem alone, image 2 of 2"),
+        "{log}"
+    );
 
     // Lenient thresholds: exit 0.
     let lenient = policy(

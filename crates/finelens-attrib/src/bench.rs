@@ -33,6 +33,8 @@ pub struct ExplainTimings {
     /// IG-50 time for every internal batch tried.
     pub integrated_gradients_50_by_batch: Vec<(usize, f64)>,
     pub grad_cam_ms: f64,
+    /// Peak resident memory while this model was benchmarked (Linux).
+    pub peak_rss_bytes: Option<u64>,
 }
 
 fn median_ms(repeats: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
@@ -56,6 +58,7 @@ pub fn explain_timings(
     repeats: usize,
     ig_batches: &[usize],
 ) -> Result<ExplainTimings> {
+    finelens_models::memory::reset_peak_rss();
     let dev = Device::Cpu;
     let config = ModelConfig::new(arch, classes, Head::Linear)?;
     let store = ParamStore::init(&config.param_specs(), 0, &dev)?.frozen_as(DType::F32)?;
@@ -114,6 +117,7 @@ pub fn explain_timings(
         integrated_gradients_50_batch: best_batch,
         integrated_gradients_50_by_batch: by_batch,
         grad_cam_ms,
+        peak_rss_bytes: finelens_models::memory::peak_rss_bytes(),
     })
 }
 
@@ -152,10 +156,15 @@ impl std::fmt::Display for ExplainTimings {
                 .collect::<Vec<_>>()
                 .join(", ")
         )?;
-        write!(
+        writeln!(
             f,
             "    Grad-CAM                     {:>9.1}",
             self.grad_cam_ms
+        )?;
+        write!(
+            f,
+            "    peak resident memory         {:>9}",
+            finelens_models::memory::mib(self.peak_rss_bytes)
         )
     }
 }

@@ -74,26 +74,67 @@ pub fn curves(
     steps: usize,
     seed: u64,
 ) -> Result<Curves> {
+    let (deletion, insertion) = along(
+        model,
+        x,
+        replacement,
+        &relevance_order(relevance),
+        target,
+        steps,
+    )?;
+    let (deletion_random, insertion_random) =
+        random_curves(model, x, replacement, target, steps, seed)?;
+    Ok(Curves {
+        deletion,
+        insertion,
+        deletion_random,
+        insertion_random,
+    })
+}
+
+/// The deletion and insertion curves of a random pixel order drawn from `seed`. They depend on
+/// the image, not on any map, so an audit draws them once per image for all its methods.
+pub fn random_curves(
+    model: &dyn Classifier,
+    x: &Tensor,
+    replacement: &Tensor,
+    target: usize,
+    steps: usize,
+    seed: u64,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let (_, _, h, w) = x.dims4()?;
+    let mut random: Vec<usize> = (0..h * w).collect();
+    random.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+    along(model, x, replacement, &random, target, steps)
+}
+
+/// Pixels (flat H×W indices) from the most to the least relevant.
+pub fn relevance_order(relevance: &Array2<f32>) -> Vec<usize> {
+    let flat: Vec<f32> = relevance.iter().copied().collect();
+    let mut order: Vec<usize> = (0..flat.len()).collect();
+    order.sort_by(|&a, &b| flat[b].total_cmp(&flat[a]));
+    order
+}
+
+/// (deletion, insertion) along `order`: each curve is one batch of `steps` + 1 images.
+pub fn along(
+    model: &dyn Classifier,
+    x: &Tensor,
+    replacement: &Tensor,
+    order: &[usize],
+    target: usize,
+    steps: usize,
+) -> Result<(Vec<f64>, Vec<f64>)> {
     let (_, c, h, w) = x.dims4()?;
     let hw = h * w;
     let xv: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let rv: Vec<f32> = replacement.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let mut order: Vec<usize> = (0..hw).collect();
-    let flat: Vec<f32> = relevance.iter().copied().collect();
-    order.sort_by(|&a, &b| flat[b].total_cmp(&flat[a]));
-    let mut random: Vec<usize> = (0..hw).collect();
-    random.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
-    let run = |from: &[f32], to: &[f32], order: &[usize]| -> Result<Vec<f64>> {
+    let run = |from: &[f32], to: &[f32]| -> Result<Vec<f64>> {
         let batch = path(from, to, order, c, hw, steps);
         let t = Tensor::from_vec(batch, (steps + 1, c, h, w), x.device())?.to_dtype(x.dtype())?;
         probabilities(model, &t, target)
     };
-    Ok(Curves {
-        deletion: run(&xv, &rv, &order)?,
-        insertion: run(&rv, &xv, &order)?,
-        deletion_random: run(&xv, &rv, &random)?,
-        insertion_random: run(&rv, &xv, &random)?,
-    })
+    Ok((run(&xv, &rv)?, run(&rv, &xv)?))
 }
 
 /// Mean AUCs over images.

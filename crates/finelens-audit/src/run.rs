@@ -230,6 +230,7 @@ pub fn examine(
     let mut findings: Vec<Vec<MethodFindings>> = images.iter().map(|_| Vec::new()).collect();
     let mut relevance = Vec::new();
     let mut hotspots: Vec<ClassHotspot> = Vec::new();
+    let mut random_curves: Vec<Option<(Vec<f64>, Vec<f64>)>> = vec![None; images.len()];
     for (mi, method) in settings.methods.iter().enumerate() {
         let mut maps = Vec::new();
         progress(AuditProgress::Phase {
@@ -253,15 +254,30 @@ pub fn examine(
                 ));
             }
             let replacement = replacement.remove(0);
-            let curves = faithfulness::curves(
-                model,
-                &img.x,
-                &rel,
-                &replacement,
-                target,
-                settings.faithfulness_steps,
-                settings.seed + img.index as u64,
-            )?;
+            let steps = settings.faithfulness_steps;
+            // The random order's curves depend on the image alone: drawn for the first method,
+            // reused by the others.
+            if random_curves[k].is_none() {
+                random_curves[k] = Some(faithfulness::random_curves(
+                    model,
+                    &img.x,
+                    &replacement,
+                    target,
+                    steps,
+                    settings.seed + img.index as u64,
+                )?);
+            }
+            let (deletion_random, insertion_random) =
+                random_curves[k].clone().expect("drawn above");
+            let order = faithfulness::relevance_order(&rel);
+            let (deletion, insertion) =
+                faithfulness::along(model, &img.x, &replacement, &order, target, steps)?;
+            let curves = Curves {
+                deletion,
+                insertion,
+                deletion_random,
+                insertion_random,
+            };
             if mi == 0 {
                 let (h, w) = rel.dim();
                 let at = match hotspots.iter().position(|c| c.class == target) {
@@ -299,8 +315,8 @@ pub fn examine(
         }
         progress(AuditProgress::Phase {
             name: format!("{}: randomisation sanity check", method.name()),
-            total: 2 * rebuild.stages.len(),
-            unit: "randomised models",
+            total: crate::sanity::sanity_steps(rebuild.stages.len(), chosen.len()),
+            unit: "maps",
         });
         let mut done = 0;
         let inputs: Vec<(&Tensor, usize)> = chosen

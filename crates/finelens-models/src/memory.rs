@@ -13,3 +13,8 @@ pub fn peak_rss_bytes() -> Option<u64> {
 pub fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
+
+/// A byte count as "N MiB" for a benchmark line, or "?" where the platform does not say.
+pub fn mib(bytes: Option<u64>) -> String {
+    bytes.map_or("?".into(), |b| format!("{} MiB", b >> 20))
+}

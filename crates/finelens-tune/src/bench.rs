@@ -23,6 +23,8 @@ pub struct Throughput {
     pub steps: usize,
     pub seconds_per_step: f64,
     pub images_per_second: f64,
+    /// Peak resident memory while this model trained (Linux).
+    pub peak_rss_bytes: Option<u64>,
 }
 
 /// Time `steps` training steps of `arch` at `size`×`size`, batch `batch`, 10 classes, with SGD
@@ -35,6 +37,7 @@ pub fn train_throughput(
     steps: usize,
     adamw: bool,
 ) -> Result<Throughput> {
+    finelens_models::memory::reset_peak_rss();
     let dev = Device::Cpu;
     let config = ModelConfig::new(arch, 10, Head::Linear)?;
     let store = ParamStore::init(&config.param_specs(), 0, &dev)?;
@@ -75,6 +78,7 @@ pub fn train_throughput(
         steps,
         seconds_per_step,
         images_per_second: batch as f64 / seconds_per_step,
+        peak_rss_bytes: finelens_models::memory::peak_rss_bytes(),
     })
 }
 
@@ -82,13 +86,14 @@ impl std::fmt::Display for Throughput {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "  {:<12} {:>3}×{:<3} {:<6} {:>8.2} s/step  {:>8.1} images/s",
+            "  {:<12} {:>3}×{:<3} {:<6} {:>8.2} s/step  {:>8.1} images/s  peak {}",
             self.arch,
             self.size,
             self.size,
             self.optimizer,
             self.seconds_per_step,
-            self.images_per_second
+            self.images_per_second,
+            finelens_models::memory::mib(self.peak_rss_bytes)
         )
     }
 }
@@ -178,10 +183,7 @@ impl std::fmt::Display for TextThroughput {
             self.batch,
             self.seconds_per_step,
             self.sentences_per_second,
-            self.peak_rss_bytes.map_or("?".into(), |b| format!(
-                "{:.0} MiB",
-                b as f64 / (1u64 << 20) as f64
-            ))
+            finelens_models::memory::mib(self.peak_rss_bytes)
         )
     }
 }
