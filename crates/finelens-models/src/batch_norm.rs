@@ -17,6 +17,8 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Te
 use num_traits::Float;
 use rayon::prelude::*;
 
+use crate::kernel::{contiguous, run1, run2};
+
 /// An N×C×H×W tensor seen as N·C contiguous planes of H·W values.
 #[derive(Debug, Clone, Copy)]
 struct Planes {
@@ -42,19 +44,11 @@ impl Planes {
     }
 }
 
-/// The contiguous values of one operand.
-fn slice<'a, T>(v: &'a [T], l: &Layout, op: &str) -> candle_core::Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("{op}: operands must be contiguous"),
-    }
-}
-
 /// A per-channel vector (γ, β, a scale or shift) as f64.
 fn channel_values(s: &CpuStorage, l: &Layout, op: &str) -> candle_core::Result<Vec<f64>> {
     Ok(match s {
-        CpuStorage::F32(v) => slice(v, l, op)?.iter().map(|&x| x as f64).collect(),
-        CpuStorage::F64(v) => slice(v, l, op)?.to_vec(),
+        CpuStorage::F32(v) => contiguous(v, l, op)?.iter().map(|&x| x as f64).collect(),
+        CpuStorage::F64(v) => contiguous(v, l, op)?.to_vec(),
         other => candle_core::bail!(
             "{op}: only f32 and f64 are supported, got {:?}",
             other.dtype()
@@ -108,20 +102,20 @@ impl Combine {
         v: Option<(&CpuStorage, &Layout)>,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let planes = Planes::of(u.1.shape())?;
-        let out = match (u.0, v) {
-            (CpuStorage::F32(a), None) => {
-                CpuStorage::F32(self.run(planes, slice(a, u.1, name)?, None))
-            }
-            (CpuStorage::F64(a), None) => {
-                CpuStorage::F64(self.run(planes, slice(a, u.1, name)?, None))
-            }
-            (CpuStorage::F32(a), Some((CpuStorage::F32(b), lb))) => {
-                CpuStorage::F32(self.run(planes, slice(a, u.1, name)?, Some(slice(b, lb, name)?)))
-            }
-            (CpuStorage::F64(a), Some((CpuStorage::F64(b), lb))) => {
-                CpuStorage::F64(self.run(planes, slice(a, u.1, name)?, Some(slice(b, lb, name)?)))
-            }
-            _ => candle_core::bail!("{name}: operands must be both f32 or both f64"),
+        let out = match v {
+            None => run1(
+                name,
+                u,
+                |a| self.run(planes, a, None),
+                |a| self.run(planes, a, None),
+            )?,
+            Some(v) => run2(
+                name,
+                u,
+                v,
+                |a, b| self.run(planes, a, Some(b)),
+                |a, b| self.run(planes, a, Some(b)),
+            )?,
         };
         Ok((out, u.1.shape().clone()))
     }
@@ -227,10 +221,10 @@ impl CustomOp2 for Sums {
         let planes = Planes::of(l1.shape())?;
         let out = match (s1, s2) {
             (CpuStorage::F32(a), CpuStorage::F32(b)) => {
-                self.run(planes, slice(a, l1, name)?, slice(b, l2, name)?)
+                self.run(planes, contiguous(a, l1, name)?, contiguous(b, l2, name)?)
             }
             (CpuStorage::F64(a), CpuStorage::F64(b)) => {
-                self.run(planes, slice(a, l1, name)?, slice(b, l2, name)?)
+                self.run(planes, contiguous(a, l1, name)?, contiguous(b, l2, name)?)
             }
             _ => candle_core::bail!("{name}: operands must be both f32 or both f64"),
         };
@@ -453,7 +447,7 @@ impl CustomOp3 for Affine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::{central_difference, randn};
+    use crate::testutil::{central_difference, max_rel_diff, randn};
     use candle_core::{DType, Var};
 
     /// Batch norm composed of candle ops (what `nn::BatchNorm2d` ran before these kernels).
@@ -477,29 +471,6 @@ mod tests {
             .unwrap()
             .broadcast_add(&t.reshape((1, c, 1, 1)).unwrap())
             .unwrap()
-    }
-
-    fn max_rel_diff(a: &Tensor, b: &Tensor) -> f64 {
-        let scale: f64 = b
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        let d: f64 = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        d / scale.max(1e-30)
     }
 
     /// N×C×H×W: planes shorter than the 8-wide accumulators, odd lengths, one image, 7×7 and

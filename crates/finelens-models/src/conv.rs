@@ -18,10 +18,11 @@
 //! GEMM has [`COLUMNS`] columns, so a late-stage layer (7×7 or 2×2 pixels per image) still feeds
 //! both cores and reads the kernel once per group rather than once per image.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
+
+use crate::kernel::{run2, run3};
 
 /// Output columns a GEMM should have at least (as images of one group), when the batch allows:
 /// GEMMs of a few hundred columns spend more on packing and on waking the second core than on
@@ -452,36 +453,6 @@ fn gemm_into<T: Float + 'static>(
     }
 }
 
-fn slice<'a, T>(v: &'a [T], l: &Layout, op: &str) -> candle_core::Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("{op}: operands must be contiguous"),
-    }
-}
-
-/// Runs a two-operand kernel on f32 or f64 storage.
-fn run2(
-    op: &str,
-    (s1, l1): (&CpuStorage, &Layout),
-    (s2, l2): (&CpuStorage, &Layout),
-    f32: impl FnOnce(&[f32], &[f32]) -> Vec<f32>,
-    f64: impl FnOnce(&[f64], &[f64]) -> Vec<f64>,
-) -> candle_core::Result<CpuStorage> {
-    Ok(match (s1, s2) {
-        (CpuStorage::F32(a), CpuStorage::F32(b)) => {
-            CpuStorage::F32(f32(slice(a, l1, op)?, slice(b, l2, op)?))
-        }
-        (CpuStorage::F64(a), CpuStorage::F64(b)) => {
-            CpuStorage::F64(f64(slice(a, l1, op)?, slice(b, l2, op)?))
-        }
-        (a, b) => candle_core::bail!(
-            "{op}: operands must be both f32 or both f64, got {:?} and {:?}",
-            a.dtype(),
-            b.dtype()
-        ),
-    })
-}
-
 /// The convolution as a graph op: (x, w) or (x, w, bias).
 struct Conv(Geometry);
 
@@ -562,24 +533,15 @@ impl CustomOp3 for Conv {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (g, op) = (self.0, CustomOp3::name(self));
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                CpuStorage::F32(g.forward(
-                    slice(x, l1, op)?,
-                    slice(w, l2, op)?,
-                    Some(slice(b, l3, op)?),
-                ))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
-                CpuStorage::F64(g.forward(
-                    slice(x, l1, op)?,
-                    slice(w, l2, op)?,
-                    Some(slice(b, l3, op)?),
-                ))
-            }
-            _ => candle_core::bail!("{op}: operands must be all f32 or all f64"),
-        };
+        let g = self.0;
+        let out = run3(
+            CustomOp3::name(self),
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            |x, w, b| g.forward(x, w, Some(b)),
+            |x, w, b| g.forward(x, w, Some(b)),
+        )?;
         Ok((out, self.shape()))
     }
 
@@ -665,7 +627,7 @@ impl CustomOp2 for KernelGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::randn;
+    use crate::testutil::{max_abs_diff, randn};
     use candle_core::{DType, Var};
 
     /// (input N×C×H×W, C_out, k, stride, padding): the ResNet shapes (7×7/2 stem, 3×3/1 and /2,
@@ -684,15 +646,16 @@ mod tests {
         ((2, 3, 6, 5), 2, 2, 1, 0),
     ];
 
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap()
+    /// A case's input and kernel as f64 variables, seeded.
+    fn operands(
+        dims: (usize, usize, usize, usize),
+        c_out: usize,
+        k: usize,
+        seed: u64,
+    ) -> (Var, Var) {
+        let x = Var::from_tensor(&randn(dims, 0.0, 1.0, DType::F64, seed)).unwrap();
+        let w = randn((c_out, dims.1, k, k), 0.0, 0.5, DType::F64, seed + 1);
+        (x, Var::from_tensor(&w).unwrap())
     }
 
     /// Both gradients against central finite differences of L = Σ r ⊙ conv(x, w) in f64 (exact up
@@ -704,15 +667,7 @@ mod tests {
         use crate::testutil::central_difference;
         for (i, &(dims, c_out, k, stride, padding)) in CASES.iter().enumerate() {
             let seed = 10 * i as u64;
-            let x = Var::from_tensor(&randn(dims, 0.0, 1.0, DType::F64, seed)).unwrap();
-            let w = Var::from_tensor(&randn(
-                (c_out, dims.1, k, k),
-                0.0,
-                0.5,
-                DType::F64,
-                seed + 1,
-            ))
-            .unwrap();
+            let (x, w) = operands(dims, c_out, k, seed);
             let ours = conv2d(&x, &w, stride, padding).unwrap();
             let theirs = x.conv2d(&w, padding, stride, 1, 1).unwrap();
             let err = max_abs_diff(&ours, &theirs);
@@ -798,15 +753,7 @@ mod tests {
     fn bias_adds_per_channel_and_gets_its_gradient() {
         for (i, &(dims, c_out, k, stride, padding)) in CASES.iter().enumerate() {
             let seed = 100 + 10 * i as u64;
-            let x = Var::from_tensor(&randn(dims, 0.0, 1.0, DType::F64, seed)).unwrap();
-            let w = Var::from_tensor(&randn(
-                (c_out, dims.1, k, k),
-                0.0,
-                0.5,
-                DType::F64,
-                seed + 1,
-            ))
-            .unwrap();
+            let (x, w) = operands(dims, c_out, k, seed);
             let b = Var::from_tensor(&randn(c_out, 0.0, 1.0, DType::F64, seed + 2)).unwrap();
             let ours = conv2d_biased(&x, &w, &b, stride, padding).unwrap();
             let reference = conv2d(&x, &w, stride, padding)

@@ -10,10 +10,11 @@
 //! dγ and dβ are summed over fixed blocks of rows in parallel and the blocks' partial sums added
 //! in order, so the result does not depend on how rayon split the work.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
+
+use crate::kernel::run3;
 
 /// Rows per block of the parameter-gradient sums.
 const BLOCK: usize = 64;
@@ -46,13 +47,6 @@ pub fn layer_norm(
 struct LayerNorm {
     d: usize,
     eps: f64,
-}
-
-fn slice<'a, T>(v: &'a [T], l: &Layout, op: &str) -> candle_core::Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("{op}: operands must be contiguous"),
-    }
 }
 
 impl LayerNorm {
@@ -143,19 +137,14 @@ impl CustomOp3 for LayerNorm {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let op = self.name();
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => CpuStorage::F32(
-                self.forward(slice(x, l1, op)?, slice(w, l2, op)?, slice(b, l3, op)?),
-            ),
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => CpuStorage::F64(
-                self.forward(slice(x, l1, op)?, slice(w, l2, op)?, slice(b, l3, op)?),
-            ),
-            (x, _, _) => candle_core::bail!(
-                "{op}: operands must be all f32 or all f64, got {:?}",
-                x.dtype()
-            ),
-        };
+        let out = run3(
+            self.name(),
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            |x, w, b| self.forward(x, w, b),
+            |x, w, b| self.forward(x, w, b),
+        )?;
         Ok((out, l1.shape().clone()))
     }
 
@@ -208,28 +197,20 @@ impl CustomOp3 for Backward {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let op = self.name();
         let n = l1.shape().elem_count() + 2 * self.0.d;
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(dy)) => {
-                let (mut dx, params) =
-                    self.0
-                        .backward(slice(x, l1, op)?, slice(w, l2, op)?, slice(dy, l3, op)?);
-                dx.extend(params);
-                CpuStorage::F32(dx)
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(dy)) => {
-                let (mut dx, params) =
-                    self.0
-                        .backward(slice(x, l1, op)?, slice(w, l2, op)?, slice(dy, l3, op)?);
-                dx.extend(params);
-                CpuStorage::F64(dx)
-            }
-            (x, _, _) => candle_core::bail!(
-                "{op}: operands must be all f32 or all f64, got {:?}",
-                x.dtype()
-            ),
-        };
+        // [dx | dγ | dβ]
+        fn packed<T>((mut dx, params): (Vec<T>, Vec<T>)) -> Vec<T> {
+            dx.extend(params);
+            dx
+        }
+        let out = run3(
+            self.name(),
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            |x, w, dy| packed(self.0.backward(x, w, dy)),
+            |x, w, dy| packed(self.0.backward(x, w, dy)),
+        )?;
         Ok((out, Shape::from(n)))
     }
 }
@@ -237,7 +218,7 @@ impl CustomOp3 for Backward {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::{central_difference, randn};
+    use crate::testutil::{central_difference, max_rel_diff, randn};
     use candle_core::{DType, Var};
 
     /// Layer norm composed of candle ops (what `nn::layer_norm` ran before this op).
@@ -255,12 +236,6 @@ mod tests {
             .unwrap()
     }
 
-    fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
-        let f = |t: Tensor| -> f64 { t.to_dtype(DType::F64).unwrap().to_scalar().unwrap() };
-        f((a - b).unwrap().abs().unwrap().max_all().unwrap())
-            / f(b.abs().unwrap().max_all().unwrap()).max(1e-30)
-    }
-
     /// Output and all three gradients against the composed ops, over more rows than one block
     /// (and a partial last block), in f64 and f32.
     #[test]
@@ -275,7 +250,7 @@ mod tests {
             let r = randn(dims, 0.0, 1.0, dtype, 4);
             let ours = layer_norm(&x, &w, &b, 1e-12).unwrap();
             let reference = composed(&x, &w, &b, 1e-12);
-            assert!(max_rel(&ours, &reference) < tol, "{dims:?}");
+            assert!(max_rel_diff(&ours, &reference) < tol, "{dims:?}");
             let g0 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
             let g1 = (&reference * &r)
                 .unwrap()
@@ -284,7 +259,7 @@ mod tests {
                 .backward()
                 .unwrap();
             for (name, v) in [("x", &x), ("weight", &w), ("bias", &b)] {
-                let e = max_rel(g0.get(v).unwrap(), g1.get(v).unwrap());
+                let e = max_rel_diff(g0.get(v).unwrap(), g1.get(v).unwrap());
                 assert!(e < tol, "{dims:?} {name}: {e}");
             }
         }

@@ -9,6 +9,7 @@ pub mod conv;
 pub mod describe;
 pub mod error;
 pub mod json;
+mod kernel;
 pub mod layer_norm;
 pub mod memory;
 pub mod nn;

@@ -374,19 +374,7 @@ mod tests {
         let folded = conv_bn(&conv, &bn, &x, Mode::Eval).unwrap();
         let plain = bn.forward(&conv.forward(&x).unwrap(), Mode::Eval).unwrap();
         let r = crate::testutil::randn(folded.dims(), 0.0, 1.0, DType::F32, 6);
-        let rel = |a: &Tensor, b: &Tensor| -> f32 {
-            let d: f32 = (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
-            let m: f32 = b.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-            d / m
-        };
-        assert!(rel(&folded, &plain) < 1e-5);
+        assert!(crate::testutil::max_rel_diff(&folded, &plain) < 1e-5);
         let g0 = (&folded * &r)
             .unwrap()
             .sum_all()
@@ -401,9 +389,9 @@ mod tests {
             .unwrap();
         for name in ["conv.weight", "bn.weight", "bn.bias"] {
             let v = s.var(name).unwrap();
-            let e = rel(g0.get(v).unwrap(), g1.get(v).unwrap());
+            let e = crate::testutil::max_rel_diff(g0.get(v).unwrap(), g1.get(v).unwrap());
             assert!(e < 1e-5, "{name}: {e}");
         }
-        assert!(rel(g0.get(&x).unwrap(), g1.get(&x).unwrap()) < 1e-5);
+        assert!(crate::testutil::max_rel_diff(g0.get(&x).unwrap(), g1.get(&x).unwrap()) < 1e-5);
     }
 }

@@ -10,6 +10,7 @@
 //! window size clipped to the padded input (`count_include_pad=True`) or by the number of real
 //! input cells it covers (`count_include_pad=False`).
 
+use crate::kernel::contiguous;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType};
 use num_traits::Float;
@@ -72,13 +73,6 @@ fn dims4(layout: &Layout, op: &str) -> candle_core::Result<(usize, usize, usize,
     match layout.shape().dims() {
         &[n, c, h, w] => Ok((n, c, h, w)),
         d => candle_core::bail!("{op}: expected an N×C×H×W tensor, got shape {d:?}"),
-    }
-}
-
-fn contiguous<'a, T>(data: &'a [T], layout: &Layout, op: &str) -> candle_core::Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("{op}: input must be contiguous"),
     }
 }
 

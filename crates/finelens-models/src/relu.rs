@@ -6,10 +6,11 @@
 //! `threshold_backward` does (so the gradient at exactly 0 is 0, PyTorch's convention; candle's
 //! is 1).
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
+
+use crate::kernel::{run1, run2};
 
 /// Values per rayon task: small tensors are not worth a split.
 const CHUNK: usize = 1 << 14;
@@ -21,13 +22,6 @@ pub fn relu(x: &Tensor) -> candle_core::Result<Tensor> {
         x.apply_op1(Relu)
     } else {
         x.apply_op1_no_bwd(&Relu)
-    }
-}
-
-fn slice<'a, T>(v: &'a [T], l: &Layout, op: &str) -> candle_core::Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("{op}: operands must be contiguous"),
     }
 }
 
@@ -63,14 +57,7 @@ impl CustomOp1 for Relu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(forward(slice(v, l, self.name())?)),
-            CpuStorage::F64(v) => CpuStorage::F64(forward(slice(v, l, self.name())?)),
-            other => candle_core::bail!(
-                "finelens-relu: only f32 and f64 are supported, got {:?}",
-                other.dtype()
-            ),
-        };
+        let out = run1(self.name(), (s, l), forward, forward)?;
         Ok((out, l.shape().clone()))
     }
 
@@ -95,16 +82,7 @@ impl CustomOp2 for Mask {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let name = self.name();
-        let out = match (s1, s2) {
-            (CpuStorage::F32(y), CpuStorage::F32(d)) => {
-                CpuStorage::F32(backward(slice(y, l1, name)?, slice(d, l2, name)?))
-            }
-            (CpuStorage::F64(y), CpuStorage::F64(d)) => {
-                CpuStorage::F64(backward(slice(y, l1, name)?, slice(d, l2, name)?))
-            }
-            _ => candle_core::bail!("{name}: operands must be both f32 or both f64"),
-        };
+        let out = run2(self.name(), (s1, l1), (s2, l2), backward, backward)?;
         Ok((out, l1.shape().clone()))
     }
 }
@@ -112,7 +90,7 @@ impl CustomOp2 for Mask {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::randn;
+    use crate::testutil::{max_abs_diff, randn};
     use candle_core::{DType, Var};
 
     #[test]
@@ -123,19 +101,7 @@ mod tests {
             let r = randn(x.dims(), 0.0, 1.0, dtype, 10);
             let ours = relu(&x).unwrap();
             let theirs = x.relu().unwrap();
-            let diff = |a: &Tensor, b: &Tensor| -> f64 {
-                (a - b)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_dtype(DType::F64)
-                    .unwrap()
-                    .to_scalar()
-                    .unwrap()
-            };
-            assert_eq!(diff(&ours, &theirs), 0.0);
+            assert_eq!(max_abs_diff(&ours, &theirs), 0.0);
             let g0 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
             let g1 = (&theirs * &r)
                 .unwrap()
@@ -143,7 +109,7 @@ mod tests {
                 .unwrap()
                 .backward()
                 .unwrap();
-            assert_eq!(diff(g0.get(&x).unwrap(), g1.get(&x).unwrap()), 0.0);
+            assert_eq!(max_abs_diff(g0.get(&x).unwrap(), g1.get(&x).unwrap()), 0.0);
         }
         // At exactly 0 the gradient is 0 (PyTorch's convention).
         let x =

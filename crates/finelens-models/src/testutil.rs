@@ -31,3 +31,24 @@ pub fn central_difference(f: &mut dyn FnMut(&[f64]) -> f64, x: &[f64], i: usize)
     q[i] -= EPS;
     (f(&p) - f(&q)) / (2.0 * EPS)
 }
+
+fn max_abs(t: &Tensor) -> f64 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+/// max |a − b|, in f64 whatever the dtype.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    max_abs(&(a - b).unwrap())
+}
+
+/// max |a − b| / max |b|: agreement relative to the reference's scale.
+pub fn max_rel_diff(a: &Tensor, b: &Tensor) -> f64 {
+    max_abs_diff(a, b) / max_abs(b).max(1e-30)
+}
