@@ -457,8 +457,13 @@ pub trait Classifier {
 
 impl Classifier for ResNet {
     fn forward_hooked(&self, x: &Tensor, mode: Mode, mut hook: Option<Hook>) -> Result<Tensor> {
-        let h = tap(&mut hook, "conv1", self.conv1.forward(x)?)?;
-        let h = tap(&mut hook, "bn1", self.bn1.forward(&h, mode)?)?;
+        let h = if hook.is_none() {
+            // Nobody taps conv1 or bn1: fold an eval-mode bn1 into conv1, as in the blocks.
+            conv_bn(&self.conv1, &self.bn1, x, mode)?
+        } else {
+            let h = tap(&mut hook, "conv1", self.conv1.forward(x)?)?;
+            tap(&mut hook, "bn1", self.bn1.forward(&h, mode)?)?
+        };
         let h = tap(&mut hook, "relu", relu(&h)?)?;
         let mut h = tap(&mut hook, "maxpool", max_pool2d(&h, STEM_POOL)?)?;
         for (li, blocks) in self.layers.iter().enumerate() {
@@ -601,6 +606,27 @@ mod tests {
         let (y, t) = m.forward_with_taps(&x, Mode::Eval, &["layer4"]).unwrap();
         assert_eq!(y.dims(), &[1, 3]);
         assert_eq!(t[0].dims(), &[1, 2048, 2, 2]);
+    }
+
+    /// Without a hook every eval-mode batch norm is folded into its convolution; with one (any
+    /// hook, here one that taps nothing) the stem runs unfolded. Output and input gradient agree.
+    #[test]
+    fn folded_and_tapped_forward_agree() {
+        let (cfg, store) = mini(4, Head::Linear);
+        let m = ResNet::new(cfg, &store).unwrap();
+        m.forward(&randn((4, 3, 32, 32), 0.5, 2.0, DType::F32, 2), Mode::Train)
+            .unwrap();
+        let x = Var::from_tensor(&randn((2, 3, 32, 32), 0.0, 1.0, DType::F32, 3)).unwrap();
+        let run = |hooked: bool| {
+            let mut nothing = |_: &str, _: &Tensor| -> Result<Option<Tensor>> { Ok(None) };
+            let hook: Option<Hook> = if hooked { Some(&mut nothing) } else { None };
+            let y = m.forward_hooked(&x, Mode::Eval, hook).unwrap();
+            let g = y.sum_all().unwrap().backward().unwrap();
+            (y, g.get(&x).unwrap().clone())
+        };
+        let ((y0, g0), (y1, g1)) = (run(false), run(true));
+        assert!(crate::testutil::max_rel_diff(&y0, &y1) < 1e-5);
+        assert!(crate::testutil::max_rel_diff(&g0, &g1) < 1e-5);
     }
 
     /// The whole network's input gradient against central finite differences, in f64 so that
