@@ -17,6 +17,7 @@ pub mod params;
 pub mod pool;
 pub mod relu;
 pub mod resnet;
+pub mod softmax;
 #[cfg(test)]
 mod testutil;
 

@@ -222,13 +222,10 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     Ok(crate::layer_norm::layer_norm(x, weight, bias, eps)?)
 }
 
-/// Softmax over the last dimension from exp, sum and div (candle-nn's `softmax_last_dim` has no
-/// backward). The row maximum is subtracted for range; softmax does not depend on it, so it is
-/// detached.
+/// Softmax over the last dimension as one op with a hand-written backward ([`crate::softmax`]);
+/// candle-nn's `softmax_last_dim` has no backward.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let last = candle_core::D::Minus1;
-    let e = x.broadcast_sub(&x.max_keepdim(last)?.detach())?.exp()?;
-    Ok(e.broadcast_div(&e.sum_keepdim(last)?)?)
+    Ok(crate::softmax::softmax_last_dim(x)?)
 }
 
 /// GELU with the exact erf form, x·½(1 + erf(x/√2)) (Hendrycks & Gimpel 2016; BERT's `gelu`).
