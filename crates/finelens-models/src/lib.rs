@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod conv;
 pub mod describe;
 pub mod error;
+pub mod gelu;
 pub mod json;
 mod kernel;
 pub mod layer_norm;

@@ -228,12 +228,11 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     Ok(crate::softmax::softmax_last_dim(x)?)
 }
 
-/// GELU with the exact erf form, x·½(1 + erf(x/√2)) (Hendrycks & Gimpel 2016; BERT's `gelu`).
-/// Built on `erf`, whose backward is exact: candle's fused `gelu_erf` backward rounds 1/√(2π) to
-/// six digits.
+/// GELU with the exact erf form, x·½(1 + erf(x/√2)) (Hendrycks & Gimpel 2016; BERT's `gelu`), as
+/// one op with the exact derivative ([`crate::gelu`]): candle's fused `gelu_erf` backward rounds
+/// 1/√(2π) to six digits.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    let cdf = ((x / std::f64::consts::SQRT_2)?.erf()? + 1.0)? * 0.5;
-    Ok((x * cdf?)?)
+    Ok(crate::gelu::gelu_erf(x)?)
 }
 
 impl Linear {
