@@ -6,24 +6,26 @@
 //! dx = dy·(Φ(x) + x·φ(x)) with φ(x) = e^(−x²/2)/√(2π); candle's fused `gelu_erf` backward rounds
 //! 1/√(2π) to six digits.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use candle_core::Tensor;
 use num_traits::Float;
 use rayon::prelude::*;
 
-use crate::kernel::{run1, run2};
+use crate::kernel::Pointwise;
 
 /// Values per rayon task.
 const CHUNK: usize = 1 << 13;
 
 /// x·Φ(x), element-wise, differentiable.
 pub fn gelu_erf(x: &Tensor) -> candle_core::Result<Tensor> {
-    let x = x.contiguous()?;
-    if x.track_op() {
-        x.apply_op1(Gelu)
-    } else {
-        x.apply_op1_no_bwd(&Gelu)
-    }
+    OP.apply(x)
 }
+
+static OP: Pointwise = Pointwise {
+    names: ("finelens-gelu-erf", "finelens-gelu-erf-backward"),
+    from_output: false,
+    forward: (forward, forward),
+    backward: (backward, backward),
+};
 
 /// The error function of candle's CPU kernels (libm's), per float type.
 trait Erf: Float + Send + Sync {
@@ -75,44 +77,6 @@ fn backward<T: Erf>(x: &[T], dy: &[T]) -> Vec<T> {
             }
         });
     dx
-}
-
-struct Gelu;
-
-impl CustomOp1 for Gelu {
-    fn name(&self) -> &'static str {
-        "finelens-gelu-erf"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = run1(self.name(), (s, l), forward, forward)?;
-        Ok((out, l.shape().clone()))
-    }
-
-    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let grad = grad.detach().contiguous()?;
-        Ok(Some(x.detach().apply_op2_no_bwd(&grad, &Backward)?))
-    }
-}
-
-/// dx from (x, dy).
-struct Backward;
-
-impl CustomOp2 for Backward {
-    fn name(&self) -> &'static str {
-        "finelens-gelu-erf-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = run2(self.name(), (s1, l1), (s2, l2), backward, backward)?;
-        Ok((out, l1.shape().clone()))
-    }
 }
 
 #[cfg(test)]

@@ -1,8 +1,8 @@
-//! What this crate's CPU kernels share: the contiguous data of an operand, and running a kernel
-//! written once for `T: Float` on f32 or f64 storage.
+//! What this crate's CPU kernels share: the contiguous data of an operand, running a kernel
+//! written once for `T: Float` on f32 or f64 storage, and element-wise ops with a backward.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, Layout};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 
 /// The contiguous values of one operand.
 pub(crate) fn contiguous<'a, T>(
@@ -81,4 +81,77 @@ pub(crate) fn run3(
             a.dtype()
         ),
     })
+}
+
+/// A kernel over one operand, per float type.
+pub(crate) type Kernel1 = (fn(&[f32]) -> Vec<f32>, fn(&[f64]) -> Vec<f64>);
+
+/// A kernel over two operands, per float type.
+pub(crate) type Kernel2 = (
+    fn(&[f32], &[f32]) -> Vec<f32>,
+    fn(&[f64], &[f64]) -> Vec<f64>,
+);
+
+/// An element-wise op with a hand-written backward: y = f(x), and dx = g(s, dy) where s is the
+/// op's input or its output (`from_output`), each written once per float type.
+pub(crate) struct Pointwise {
+    /// The op's name and its backward's.
+    pub names: (&'static str, &'static str),
+    pub from_output: bool,
+    pub forward: Kernel1,
+    pub backward: Kernel2,
+}
+
+impl Pointwise {
+    /// f(x), differentiable when x is tracked.
+    pub fn apply(&'static self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = x.contiguous()?;
+        if x.track_op() {
+            x.apply_op1(Forward(self))
+        } else {
+            x.apply_op1_no_bwd(&Forward(self))
+        }
+    }
+}
+
+struct Forward(&'static Pointwise);
+
+impl CustomOp1 for Forward {
+    fn name(&self) -> &'static str {
+        self.0.names.0
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (f32, f64) = self.0.forward;
+        Ok((run1(self.0.names.0, (s, l), f32, f64)?, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let saved = if self.0.from_output { y } else { x };
+        let grad = grad.detach().contiguous()?;
+        Ok(Some(
+            saved.detach().apply_op2_no_bwd(&grad, &Backward(self.0))?,
+        ))
+    }
+}
+
+/// dx from (the saved tensor, dy).
+struct Backward(&'static Pointwise);
+
+impl CustomOp2 for Backward {
+    fn name(&self) -> &'static str {
+        self.0.names.1
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (f32, f64) = self.0.backward;
+        let out = run2(self.0.names.1, (s1, l1), (s2, l2), f32, f64)?;
+        Ok((out, l1.shape().clone()))
+    }
 }

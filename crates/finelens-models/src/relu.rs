@@ -6,24 +6,26 @@
 //! `threshold_backward` does (so the gradient at exactly 0 is 0, PyTorch's convention; candle's
 //! is 1).
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use candle_core::Tensor;
 use num_traits::Float;
 use rayon::prelude::*;
 
-use crate::kernel::{run1, run2};
+use crate::kernel::Pointwise;
 
 /// Values per rayon task: small tensors are not worth a split.
 const CHUNK: usize = 1 << 14;
 
 /// max(x, 0), element-wise.
 pub fn relu(x: &Tensor) -> candle_core::Result<Tensor> {
-    let x = x.contiguous()?;
-    if x.track_op() {
-        x.apply_op1(Relu)
-    } else {
-        x.apply_op1_no_bwd(&Relu)
-    }
+    OP.apply(x)
 }
+
+static OP: Pointwise = Pointwise {
+    names: ("finelens-relu", "finelens-relu-backward"),
+    from_output: true,
+    forward: (forward, forward),
+    backward: (backward, backward),
+};
 
 fn forward<T: Float + Send + Sync>(x: &[T]) -> Vec<T> {
     let mut out = vec![T::zero(); x.len()];
@@ -47,44 +49,6 @@ fn backward<T: Float + Send + Sync>(y: &[T], dy: &[T]) -> Vec<T> {
             }
         });
     out
-}
-
-struct Relu;
-
-impl CustomOp1 for Relu {
-    fn name(&self) -> &'static str {
-        "finelens-relu"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = run1(self.name(), (s, l), forward, forward)?;
-        Ok((out, l.shape().clone()))
-    }
-
-    fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let grad = grad.detach().contiguous()?;
-        Ok(Some(y.detach().apply_op2_no_bwd(&grad, &Mask)?))
-    }
-}
-
-/// dy where y > 0, else 0.
-struct Mask;
-
-impl CustomOp2 for Mask {
-    fn name(&self) -> &'static str {
-        "finelens-relu-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = run2(self.name(), (s1, l1), (s2, l2), backward, backward)?;
-        Ok((out, l1.shape().clone()))
-    }
 }
 
 #[cfg(test)]
