@@ -1786,6 +1786,23 @@ fn finetune_a_text_model_folder() {
     assert!(stdout(&o).contains("classifier   none"), "{}", stdout(&o));
     assert!(stdout(&o).contains("22713216 in"), "{}", stdout(&o));
 
+    // The run left its resumable state; resuming a finished run trains nothing and leaves the
+    // model as it was, and a state from other settings is refused.
+    let weights = std::fs::read(out.join("model.safetensors")).unwrap();
+    let o = finetune(&out, &model, &["--head", "cls", "--resume"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("epoch   1"), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read(out.join("model.safetensors")).unwrap(),
+        weights
+    );
+    assert_eq!(read_json(&out.join("metrics.json"))["val"], metrics["val"]);
+    let o = finetune(&out, &model, &["--head", "cls", "--resume", "--seed", "7"]);
+    assert_one_line_error(
+        &o,
+        "cannot resume: it was written by a run with other settings",
+    );
+
     // The folder is a model folder again: fine-tune it with its own head.
     let o = finetune(&d.path().join("again"), &out, &["--head", "keep"]);
     assert!(o.status.success(), "{}", stderr(&o));

@@ -125,10 +125,6 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
 
 pub fn finetune_cmd(a: FinetuneArgs) -> Result<()> {
     if text::is_model_folder(&a.checkpoint) {
-        anyhow::ensure!(
-            !a.resume,
-            "--resume is not supported for text model folders yet"
-        );
         let s = TextFinetuneSettings {
             model: a.checkpoint.clone(),
             train: a.split.train.clone(),
@@ -144,6 +140,7 @@ pub fn finetune_cmd(a: FinetuneArgs) -> Result<()> {
             lp_epochs: a.lp_epochs,
             config: a.hp.config(a.backbone_lr_mult)?,
             out: a.out.clone(),
+            resume: a.resume,
         };
         return run(|p| text::finetune_text(&s, p)).map(drop);
     }

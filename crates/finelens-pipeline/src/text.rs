@@ -79,7 +79,10 @@ pub struct TextFinetuneSettings {
     pub freeze: String,
     pub lp_epochs: usize,
     pub config: TrainConfig,
+    /// The model folder written, with `last.safetensors` (the resumable state) beside it.
     pub out: PathBuf,
+    /// Continue an interrupted run from `out/last.safetensors`.
+    pub resume: bool,
 }
 
 /// finelens's record in a text model's `model.safetensors` header.
@@ -263,6 +266,9 @@ pub fn finetune_text(s: &TextFinetuneSettings, progress: Progress) -> Result<Met
             pad_id,
         },
         parent: s.model.clone(),
+        parent_sha256: parent_sha256.clone(),
+        state: &s.out.join(crate::train::STATE_FILE),
+        resume: s.resume,
     };
     let outcome = run_text(
         job,

@@ -17,6 +17,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::{input, Context, Result};
 use crate::inputs::{on_bad, LoadedModel, ModelSource, PreprocessSettings};
 use crate::output::{create_dir, write_file, write_json, Versioned};
+
+/// The resumable state a fine-tuning run writes after every epoch, in its output directory.
+pub const STATE_FILE: &str = "last.safetensors";
 use crate::progress::{Event, Progress};
 
 /// Where training and validation images come from: two ImageFolders with the same classes, or
@@ -348,7 +351,7 @@ pub fn finetune(s: &FinetuneSettings, progress: Progress) -> Result<MetricsRepor
         data: run.data(),
         checkpoint: &model_path,
         freeze_spec: s.freeze.clone(),
-        state: &s.out.join("last.safetensors"),
+        state: &s.out.join(STATE_FILE),
         resume: s.resume,
     };
     let outcome = finelens_tune::finetune::run(&job, &mut |e| match e {

@@ -116,45 +116,6 @@ fn is_buffer(name: &str) -> bool {
         || name.ends_with(".num_batches_tracked")
 }
 
-/// Everything needed to continue after the epoch just finished.
-fn save_resume_state(
-    job: &FinetuneJob,
-    store: &ParamStore,
-    opt: &crate::Optimizer,
-    history: &[crate::EpochRecord],
-    best: Option<(f64, usize)>,
-) -> Result<()> {
-    let state = opt.state();
-    let mut tensors: Vec<(String, candle_core::Tensor)> =
-        store.iter().map(|(n, t, _)| (n.to_owned(), t)).collect();
-    for (i, (first, second)) in state.moments.into_iter().enumerate() {
-        // A marker per parameter, so that a parameter without moments yet still counts.
-        tensors.push((
-            format!("optimizer.{i}.present"),
-            candle_core::Tensor::zeros(1, candle_core::DType::U8, &candle_core::Device::Cpu)?,
-        ));
-        if let Some(m) = first {
-            tensors.push((format!("optimizer.{i}.first"), m));
-        }
-        if let Some(m) = second {
-            tensors.push((format!("optimizer.{i}.second"), m));
-        }
-    }
-    let header = ResumeHeader {
-        fingerprint: fingerprint(job),
-        history: history.to_vec(),
-        best,
-        optimizer_steps: state.steps,
-    };
-    let header = std::collections::HashMap::from([(
-        RESUME_KEY.to_string(),
-        serde_json::to_string(&header).expect("serialisable"),
-    )]);
-    Ok(finelens_models::checkpoint::save_state(
-        job.state, tensors, header,
-    )?)
-}
-
 /// Residual block prefixes (`layer1.0` …) in network order.
 fn residual_blocks(store: &ParamStore) -> Vec<String> {
     let mut blocks: Vec<String> = Vec::new();
@@ -328,9 +289,6 @@ pub struct FinetuneJob<'a> {
     pub resume: bool,
 }
 
-/// Header key of the resumable state.
-const RESUME_KEY: &str = "finelens-resume";
-
 /// What a resumed run must agree on with the run that wrote the state.
 fn fingerprint(job: &FinetuneJob) -> String {
     #[derive(serde::Serialize)]
@@ -357,14 +315,6 @@ fn fingerprint(job: &FinetuneJob) -> String {
     .expect("plain data serialises")
 }
 
-#[derive(serde::Serialize, serde::Deserialize)]
-struct ResumeHeader {
-    fingerprint: String,
-    history: Vec<crate::EpochRecord>,
-    best: Option<(f64, usize)>,
-    optimizer_steps: u64,
-}
-
 /// What a fine-tuning run reports as it goes.
 pub enum FinetuneEvent<'a> {
     Phase {
@@ -387,16 +337,9 @@ pub struct FinetuneOutcome {
 /// Fine-tune `job.parent` on `job.data`: choose the head, run the phases (optional linear probe,
 /// then fine-tuning under the freeze policy), keep the epoch with the lowest validation loss.
 pub fn run(job: &FinetuneJob, events: &mut dyn FnMut(FinetuneEvent)) -> Result<FinetuneOutcome> {
-    use crate::{fit, Progress, TrainConfig};
     let parent = job.parent;
     let cfg = &job.config;
     cfg.check()?;
-    if job.lp_epochs >= cfg.epochs {
-        return Err(TuneError::Config(format!(
-            "--lp-epochs {} must be fewer than --epochs {} (LP-FT fine-tunes after probing)",
-            job.lp_epochs, cfg.epochs
-        )));
-    }
     let classes = job.data.class_names;
     let (config, mut store) = match job.head {
         HeadChoice::Keep => {
@@ -425,11 +368,12 @@ pub fn run(job: &FinetuneJob, events: &mut dyn FnMut(FinetuneEvent)) -> Result<F
     meta.seed = Some(cfg.seed);
     meta.finelens_version = env!("CARGO_PKG_VERSION").into();
 
-    let mut phases = Vec::new();
-    if job.lp_epochs > 0 {
-        phases.push(("linear probe", FreezePolicy::HeadOnly, job.lp_epochs));
-    }
-    phases.push(("fine-tune", job.freeze.clone(), cfg.epochs - job.lp_epochs));
+    let phases = crate::phases::lp_ft(
+        FreezePolicy::HeadOnly,
+        job.freeze.clone(),
+        job.lp_epochs,
+        cfg.epochs,
+    )?;
     let is_head = |n: &str| head.prefixes().iter().any(|p| n.starts_with(p));
     let lr_mult = |n: &str| {
         if is_head(n) {
@@ -438,133 +382,68 @@ pub fn run(job: &FinetuneJob, events: &mut dyn FnMut(FinetuneEvent)) -> Result<F
             cfg.backbone_lr_mult
         }
     };
-    let mut best: Option<(f64, usize)> = None;
-    let mut history: Vec<crate::EpochRecord> = Vec::new();
-    let mut saved_optimizer: Option<crate::OptimizerState> = None;
-    if job.resume && job.state.exists() {
-        let (tensors, header) = finelens_models::checkpoint::load_state(job.state)?;
-        let bad =
-            |why: &str| TuneError::Config(format!("{}: cannot resume: {why}", job.state.display()));
-        let h: ResumeHeader = header
-            .get(RESUME_KEY)
-            .and_then(|j| serde_json::from_str(j).ok())
-            .ok_or_else(|| bad("no resumable state in the file"))?;
-        if h.fingerprint != fingerprint(job) {
-            return Err(bad("it was written by a run with other settings or data; rerun with the same arguments"));
-        }
-        for name in store.names().map(str::to_owned).collect::<Vec<_>>() {
-            let t = tensors
-                .get(&name)
-                .ok_or_else(|| bad(&format!("tensor {name} is missing")))?;
-            store
-                .var(&name)?
-                .set(&t.to_dtype(store.var(&name)?.dtype())?)?;
-        }
-        let mut moments = Vec::new();
-        for i in 0.. {
-            let get = |k: &str| tensors.get(&format!("optimizer.{i}.{k}")).cloned();
-            match (
-                get("first"),
-                get("second"),
-                tensors.contains_key(&format!("optimizer.{i}.present")),
-            ) {
-                (first, second, true) => moments.push((first, second)),
-                _ => break,
-            }
-        }
-        saved_optimizer = Some(crate::OptimizerState {
-            steps: h.optimizer_steps,
-            moments,
-        });
-        history = h.history;
-        best = h.best;
-    }
-    let mut save_error: Option<TuneError> = None;
-    let mut phase_start = 0;
-    for (name, policy, epochs) in phases {
-        let done_here = history.len().saturating_sub(phase_start).min(epochs);
-        phase_start += epochs;
-        if done_here == epochs {
-            continue;
-        }
-        let frozen = policy.apply(&mut store, head)?;
-        if frozen == 0 && matches!(policy, FreezePolicy::Globs(_)) {
-            events(FinetuneEvent::FreezesNothing);
-        }
-        let weights = store.names().filter(|n| !is_buffer(n)).count();
-        events(FinetuneEvent::Phase {
-            name,
-            epochs,
-            frozen,
-            weights,
-        });
-        let model = finelens_models::ResNet::new(config, &store)?;
-        let phase_cfg = TrainConfig {
-            epochs,
-            ..cfg.clone()
-        };
-        let offset = phase_start - epochs;
-        // The optimiser's moments carry over only within the phase that saved them.
-        let start = crate::Start {
-            epoch: done_here,
-            optimizer: if done_here > 0 {
-                saved_optimizer.take()
-            } else {
-                None
+    let state = crate::phases::ResumeState {
+        path: job.state,
+        fingerprint: fingerprint(job),
+        resume: job.resume,
+    };
+    let outcome = crate::phases::run_phases(
+        &mut store,
+        cfg,
+        &phases,
+        &state,
+        crate::phases::PhaseHooks {
+            freeze: &|policy: &FreezePolicy, store| {
+                let frozen = policy.apply(store, head)?;
+                Ok((frozen, store.names().filter(|n| !is_buffer(n)).count()))
             },
-        };
-        fit(
-            &model,
-            &store,
-            &job.data,
-            &phase_cfg,
-            &lr_mult,
-            start,
-            &mut |p| match p {
-                Progress::Epoch(r, opt) => {
-                    let mut r = r.clone();
-                    r.epoch += offset;
-                    history.push(r.clone());
-                    if save_error.is_none() {
-                        // Atomic writes: an interruption leaves the previous best intact.
-                        if best.is_none_or(|(l, _)| r.val.loss < l) {
-                            best = Some((r.val.loss, r.epoch));
-                            let mut m = meta.clone();
-                            crate::TrainingRecord {
-                                kind: crate::TrainingKind::FineTune,
-                                config: cfg.clone(),
-                                train_images: job.data.train.len(),
-                                val_images: job.data.val.len(),
-                                parent: Some(parent.path.clone()),
-                                freeze: Some(job.freeze_spec.clone()),
-                                lp_epochs: Some(job.lp_epochs),
-                                best_epoch: Some(r.epoch),
-                                history: crate::TrainingRecord::history_of(&history),
-                            }
-                            .record_in(&mut m);
-                            if let Err(e) =
-                                finelens_models::checkpoint::save(job.checkpoint, &store, &m)
-                            {
-                                save_error = Some(e.into());
-                            }
-                        }
-                        if let Err(e) = save_resume_state(job, &store, opt, &history, best) {
-                            save_error = Some(e);
-                        }
-                    }
-                    events(FinetuneEvent::Progress(Progress::Epoch(&r, opt)));
+            fit: &mut |store, phase_cfg, start, progress| {
+                let model = finelens_models::ResNet::new(config, store)?;
+                crate::fit(
+                    &model, store, &job.data, phase_cfg, &lr_mult, start, progress,
+                )?;
+                Ok(())
+            },
+            save_best: &mut |store, history, best_epoch| {
+                let mut m = meta.clone();
+                crate::TrainingRecord {
+                    kind: crate::TrainingKind::FineTune,
+                    config: cfg.clone(),
+                    train_images: job.data.train.len(),
+                    val_images: job.data.val.len(),
+                    parent: Some(parent.path.clone()),
+                    freeze: Some(job.freeze_spec.clone()),
+                    lp_epochs: Some(job.lp_epochs),
+                    best_epoch: Some(best_epoch),
+                    history: crate::TrainingRecord::history_of(history),
                 }
-                step => events(FinetuneEvent::Progress(step)),
+                .record_in(&mut m);
+                finelens_models::checkpoint::save(job.checkpoint, store, &m)?;
+                Ok(())
             },
-        )?;
-        if let Some(e) = save_error.take() {
-            return Err(e);
-        }
-    }
-    let (_, best_epoch) = best.expect("every phase has at least one epoch");
+            events: &mut |e| match e {
+                crate::phases::PhaseEvent::Begin {
+                    phase,
+                    frozen,
+                    weights,
+                } => {
+                    if frozen == 0 && matches!(phase.policy, FreezePolicy::Globs(_)) {
+                        events(FinetuneEvent::FreezesNothing);
+                    }
+                    events(FinetuneEvent::Phase {
+                        name: phase.name,
+                        epochs: phase.epochs,
+                        frozen,
+                        weights,
+                    });
+                }
+                crate::phases::PhaseEvent::Progress(p) => events(FinetuneEvent::Progress(p)),
+            },
+        },
+    )?;
     Ok(FinetuneOutcome {
-        history,
-        best_epoch,
+        history: outcome.history,
+        best_epoch: outcome.best_epoch,
         meta,
     })
 }

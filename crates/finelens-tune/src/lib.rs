@@ -6,6 +6,7 @@ pub mod error;
 pub mod finetune;
 pub mod metrics;
 pub mod optim;
+pub mod phases;
 pub mod recipe;
 pub mod record;
 pub mod schedule;

@@ -12,7 +12,8 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::error::{Result, TuneError};
 use crate::metrics::{cross_entropy, Metrics};
-use crate::train::{fit_task, Batches, EpochRecord, Progress, Start, Supervised, TrainConfig};
+use crate::phases::{lp_ft, run_phases, PhaseEvent, PhaseHooks, ResumeState};
+use crate::train::{fit_task, Batches, EpochRecord, Progress, Supervised, TrainConfig};
 use crate::{glob_match, TrainingKind, TrainingRecord};
 
 /// One tokenized, labelled text.
@@ -264,8 +265,44 @@ pub struct TextFinetuneJob<'a> {
     pub lp_epochs: usize,
     pub config: TrainConfig,
     pub data: TextData<'a>,
-    /// Where the parent came from (recorded).
+    /// Where the parent came from (recorded), and its weights' SHA-256.
     pub parent: std::path::PathBuf,
+    pub parent_sha256: String,
+    /// Where the resumable state is written after every epoch.
+    pub state: &'a std::path::Path,
+    /// Continue from `state` if it exists (it must come from a run with the same settings and
+    /// the same tokenized data).
+    pub resume: bool,
+}
+
+/// What a resumed run must agree on with the run that wrote the state: the settings, the
+/// classes and a hash of every token id and label (a changed tokenizer or `--max-length` counts).
+fn fingerprint(job: &TextFinetuneJob) -> String {
+    // FNV-1a over the samples.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |x: u64| {
+        for b in x.to_le_bytes() {
+            h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+    };
+    for set in [job.data.train, job.data.val] {
+        eat(set.len() as u64);
+        for s in set {
+            eat(s.label as u64);
+            eat(s.ids.len() as u64);
+            s.ids.iter().chain(&s.type_ids).for_each(|&i| eat(i as u64));
+        }
+    }
+    serde_json::json!({
+        "parent": job.parent_sha256,
+        "config": job.config,
+        "spec": job.spec,
+        "freeze": job.freeze_spec,
+        "lp_epochs": job.lp_epochs,
+        "classes": job.data.class_names,
+        "data": format!("{h:016x}"),
+    })
+    .to_string()
 }
 
 /// What a text run reports as it goes.
@@ -285,8 +322,9 @@ pub struct TextFinetuneOutcome {
     pub store: ParamStore,
 }
 
-/// Fine-tune: phases as [`crate::finetune::run`]'s; after every epoch with a lower validation
-/// loss, `save_best(store, record)` (the caller writes the model folder, atomically).
+/// Fine-tune: phases as [`crate::finetune::run`]'s (and resumable like them); after every epoch
+/// with a lower validation loss, `save_best(store, record)` (the caller writes the model folder,
+/// atomically).
 pub fn run_text(
     job: TextFinetuneJob,
     save_best: &mut dyn FnMut(&ParamStore, &TrainingRecord) -> Result<()>,
@@ -294,18 +332,12 @@ pub fn run_text(
 ) -> Result<TextFinetuneOutcome> {
     let cfg = &job.config;
     cfg.check()?;
-    if job.lp_epochs >= cfg.epochs {
-        return Err(TuneError::Config(format!(
-            "--lp-epochs {} must be fewer than --epochs {} (LP-FT fine-tunes after probing)",
-            job.lp_epochs, cfg.epochs
-        )));
-    }
-    let mut store = job.store;
-    let mut phases = Vec::new();
-    if job.lp_epochs > 0 {
-        phases.push(("linear probe", TextFreeze::HeadOnly, job.lp_epochs));
-    }
-    phases.push(("fine-tune", job.freeze.clone(), cfg.epochs - job.lp_epochs));
+    let phases = lp_ft(
+        TextFreeze::HeadOnly,
+        job.freeze.clone(),
+        job.lp_epochs,
+        cfg.epochs,
+    )?;
     let param = |n: &str| {
         let mult = if n.starts_with("classifier") {
             1.0
@@ -314,71 +346,67 @@ pub fn run_text(
         };
         (mult, decays(n))
     };
-    let mut best: Option<(f64, usize)> = None;
-    let mut history: Vec<EpochRecord> = Vec::new();
-    let mut save_error: Option<TuneError> = None;
-    let mut offset = 0;
-    for (name, policy, epochs) in phases {
-        let frozen = policy.apply(&mut store, &job.spec)?;
-        events(TextEvent::Phase {
-            name,
-            epochs,
-            frozen,
-            weights: store.names().count(),
-        });
-        let model = Bert::new(job.spec.clone(), &store)?;
-        let task = TextTask {
-            model: &model,
-            data: &job.data,
-            batch_size: cfg.batch_size,
-            seed: cfg.seed,
-        };
-        let phase_cfg = TrainConfig {
-            epochs,
-            ..cfg.clone()
-        };
-        fit_task(
-            &task,
-            &store,
-            &phase_cfg,
-            &param,
-            Start::default(),
-            &mut |p| match p {
-                Progress::Epoch(r, opt) => {
-                    let mut r = r.clone();
-                    r.epoch += offset;
-                    history.push(r.clone());
-                    if save_error.is_none() && best.is_none_or(|(l, _)| r.val.loss < l) {
-                        best = Some((r.val.loss, r.epoch));
-                        let record = TrainingRecord {
-                            kind: TrainingKind::FineTune,
-                            config: cfg.clone(),
-                            train_images: job.data.train.len(),
-                            val_images: job.data.val.len(),
-                            parent: Some(job.parent.clone()),
-                            freeze: Some(job.freeze_spec.clone()),
-                            lp_epochs: Some(job.lp_epochs),
-                            best_epoch: Some(r.epoch),
-                            history: TrainingRecord::history_of(&history),
-                        };
-                        if let Err(e) = save_best(&store, &record) {
-                            save_error = Some(e);
-                        }
-                    }
-                    events(TextEvent::Progress(Progress::Epoch(&r, opt)));
-                }
-                step => events(TextEvent::Progress(step)),
+    let state = ResumeState {
+        path: job.state,
+        fingerprint: fingerprint(&job),
+        resume: job.resume,
+    };
+    let mut store = job.store;
+    let outcome = run_phases(
+        &mut store,
+        cfg,
+        &phases,
+        &state,
+        PhaseHooks {
+            freeze: &|policy: &TextFreeze, store| {
+                let frozen = policy.apply(store, &job.spec)?;
+                Ok((frozen, store.names().count()))
             },
-        )?;
-        if let Some(e) = save_error.take() {
-            return Err(e);
-        }
-        offset += epochs;
-    }
-    let (_, best_epoch) = best.expect("every phase has at least one epoch");
+            fit: &mut |store, phase_cfg, start, progress| {
+                let model = Bert::new(job.spec.clone(), store)?;
+                let task = TextTask {
+                    model: &model,
+                    data: &job.data,
+                    batch_size: cfg.batch_size,
+                    seed: cfg.seed,
+                };
+                fit_task(&task, store, phase_cfg, &param, start, progress)?;
+                Ok(())
+            },
+            save_best: &mut |store, history, best_epoch| {
+                save_best(
+                    store,
+                    &TrainingRecord {
+                        kind: TrainingKind::FineTune,
+                        config: cfg.clone(),
+                        train_images: job.data.train.len(),
+                        val_images: job.data.val.len(),
+                        parent: Some(job.parent.clone()),
+                        freeze: Some(job.freeze_spec.clone()),
+                        lp_epochs: Some(job.lp_epochs),
+                        best_epoch: Some(best_epoch),
+                        history: TrainingRecord::history_of(history),
+                    },
+                )
+            },
+            events: &mut |e| match e {
+                PhaseEvent::Begin {
+                    phase,
+                    frozen,
+                    weights,
+                } => events(TextEvent::Phase {
+                    name: phase.name,
+                    epochs: phase.epochs,
+                    frozen,
+                    weights,
+                }),
+                PhaseEvent::Progress(p) => events(TextEvent::Progress(p)),
+            },
+        },
+    )?;
     Ok(TextFinetuneOutcome {
-        history,
-        best_epoch,
+        history: outcome.history,
+        best_epoch: outcome.best_epoch,
         store,
     })
 }
@@ -444,31 +472,52 @@ mod tests {
         }
     }
 
+    fn job<'a>(
+        data: TextData<'a>,
+        epochs: usize,
+        state: &'a std::path::Path,
+        resume: bool,
+    ) -> TextFinetuneJob<'a> {
+        let spec = tiny();
+        let store = ParamStore::init(&spec.param_specs(), 3, &Device::Cpu).unwrap();
+        TextFinetuneJob {
+            spec,
+            store,
+            freeze: TextFreeze::None,
+            freeze_spec: "none".into(),
+            lp_epochs: 1,
+            config: cfg(epochs),
+            data,
+            parent: "tiny".into(),
+            parent_sha256: "0".into(),
+            state,
+            resume,
+        }
+    }
+
+    fn weights(o: &TextFinetuneOutcome) -> Vec<f32> {
+        o.store
+            .iter()
+            .flat_map(|(_, t, _)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .collect()
+    }
+
     #[test]
     fn a_tiny_bert_learns_a_keyword_task_deterministically() {
         let (train, val) = (data(96, 1), data(32, 2));
         let classes = ["no".to_owned(), "yes".to_owned()];
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("last.safetensors");
         let run = || {
-            let spec = tiny();
-            let store = ParamStore::init(&spec.param_specs(), 3, &Device::Cpu).unwrap();
-            let job = TextFinetuneJob {
-                spec,
-                store,
-                freeze: TextFreeze::None,
-                freeze_spec: "none".into(),
-                lp_epochs: 1,
-                config: cfg(10),
-                data: TextData {
-                    train: &train,
-                    val: &val,
-                    class_names: &classes,
-                    pad_id: 0,
-                },
-                parent: "tiny".into(),
+            let data = TextData {
+                train: &train,
+                val: &val,
+                class_names: &classes,
+                pad_id: 0,
             };
             let mut saves = 0;
             let out = run_text(
-                job,
+                job(data, 10, &state, false),
                 &mut |_, _| {
                     saves += 1;
                     Ok(())
@@ -487,13 +536,76 @@ mod tests {
             a.history.iter().map(|h| h.val.accuracy).collect::<Vec<_>>()
         );
         let b = run();
-        let w = |o: &TextFinetuneOutcome| -> Vec<f32> {
-            o.store
-                .iter()
-                .flat_map(|(_, t, _)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
-                .collect()
+        assert_eq!(weights(&a), weights(&b), "same seed, same weights");
+    }
+
+    /// A run interrupted after its first fine-tuning epoch (the state it had written then is
+    /// kept) and resumed ends with the uninterrupted run's weights, bit for bit: the shuffling,
+    /// dropout masks, schedule and AdamW's moments all pick up where they were.
+    #[test]
+    fn a_resumed_text_run_ends_with_the_uninterrupted_weights() {
+        let (train, val) = (data(48, 5), data(16, 6));
+        let classes = ["no".to_owned(), "yes".to_owned()];
+        let data = || TextData {
+            train: &train,
+            val: &val,
+            class_names: &classes,
+            pad_id: 0,
         };
-        assert_eq!(w(&a), w(&b), "same seed, same weights");
+        let dir = tempfile::tempdir().unwrap();
+        let (state, cut) = (dir.path().join("whole"), dir.path().join("cut"));
+        let mut copied = false;
+        let whole = run_text(
+            job(data(), 4, &state, false),
+            &mut |_, _| Ok(()),
+            &mut |e| {
+                if let TextEvent::Progress(Progress::Epoch(r, _)) = e {
+                    // Epoch 1 is the first fine-tuning epoch (epoch 0 was the linear probe).
+                    if r.epoch == 1 {
+                        std::fs::copy(&state, &cut).unwrap();
+                        copied = true;
+                    }
+                }
+            },
+        )
+        .unwrap();
+        assert!(copied);
+        let mut epochs_run = Vec::new();
+        let resumed = run_text(job(data(), 4, &cut, true), &mut |_, _| Ok(()), &mut |e| {
+            if let TextEvent::Progress(Progress::Epoch(r, _)) = e {
+                epochs_run.push(r.epoch);
+            }
+        })
+        .unwrap();
+        assert_eq!(
+            epochs_run,
+            [2, 3],
+            "only the epochs after the cut run again"
+        );
+        assert_eq!(
+            resumed.history,
+            whole
+                .history
+                .iter()
+                .cloned()
+                .map(|mut r| {
+                    r.seconds = resumed.history[r.epoch].seconds;
+                    r.images_per_second = resumed.history[r.epoch].images_per_second;
+                    r
+                })
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(weights(&whole), weights(&resumed));
+        assert_eq!(whole.best_epoch, resumed.best_epoch);
+
+        // A state from other settings is refused.
+        let mut other = job(data(), 4, &cut, true);
+        other.config.seed = 5;
+        let e = run_text(other, &mut |_, _| Ok(()), &mut |_| {})
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("cannot resume"), "{e}");
     }
 
     #[test]
