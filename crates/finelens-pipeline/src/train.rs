@@ -471,7 +471,7 @@ pub fn evaluate(s: &EvalSettings, progress: Progress) -> Result<EvaluationReport
 pub fn metrics_table(m: &Metrics) -> String {
     let mut lines = vec![
         format!(
-            "accuracy {:.2}% on {} images, loss {:.4}",
+            "accuracy {:.2}% on {} examples, loss {:.4}",
             100.0 * m.accuracy,
             m.count,
             m.loss
