@@ -22,7 +22,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
 
-use crate::kernel::{run2, run3};
+use crate::kernel::{gemm_into, run2, run3, View};
 
 /// Output columns a GEMM should have at least (as images of one group), when the batch allows:
 /// GEMMs of a few hundred columns spend more on packing and on waking the second core than on
@@ -357,99 +357,6 @@ impl Geometry {
             );
         }
         dw
-    }
-}
-
-/// A matrix over a slice: element (i, j) at `i·rs + j·cs`.
-#[derive(Clone, Copy)]
-struct View<'a, T> {
-    data: &'a [T],
-    rows: usize,
-    cols: usize,
-    rs: usize,
-    cs: usize,
-}
-
-impl<'a, T> View<'a, T> {
-    /// Row-major.
-    fn rows(data: &'a [T], rows: usize, cols: usize) -> Self {
-        Self {
-            data,
-            rows,
-            cols,
-            rs: cols,
-            cs: 1,
-        }
-    }
-
-    fn t(self) -> Self {
-        Self {
-            rows: self.cols,
-            cols: self.rows,
-            rs: self.cs,
-            cs: self.rs,
-            ..self
-        }
-    }
-
-    fn fits(&self) -> bool {
-        self.rows == 0
-            || self.cols == 0
-            || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
-    }
-}
-
-/// dst = a·b, or dst += a·b with `accumulate`; dst is row-major with row stride `dst_rs`. The
-/// `gemm` crate candle runs on, multi-threaded on the rayon pool.
-fn gemm_into<T: Float + 'static>(
-    dst: &mut [T],
-    dst_rs: usize,
-    a: View<T>,
-    b: View<T>,
-    accumulate: bool,
-) {
-    let (m, n, k) = (a.rows, b.cols, a.cols);
-    assert!(
-        a.cols == b.rows && a.fits() && b.fits(),
-        "gemm_into: operands out of shape"
-    );
-    assert!(
-        m == 0 || n == 0 || (m - 1) * dst_rs + n <= dst.len(),
-        "gemm_into: destination out of shape"
-    );
-    if m == 0 || n == 0 {
-        return;
-    }
-    let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: the asserts above keep every index `gemm` touches inside the three slices, and dst
-    // (borrowed mutably) cannot alias a or b.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            T::one(),
-            T::one(),
-            false,
-            false,
-            false,
-            parallelism,
-        );
     }
 }
 

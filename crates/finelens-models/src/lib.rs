@@ -12,6 +12,7 @@ pub mod gelu;
 pub mod json;
 mod kernel;
 pub mod layer_norm;
+pub mod linear;
 pub mod memory;
 pub mod nn;
 pub mod params;

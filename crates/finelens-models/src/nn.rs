@@ -129,8 +129,10 @@ impl Linear {
         })
     }
 
+    /// One op ([`crate::linear`]): the bias rides in the GEMM, and a frozen weight costs no
+    /// gradient.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?)
+        Ok(crate::linear::linear(x, &self.weight, &self.bias)?)
     }
 }
 
