@@ -624,19 +624,9 @@ impl Bert {
         if mode == Mode::Eval || p == 0.0 {
             return Ok(x.clone());
         }
-        let keep = 1.0 - p;
-        let mut rng = self.dropout_rng.borrow_mut();
-        let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| {
-                if rng.random::<f64>() < keep {
-                    (1.0 / keep) as f32
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        Ok((x * mask)?)
+        // One seed per dropout from the step's stream; the mask is a function of it.
+        let seed = self.dropout_rng.borrow_mut().random::<u64>();
+        Ok(crate::dropout::dropout(x, p, seed)?)
     }
 
     /// The names the hook sees, in network order.

@@ -7,6 +7,7 @@ pub mod bert;
 pub mod checkpoint;
 pub mod conv;
 pub mod describe;
+pub mod dropout;
 pub mod error;
 pub mod gelu;
 pub mod json;
