@@ -1863,6 +1863,28 @@ fn finetune_a_text_model_folder() {
         !d.path().join("x").exists(),
         "nothing written on an input error"
     );
+
+    // A folder without config.json, and one without its tokenizer: named, the cause said once.
+    let (bare, no_tok) = (d.path().join("bare"), d.path().join("no-tokenizer"));
+    for dir in [&bare, &no_tok] {
+        std::fs::create_dir(dir).unwrap();
+        std::os::unix::fs::symlink(
+            model.join("model.safetensors"),
+            dir.join("model.safetensors"),
+        )
+        .unwrap();
+    }
+    std::fs::copy(model.join("config.json"), no_tok.join("config.json")).unwrap();
+    let o = finetune(&d.path().join("x"), &bare, &[]);
+    assert_one_line_error(&o, "bare: a directory, not a checkpoint file");
+    let o = finetune(&d.path().join("x"), &no_tok, &[]);
+    assert_one_line_error(&o, "tokenizer.json: no tokenizer (tokenizer.json) here");
+    assert_eq!(
+        stderr(&o).matches("no tokenizer").count(),
+        1,
+        "{}",
+        stderr(&o)
+    );
 }
 
 /// The fetched Rotten Tomatoes set (`scripts/fetch-data.sh`), or `None` (said) when it is absent

@@ -3,11 +3,12 @@ use std::path::PathBuf;
 /// Data errors: one line naming the file and the cause.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    #[error("{path}: {source}")]
+    // Not named `source`: the message already holds the cause, and a `source` would print it
+    // twice in an error chain.
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: cannot decode image ({reason})")]
     Decode { path: PathBuf, reason: String },
@@ -33,8 +34,8 @@ pub enum DataError {
 pub type Result<T> = std::result::Result<T, DataError>;
 
 pub(crate) fn io_err(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> DataError + '_ {
-    move |source| DataError::Io {
+    move |error| DataError::Io {
         path: path.to_owned(),
-        source,
+        error,
     }
 }

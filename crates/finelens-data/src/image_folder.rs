@@ -85,7 +85,7 @@ impl ImageFolder {
             } else {
                 DataError::Io {
                     path: root.to_owned(),
-                    source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such directory"),
+                    error: std::io::Error::new(std::io::ErrorKind::NotFound, "no such directory"),
                 }
             });
         }
@@ -227,7 +227,7 @@ impl Inputs {
         if !path.is_dir() {
             return Err(DataError::Io {
                 path: path.to_owned(),
-                source: std::io::Error::new(
+                error: std::io::Error::new(
                     std::io::ErrorKind::NotFound,
                     "no such file or directory",
                 ),

@@ -672,7 +672,7 @@ pub fn read_hf_folder(dir: &Path) -> Result<HfFolder> {
     let config_path = dir.join("config.json");
     let missing = |path: &Path, what: &str| ModelError::Io {
         path: path.to_owned(),
-        source: std::io::Error::new(std::io::ErrorKind::NotFound, what.to_owned()),
+        error: std::io::Error::new(std::io::ErrorKind::NotFound, what.to_owned()),
     };
     let text = std::fs::read_to_string(&config_path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
@@ -680,7 +680,7 @@ pub fn read_hf_folder(dir: &Path) -> Result<HfFolder> {
         } else {
             ModelError::Io {
                 path: config_path.clone(),
-                source: e,
+                error: e,
             }
         }
     })?;

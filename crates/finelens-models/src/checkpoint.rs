@@ -120,9 +120,9 @@ impl Checkpoint {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
-    move |source| ModelError::Io {
+    move |error| ModelError::Io {
         path: path.to_owned(),
-        source,
+        error,
     }
 }
 
@@ -171,6 +171,14 @@ struct RawCheckpoint {
 }
 
 fn read_raw(path: &Path) -> Result<RawCheckpoint> {
+    if path.is_dir() {
+        return Err(ModelError::Io {
+            path: path.to_owned(),
+            error: std::io::Error::other(
+                "a directory, not a checkpoint file (a Hugging Face model folder has a config.json)",
+            ),
+        });
+    }
     let bytes = std::fs::read(path).map_err(io_err(path))?;
     let corrupt = |e: safetensors::SafeTensorError| ModelError::Corrupt {
         path: path.to_owned(),
@@ -293,9 +301,9 @@ pub fn write_atomic_with(
     path: &Path,
     write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
 ) -> Result<()> {
-    let io = |source: std::io::Error| ModelError::Io {
+    let io = |error: std::io::Error| ModelError::Io {
         path: path.to_owned(),
-        source,
+        error,
     };
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_owned(),

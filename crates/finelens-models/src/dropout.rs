@@ -24,7 +24,10 @@ pub fn dropout(x: &Tensor, p: f64, seed: u64) -> candle_core::Result<Tensor> {
         candle_core::bail!("dropout: probability {p} must be in [0, 1)");
     }
     let x = x.contiguous()?;
-    let op = Dropout { keep: 1.0 - p, seed };
+    let op = Dropout {
+        keep: 1.0 - p,
+        seed,
+    };
     if x.track_op() {
         x.apply_op1(op)
     } else {

@@ -4,11 +4,12 @@ use std::path::PathBuf;
 /// name the file and the cause, so the CLI can print them as they are.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("{path}: {source}")]
+    // Not named `source`: the message already holds the cause, and a `source` would print it
+    // twice in an error chain.
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: not a valid safetensors file ({reason})")]
     Corrupt { path: PathBuf, reason: String },

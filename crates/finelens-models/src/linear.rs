@@ -262,7 +262,10 @@ mod tests {
                 let probe = random(&[rows, out], 4, dtype);
                 let ours = linear(&x, &w, &b).unwrap();
                 let theirs = reference(&x, &w, &b);
-                assert!(max_rel_diff(&ours, &theirs) < tol, "{dtype:?} {rows}×{inp}→{out}");
+                assert!(
+                    max_rel_diff(&ours, &theirs) < tol,
+                    "{dtype:?} {rows}×{inp}→{out}"
+                );
                 let g1 = (ours * probe.as_tensor()).unwrap().sum_all().unwrap();
                 let g2 = (theirs * probe.as_tensor()).unwrap().sum_all().unwrap();
                 let (g1, g2) = (g1.backward().unwrap(), g2.backward().unwrap());
@@ -289,16 +292,10 @@ mod tests {
         let y = linear(&x, &w, &b).unwrap();
         let g = y.sum_all().unwrap().backward().unwrap();
         assert!(g.get(&w).is_none() && g.get(&b).is_none());
-        let want = reference(&x, &w, &b)
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let want = reference(&x, &w, &b).sum_all().unwrap().backward().unwrap();
         assert!(max_rel_diff(g.get(&x).unwrap(), want.get(&x).unwrap()) < 1e-6);
         // Nothing tracked: no graph at all.
-        assert!(!linear(&x.as_detached_tensor(), &w, &b)
-            .unwrap()
-            .track_op());
+        assert!(!linear(&x.as_detached_tensor(), &w, &b).unwrap().track_op());
     }
 
     #[test]

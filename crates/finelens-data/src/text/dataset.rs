@@ -212,7 +212,7 @@ impl TextSet {
         } else if !path.exists() {
             return Err(DataError::Io {
                 path: path.to_owned(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+                error: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
             });
         } else {
             match ext.as_deref() {

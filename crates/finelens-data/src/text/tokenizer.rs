@@ -49,7 +49,7 @@ impl TextTokenizer {
         if !path.is_file() {
             return Err(DataError::Io {
                 path: path.to_owned(),
-                source: std::io::Error::new(
+                error: std::io::Error::new(
                     std::io::ErrorKind::NotFound,
                     "no tokenizer (tokenizer.json) here",
                 ),
