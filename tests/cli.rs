@@ -257,7 +257,7 @@ fn eval_reports_metrics_and_handles_bad_images_and_outputs() {
         json.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stdout(&o).contains("on 18 images"), "{}", stdout(&o));
+    assert!(stdout(&o).contains("on 18 examples"), "{}", stdout(&o));
     let m: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(m["count"], 18);
@@ -1820,6 +1820,80 @@ fn finetune_a_text_model_folder() {
     let o = finelens(&["inspect", model.to_str().unwrap()]);
     assert!(stdout(&o).contains("classifier   none"), "{}", stdout(&o));
     assert!(stdout(&o).contains("22713216 in"), "{}", stdout(&o));
+
+    // Token attributions on the fine-tuned folder: a sentence given on the command line (markup
+    // in it stays text on the page) and the first validation texts; integrated gradients (GL-50,
+    // `pad` baseline) is complete to float precision on a smooth BERT.
+    let ex = d.path().join("explain");
+    let o = finelens(&[
+        "explain",
+        out.to_str().unwrap(),
+        "The plot was <b>superb</b> & moving.",
+        "--methods",
+        "saliency,gradient_x_input,integrated_gradients,grad_cam",
+        "--out",
+        ex.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("grad_cam is not available for text models"));
+    let t = read_json(&ex.join("texts/000/tokens.json"));
+    let tokens: Vec<&str> = t["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["token"].as_str().unwrap())
+        .collect();
+    assert_eq!(tokens.first(), Some(&"[CLS]"));
+    assert!(tokens.contains(&"superb"), "{tokens:?}");
+    let ig = &t["methods"]["integrated_gradients"];
+    assert_eq!(ig["tokens"].as_array().unwrap().len(), tokens.len());
+    let rel = ig["completeness"]["relative_delta"].as_f64().unwrap();
+    assert!(rel < 1e-3, "IG completeness off by {rel}");
+    let words: Vec<&str> = t["words"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["text"].as_str().unwrap())
+        .collect();
+    assert!(
+        words.contains(&"superb") && words.contains(&"moving"),
+        "{words:?}"
+    );
+    assert_eq!(
+        npy_values(&ex.join("texts/000/integrated_gradients.npy")).len(),
+        tokens.len() * 384
+    );
+    let page = std::fs::read_to_string(ex.join("index.html")).unwrap();
+    assert!(
+        !page.contains("<b>superb") && page.contains("&lt;b&gt;"),
+        "markup escaped"
+    );
+    let o = finelens(&[
+        "explain",
+        out.to_str().unwrap(),
+        task.join("val.jsonl").to_str().unwrap(),
+        "--limit",
+        "2",
+        "--methods",
+        "integrated_gradients:baseline=mask,steps=16",
+        "--out",
+        d.path().join("explain-val").to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = read_json(&d.path().join("explain-val/explain.json"));
+    assert_eq!(r["schema_version"], "finelens-text-explain/1");
+    assert_eq!(r["texts"].as_array().unwrap().len(), 2);
+    assert!(r["texts"][0]["label"].is_string());
+    let o = finelens(&[
+        "explain",
+        out.to_str().unwrap(),
+        "fine",
+        "--methods",
+        "integrated_gradients:baseline=blur",
+        "--out",
+        d.path().join("x").to_str().unwrap(),
+    ]);
+    assert_one_line_error(&o, "baseline `blur` is an image baseline");
 
     // The run left its resumable state; resuming a finished run trains nothing and leaves the
     // model as it was, and a state from other settings is refused.

@@ -142,7 +142,30 @@ pub enum BaselineSpec {
     /// K seeded uniform-noise images.
     Noise(u64),
     Image(PathBuf),
+    /// Text models: word embeddings of other tokens (the special tokens keep theirs).
+    Tokens(TokenBaseline),
     Average(Vec<BaselineSpec>),
+}
+
+/// Text baselines, on the word-embedding layer (Captum's BERT tutorial uses `pad`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenBaseline {
+    /// `[CLS] [PAD] … [PAD] [SEP]`: every token but the special ones replaced by padding.
+    Pad,
+    /// Every token, the special ones too, replaced by padding.
+    PadAll,
+    /// `[CLS] [MASK] … [MASK] [SEP]`.
+    Mask,
+}
+
+impl TokenBaseline {
+    pub fn name(self) -> &'static str {
+        match self {
+            TokenBaseline::Pad => "pad",
+            TokenBaseline::PadAll => "pad-all",
+            TokenBaseline::Mask => "mask",
+        }
+    }
 }
 
 impl FromStr for BaselineSpec {
@@ -168,9 +191,12 @@ impl FromStr for BaselineSpec {
                     Ok(k) => BaselineSpec::Noise(k),
                 },
                 "image" if !arg.is_empty() => BaselineSpec::Image(PathBuf::from(arg)),
+                "pad" => BaselineSpec::Tokens(TokenBaseline::Pad),
+                "pad-all" => BaselineSpec::Tokens(TokenBaseline::PadAll),
+                "mask" => BaselineSpec::Tokens(TokenBaseline::Mask),
                 _ => {
                     return Err(bad(format!(
-                        "unknown baseline `{item}`; baselines are zeros, black, blur[:SIGMA], noise[:K], image:PATH"
+                        "unknown baseline `{item}`; baselines are zeros, black, blur[:SIGMA], noise[:K], image:PATH (images), pad, pad-all, mask (text)"
                     )))
                 }
             });
@@ -192,6 +218,7 @@ impl fmt::Display for BaselineSpec {
             BaselineSpec::Blur(Some(s)) => write!(f, "blur:{s}"),
             BaselineSpec::Noise(k) => write!(f, "noise:{k}"),
             BaselineSpec::Image(p) => write!(f, "image:{}", p.display()),
+            BaselineSpec::Tokens(t) => f.write_str(t.name()),
             BaselineSpec::Average(v) => {
                 let parts: Vec<String> = v.iter().map(|b| b.to_string()).collect();
                 f.write_str(&parts.join("+"))
@@ -440,6 +467,8 @@ pub struct BuildContext<'a> {
     pub input: (usize, usize, usize),
     /// Loads `image:PATH` baselines through the model's preprocessing (1×C×H×W).
     pub load_image: &'a dyn Fn(&Path) -> Result<Tensor>,
+    /// A text model's input under a token baseline (1×C×H×W, as the input); `None` for images.
+    pub tokens: Option<&'a dyn Fn(TokenBaseline) -> Result<Tensor>>,
 }
 
 impl BuildContext<'_> {
@@ -458,6 +487,15 @@ impl BuildContext<'_> {
                     .collect(),
             ),
             BaselineSpec::Image(p) => Baseline::Image((self.load_image)(p)?),
+            BaselineSpec::Tokens(t) => match self.tokens {
+                Some(tokens) => Baseline::Image(tokens(*t)?),
+                None => {
+                    return Err(settings(
+                        "baseline",
+                        format!("`{}` is a text model's baseline", t.name()),
+                    ))
+                }
+            },
             BaselineSpec::Average(v) => Baseline::Average(
                 v.iter()
                     .map(|b| self.baseline(b, seed))
@@ -632,6 +670,7 @@ mod tests {
             },
             input: (3, 64, 64),
             load_image: &load,
+            tokens: None,
         };
         for m in Method::ALL {
             let built = build(&MethodSpec::new(m), &ctx).unwrap();

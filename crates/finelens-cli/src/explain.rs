@@ -6,6 +6,7 @@ use anyhow::Result;
 use clap::Args;
 use finelens_attrib::{MethodOptions, MethodSpec};
 use finelens_pipeline::explain::{explain, ExplainSettings};
+use finelens_pipeline::text_explain;
 use finelens_report::heatmap;
 
 use crate::CheckpointArgs;
@@ -70,5 +71,8 @@ impl ExplainArgs {
 
 pub fn explain_cmd(a: ExplainArgs) -> Result<()> {
     let s = a.settings()?;
+    if finelens_pipeline::text::is_model_folder(&a.checkpoint) {
+        return crate::progress::run(|p| text_explain::explain_text(&s, p)).map(drop);
+    }
     crate::progress::run(|p| explain(&s, p)).map(|_| ())
 }

@@ -642,6 +642,56 @@ impl Bert {
     }
 }
 
+/// One tokenized text's classifier on its word embeddings: the input is N × 1 × T × hidden (N
+/// copies or path points of the text's word embeddings — a one-channel "image" of tokens by
+/// hidden units, so that the attribution methods apply unchanged), the token types and the
+/// attention mask are the text's. Captum's `LayerIntegratedGradients` on
+/// `bert.embeddings.word_embeddings` attributes the same input.
+pub struct OnWordEmbeddings<'a> {
+    pub bert: &'a Bert,
+    /// 1 × T token types and attention mask of the text.
+    pub type_ids: Tensor,
+    pub mask: Tensor,
+}
+
+impl OnWordEmbeddings<'_> {
+    /// The model's input for `ids` (1 × T): 1 × 1 × T × hidden.
+    pub fn input(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self.bert.word_embeddings(ids)?.unsqueeze(1)?)
+    }
+}
+
+impl crate::resnet::Classifier for OnWordEmbeddings<'_> {
+    fn forward_hooked(&self, x: &Tensor, mode: Mode, hook: Option<Hook>) -> Result<Tensor> {
+        let (n, c, t, h) = x.dims4()?;
+        if c != 1 {
+            return Err(ModelError::Config(format!(
+                "word embeddings come as N × 1 × T × hidden, got {c} channels"
+            )));
+        }
+        let rows = |m: &Tensor| -> Result<Tensor> { Ok(m.broadcast_as((n, t))?.contiguous()?) };
+        self.bert.forward_embeds(
+            &x.reshape((n, t, h))?,
+            &rows(&self.type_ids)?,
+            &rows(&self.mask)?,
+            mode,
+            hook,
+        )
+    }
+
+    fn layer_names(&self) -> Vec<String> {
+        self.bert.layer_names()
+    }
+
+    fn num_classes(&self) -> usize {
+        self.bert.spec().classes
+    }
+
+    fn describe(&self) -> ModelDescription {
+        self.bert.spec().describe()
+    }
+}
+
 fn tap(hook: &mut Option<Hook>, name: &str, t: Tensor) -> Result<Tensor> {
     match hook {
         Some(h) => Ok(h(name, &t)?.unwrap_or(t)),

@@ -384,6 +384,7 @@ pub fn build_context<'a>(
         normalisation: normalisation(pre),
         input: (3, pre.size, pre.size),
         load_image: load,
+        tokens: None,
     }
 }
 

@@ -76,6 +76,18 @@ pub enum Block {
         alt: String,
     },
     Gallery(Vec<Card>),
+    /// Text coloured token by token (an attribution over tokens): each span's background, and
+    /// its score in a tooltip so that the page reads without colour too.
+    Tokens(Vec<Span>),
+}
+
+/// One coloured piece of text.
+#[derive(Debug, Clone)]
+pub struct Span {
+    pub text: String,
+    pub colour: [u8; 3],
+    /// Shown on hover (the token and its score).
+    pub title: String,
 }
 
 /// A page: a title and blocks in order.
@@ -94,7 +106,7 @@ th{background:#f4f4f4;text-align:left}td.num{text-align:right;font-variant-numer
 img{image-rendering:pixelated;max-width:100%}\
 .gallery{display:flex;flex-wrap:wrap;gap:.8rem}.card{border:1px solid #ddd;border-radius:.4rem;padding:.5rem;max-width:100%}\
 .card .figs{display:flex;flex-wrap:wrap;gap:.3rem}.card figure{margin:0;text-align:center;font-size:.75rem}.card img{width:96px}\
-.card.error{border-color:#c0392b}.sort button{margin-right:.4rem}";
+.card.error{border-color:#c0392b}.tokens span{padding:.05rem .15rem;border-radius:.2rem;line-height:1.9}.sort button{margin-right:.4rem}";
 
 /// Sorts the gallery cards by their data attributes; no dependency, no network.
 const SCRIPT: &str = "function sortCards(g,key){var box=document.getElementById(g);var cards=Array.prototype.slice.call(box.children);\
@@ -138,6 +150,23 @@ pub fn render(page: &Page) -> String {
             }
             Block::Paragraph(t) => {
                 let _ = writeln!(h, "<p>{}</p>", escape(t));
+            }
+            Block::Tokens(spans) => {
+                h.push_str("<p class=\"tokens\">");
+                for sp in spans {
+                    let [r, g, b] = sp.colour;
+                    // Dark backgrounds get light text (relative luminance, ITU-R BT.709).
+                    let luminance = 0.2126 * r as f32 + 0.7152 * g as f32 + 0.0722 * b as f32;
+                    let dark = luminance < 110.0;
+                    let _ = write!(
+                        h,
+                        "<span style=\"background:#{r:02x}{g:02x}{b:02x}{}\" title=\"{}\">{}</span> ",
+                        if dark { ";color:#fff" } else { "" },
+                        escape(&sp.title),
+                        escape(&sp.text)
+                    );
+                }
+                h.push_str("</p>\n");
             }
             Block::Badges(items) => {
                 h.push_str("<p>");
@@ -256,6 +285,11 @@ mod tests {
             blocks: vec![
                 Block::Heading(2, evil.into()),
                 Block::Paragraph(evil.into()),
+                Block::Tokens(vec![Span {
+                    text: evil.into(),
+                    colour: [0, 0, 0],
+                    title: evil.into(),
+                }]),
                 Block::Badges(vec![(evil.into(), Status::Fail)]),
                 Block::Table(
                     vec![evil.into()],

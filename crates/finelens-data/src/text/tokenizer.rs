@@ -18,6 +18,8 @@ use crate::error::{DataError, Result};
 #[derive(Debug, Clone, PartialEq)]
 pub struct Encoded {
     pub ids: Vec<u32>,
+    /// The tokens as the vocabulary spells them (`[CLS]`, `play`, `##ing`).
+    pub tokens: Vec<String>,
     pub type_ids: Vec<u32>,
     /// Per token, the characters (not bytes) of the text it covers; special tokens cover (0, 0).
     pub offsets: Vec<(usize, usize)>,
@@ -84,6 +86,11 @@ impl TextTokenizer {
         self.max_length
     }
 
+    /// The id of a token of the vocabulary (`[MASK]`), if it has one.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
     /// Ids the tokenizer can produce, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
@@ -97,6 +104,7 @@ impl TextTokenizer {
             .map_err(|e| DataError::Config(format!("cannot tokenize {text:?}: {e}")))?;
         Ok(Encoded {
             ids: e.get_ids().to_vec(),
+            tokens: e.get_tokens().to_vec(),
             type_ids: e.get_type_ids().to_vec(),
             offsets: e.get_offsets().to_vec(),
             word_ids: e.get_word_ids().to_vec(),

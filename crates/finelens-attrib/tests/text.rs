@@ -1,0 +1,97 @@
+//! Attribution on a text model's word embeddings (through `bert::OnWordEmbeddings`): integrated
+//! gradients keeps the completeness axiom, Σ attributions = F(x) − F(baseline), with the `pad`
+//! baseline; and since a BERT is smooth along the path (no ReLU kinks), Gauss–Legendre converges
+//! much faster than the trapezoid rule at the same number of steps, as Captum shows on a
+//! fine-tuned MiniLM (2e-5 against 2%).
+
+use candle_core::{DType, Device, Tensor};
+use finelens_attrib::{
+    Attributor, Baseline, IntegratedGradients, Normalisation, Rule, Saliency, Target,
+};
+use finelens_models::bert::{Bert, BertConfig, BertSpec, OnWordEmbeddings, TextHead};
+use finelens_models::ParamStore;
+
+fn tiny() -> BertSpec {
+    BertSpec {
+        config: BertConfig {
+            vocab_size: 30,
+            hidden_size: 16,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            intermediate_size: 32,
+            max_position_embeddings: 16,
+            // Larger than BERT's 0.02, so that attention and GELU are far from linear.
+            initializer_range: 0.3,
+            ..BertConfig::all_minilm_l6()
+        },
+        classes: 3,
+        head: TextHead::Cls,
+    }
+}
+
+fn ids(v: &[u32]) -> Tensor {
+    Tensor::from_vec(v.to_vec(), (1, v.len()), &Device::Cpu).unwrap()
+}
+
+fn relative_delta(ig: &IntegratedGradients, model: &OnWordEmbeddings, x: &Tensor) -> f64 {
+    let target = finelens_attrib::predict(model, x, &Target::Predicted)
+        .unwrap()
+        .remove(0)
+        .target;
+    let a = ig.attribute(model, x, &[target]).unwrap().remove(0);
+    let c = a.completeness.expect("IG reports completeness");
+    // The reported sum is the map's: check it against the map itself too.
+    let sum: f64 = a.map.iter().map(|&v| v as f64).sum();
+    assert!((sum - c.attribution_sum).abs() <= 1e-6 * sum.abs().max(1.0));
+    c.delta / c.output_difference.abs()
+}
+
+#[test]
+fn integrated_gradients_on_word_embeddings_is_complete() {
+    let spec = tiny();
+    let store = ParamStore::init(&spec.param_specs(), 5, &Device::Cpu)
+        .unwrap()
+        .frozen_as(DType::F64)
+        .unwrap();
+    let bert = Bert::new(spec, &store).unwrap();
+    // [CLS] w w w w w [SEP], and the `pad` baseline: [CLS] [PAD]… [SEP].
+    let text = [1u32, 7, 12, 25, 9, 17, 2];
+    let base = [1u32, 0, 0, 0, 0, 0, 2];
+    let t = text.len();
+    let model = OnWordEmbeddings {
+        bert: &bert,
+        type_ids: Tensor::zeros((1, t), DType::U32, &Device::Cpu).unwrap(),
+        mask: Tensor::ones((1, t), DType::U32, &Device::Cpu).unwrap(),
+    };
+    let x = model.input(&ids(&text)).unwrap();
+    assert_eq!(x.dims(), &[1, 1, t, 16]);
+    let baseline = Baseline::Image(model.input(&ids(&base)).unwrap());
+    let ig = |rule, steps| IntegratedGradients {
+        steps,
+        rule,
+        baseline: baseline.clone(),
+        internal_batch: Some(8),
+        ..IntegratedGradients::new(Normalisation {
+            mean: [0.0; 3],
+            std: [1.0; 3],
+        })
+    };
+    let gl = relative_delta(&ig(Rule::GaussLegendre, 32), &model, &x);
+    let trapezoid = relative_delta(&ig(Rule::RiemannTrapezoid, 32), &model, &x);
+    eprintln!("relative completeness delta at 32 steps: Gauss–Legendre {gl:.1e}, trapezoid {trapezoid:.1e}");
+    assert!(gl < 1e-5, "Gauss–Legendre-32 misses completeness by {gl}");
+    assert!(
+        trapezoid > 20.0 * gl,
+        "trapezoid {trapezoid} vs Gauss–Legendre {gl}: a smooth path should favour GL"
+    );
+
+    // Saliency on the same input: one |gradient| per token and hidden unit, non-zero.
+    let s = Saliency {
+        kind: finelens_attrib::GradientKind::Absolute,
+    }
+    .attribute(&model, &x, &[0])
+    .unwrap()
+    .remove(0);
+    assert_eq!(s.map.dim(), (1, t, 16));
+    assert!(s.map.iter().all(|v| *v >= 0.0) && s.map.iter().any(|v| *v > 0.0));
+}

@@ -1,0 +1,533 @@
+//! Explaining a text model folder: which tokens drove a prediction. The methods of the registry
+//! attribute the logit to the word embeddings (as Captum's `LayerIntegratedGradients` on
+//! `bert.embeddings.word_embeddings`; position and token-type embeddings and the embedding
+//! LayerNorm come after), one text at a time. A method's T × hidden map becomes a score per token
+//! — the sum over the hidden units for signed methods, their L2 norm for magnitudes (the
+//! gradient norm per token for saliency) — and a score per word from the tokenizer's word ids
+//! (the sum for signed methods, the largest |score| for magnitudes; special tokens are scored but
+//! belong to no word). Integrated gradients' baselines for text are `pad` (Captum's BERT
+//! tutorial: `[CLS] [PAD] … [SEP]`, the default), `pad-all`, `mask` and `zeros`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use finelens_attrib::{
+    registry, Attributor, BaselineSpec, BuildContext, Completeness, Method, MethodSpec,
+    Normalisation, Sign, Target, TokenBaseline,
+};
+use finelens_data::text::{Columns, Encoded, TextSet, TextTokenizer};
+use finelens_models::bert::{Bert, OnWordEmbeddings};
+use finelens_report::heatmap::{colour, outlier_threshold, Scale};
+use finelens_report::html::{render, Block, Cell, Page, Span};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{input, settings, Result};
+use crate::explain::ExplainSettings;
+use crate::output::{write_file, write_json, OutputDir, Versioned};
+use crate::progress::{Event, Progress};
+use crate::text::{load_text_model, DEFAULT_MAX_LENGTH};
+
+/// The explanation of one text.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TextExplanation {
+    pub id: String,
+    /// Where it came from: `file:line`, or `argument`.
+    pub source: String,
+    pub text: String,
+    pub label: Option<String>,
+    pub predicted: String,
+    pub probability: f32,
+    /// The class whose logit is explained.
+    pub target: String,
+    pub top_k: Vec<(String, f32)>,
+    /// The text was longer than the maximum length and was cut.
+    pub truncated: bool,
+    pub tokens: Vec<TokenInfo>,
+    pub words: Vec<WordInfo>,
+    pub methods: BTreeMap<String, TokenScores>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenInfo {
+    pub token: String,
+    pub id: u32,
+    /// Characters `[start, end)` of the text (special tokens: (0, 0)).
+    pub start: usize,
+    pub end: usize,
+    /// The word it belongs to; `None` for special tokens.
+    pub word: Option<usize>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WordInfo {
+    pub text: String,
+    pub start: usize,
+    pub end: usize,
+}
+
+/// One method's scores for one text.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenScores {
+    pub sign: Sign,
+    pub tokens: Vec<f32>,
+    pub words: Vec<f32>,
+    /// Integrated gradients: Σ attributions against F(x) − F(baseline).
+    pub completeness: Option<Completeness>,
+    /// The un-summed map, tokens × hidden.
+    pub npy: String,
+    pub seconds: f64,
+}
+
+/// `explain.json` of a text model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TextExplainReport {
+    pub schema_version: String,
+    pub model: PathBuf,
+    pub sha256: String,
+    pub classes: Vec<String>,
+    pub max_length: usize,
+    /// The method specs as run.
+    pub methods: Vec<String>,
+    pub texts: Vec<TextExplanation>,
+}
+
+impl Versioned for TextExplainReport {
+    const SCHEMA: &'static str = "finelens-text-explain/1";
+    fn schema_version(&self) -> &str {
+        &self.schema_version
+    }
+}
+
+/// Methods that apply to text as they do to images; the rest (Grad-CAM needs a spatial layer,
+/// occlusion of tokens is not built yet) are skipped with a warning.
+fn applies_to_text(m: Method) -> bool {
+    !matches!(m, Method::GradCam | Method::Occlusion)
+}
+
+/// The texts `input` names: a `.csv`/`.tsv`/`.jsonl` set or a folder per class (labels kept), a
+/// `.txt` file (one text per line), or else the argument is the text itself.
+fn read_texts(
+    input: &Path,
+    classes: &[String],
+    limit: Option<usize>,
+) -> Result<Vec<(String, String, Option<String>)>> {
+    let arg = input.to_string_lossy();
+    let mut texts = if !input.exists() {
+        vec![("argument".to_owned(), arg.into_owned(), None)]
+    } else if input.extension().is_some_and(|e| e == "txt") {
+        let text = std::fs::read_to_string(input).map_err(|e| input_err(input, e))?;
+        text.lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| (format!("{}:{}", input.display(), i + 1), l.to_owned(), None))
+            .collect()
+    } else {
+        let columns = Columns {
+            text: "text".into(),
+            label: "label".into(),
+        };
+        let set = TextSet::read(input, &columns, Some(classes))?;
+        set.samples
+            .into_iter()
+            .map(|s| (s.source, s.text, Some(classes[s.label].clone())))
+            .collect()
+    };
+    if let Some(n) = limit {
+        texts.truncate(n);
+    }
+    if texts.is_empty() {
+        return Err(input_err(input, "no text to explain"));
+    }
+    Ok(texts)
+}
+
+fn input_err(path: &Path, why: impl ToString) -> crate::error::PipelineError {
+    input(path, why.to_string())
+}
+
+/// Per-token scores of a tokens × hidden map: Σ over hidden (signed), or the L2 norm.
+fn token_scores(map: &[f32], hidden: usize, sign: Sign) -> Vec<f32> {
+    map.chunks(hidden)
+        .map(|row| match sign {
+            Sign::Signed => row.iter().map(|&v| v as f64).sum::<f64>() as f32,
+            Sign::Absolute => row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt() as f32,
+        })
+        .collect()
+}
+
+/// Word scores from token scores: Σ (signed) or the largest |score| (magnitudes).
+fn word_scores(tokens: &[f32], word_of: &[Option<usize>], words: usize, sign: Sign) -> Vec<f32> {
+    let mut out = vec![0f32; words];
+    for (s, w) in tokens.iter().zip(word_of) {
+        if let Some(w) = *w {
+            out[w] = match sign {
+                Sign::Signed => out[w] + s,
+                Sign::Absolute => out[w].max(s.abs()),
+            };
+        }
+    }
+    out
+}
+
+/// The words of an encoded text (by the tokenizer's word ids), and each token's word index.
+fn words_of(text: &str, e: &Encoded) -> (Vec<WordInfo>, Vec<Option<usize>>) {
+    let chars: Vec<char> = text.chars().collect();
+    let mut words: Vec<WordInfo> = Vec::new();
+    let mut index: BTreeMap<u32, usize> = BTreeMap::new();
+    let mut word_of = Vec::with_capacity(e.ids.len());
+    for (w, &(start, end)) in e.word_ids.iter().zip(&e.offsets) {
+        word_of.push(w.map(|w| {
+            let k = *index.entry(w).or_insert_with(|| {
+                words.push(WordInfo {
+                    text: String::new(),
+                    start,
+                    end,
+                });
+                words.len() - 1
+            });
+            let word = &mut words[k];
+            word.start = word.start.min(start);
+            word.end = word.end.max(end);
+            k
+        }));
+    }
+    for w in &mut words {
+        w.text = chars[w.start.min(chars.len())..w.end.min(chars.len())]
+            .iter()
+            .collect();
+    }
+    (words, word_of)
+}
+
+/// Explain each text of `s.input` with `s.methods` on the text model folder `s.model`.
+pub fn explain_text(s: &ExplainSettings, progress: Progress) -> Result<TextExplainReport> {
+    let dir = s.model.path.clone();
+    let m = load_text_model(&dir)?;
+    let frozen = m.store.frozen_as(DType::F32)?;
+    let bert = Bert::new(m.spec.clone(), &frozen)?;
+    let max_length = m
+        .record
+        .as_ref()
+        .map_or(DEFAULT_MAX_LENGTH, |r| r.max_length);
+    let tok = TextTokenizer::from_file(&dir.join("tokenizer.json"), max_length)?;
+    let target = Target::parse(&s.target, &m.classes)?;
+    let mut specs = Vec::new();
+    for spec in &s.methods {
+        if applies_to_text(spec.method) {
+            specs.push(MethodSpec {
+                method: spec.method,
+                options: spec.options.or(&s.shared),
+            });
+        } else {
+            progress(Event::Warning(format!(
+                "warning: {} is not available for text models; skipped",
+                spec.method.name()
+            )));
+        }
+    }
+    if specs.is_empty() {
+        return Err(settings(
+            "none of the methods applies to text (saliency, gradient, gradient_x_input, smoothgrad, smoothgrad_sq, vargrad, integrated_gradients do)",
+        ));
+    }
+    for spec in &mut specs {
+        if spec.method == Method::IntegratedGradients && spec.options.baseline.is_none() {
+            spec.options.baseline = Some(BaselineSpec::Tokens(TokenBaseline::Pad));
+        }
+        if let Some(b) = &spec.options.baseline {
+            let text_baseline =
+                |b: &BaselineSpec| matches!(b, BaselineSpec::Zeros | BaselineSpec::Tokens(_));
+            let ok = match b {
+                BaselineSpec::Average(v) => v.iter().all(text_baseline),
+                b => text_baseline(b),
+            };
+            if !ok {
+                return Err(settings(format!(
+                    "baseline `{b}` is an image baseline; text models take pad, pad-all, mask or zeros"
+                )));
+            }
+        }
+    }
+    let texts = read_texts(&s.input, &m.classes, s.limit)?;
+    let hidden = m.spec.config.hidden_size;
+    let pad = m.spec.config.pad_token_id;
+    let mask_id = tok.token_id("[MASK]");
+    let mut report = TextExplainReport {
+        schema_version: TextExplainReport::SCHEMA.into(),
+        model: dir.clone(),
+        sha256: m.sha256.clone(),
+        classes: m.classes.clone(),
+        max_length,
+        methods: specs.iter().map(|s| s.to_string()).collect(),
+        texts: Vec::new(),
+    };
+    OutputDir::create(&s.out, s.force)?.run(|out| {
+        progress(Event::Stage {
+            name: "explain",
+            total: texts.len(),
+            unit: "texts",
+        });
+        for (k, (source, text, label)) in texts.iter().enumerate() {
+            let e = tok.encode(text)?;
+            let t = e.ids.len();
+            let row = |v: &[u32]| Tensor::from_vec(v.to_vec(), (1, t), &Device::Cpu);
+            let model = OnWordEmbeddings {
+                bert: &bert,
+                type_ids: row(&e.type_ids)?,
+                mask: Tensor::ones((1, t), DType::U32, &Device::Cpu)?,
+            };
+            let x = model.input(&row(&e.ids)?)?;
+            // Token baselines: the text's ids with every non-special token (or every token)
+            // replaced; the special tokens are those without a word.
+            let baseline_ids = |b: TokenBaseline| -> finelens_attrib::Result<Tensor> {
+                let fill = match b {
+                    TokenBaseline::Pad | TokenBaseline::PadAll => pad,
+                    TokenBaseline::Mask => {
+                        mask_id.ok_or_else(|| finelens_attrib::AttribError::Settings {
+                            method: "baseline",
+                            reason: "the tokenizer has no [MASK] token".into(),
+                        })?
+                    }
+                };
+                let ids: Vec<u32> = e
+                    .ids
+                    .iter()
+                    .zip(&e.word_ids)
+                    .map(|(&id, w)| {
+                        if w.is_none() && b != TokenBaseline::PadAll {
+                            id
+                        } else {
+                            fill
+                        }
+                    })
+                    .collect();
+                Ok(model.input(&row(&ids)?)?)
+            };
+            let load = |p: &Path| -> finelens_attrib::Result<Tensor> {
+                Err(finelens_attrib::AttribError::Settings {
+                    method: "baseline",
+                    reason: format!("{}: image baselines do not apply to text", p.display()),
+                })
+            };
+            let ctx = BuildContext {
+                normalisation: Normalisation {
+                    mean: [0.0; 3],
+                    std: [1.0; 3],
+                },
+                input: (1, t, hidden),
+                load_image: &load,
+                tokens: Some(&baseline_ids),
+            };
+            let methods: Vec<Box<dyn Attributor>> = specs
+                .iter()
+                .map(|spec| registry::build(spec, &ctx))
+                .collect::<finelens_attrib::Result<_>>()?;
+            let pred = finelens_attrib::predict(&model, &x, &target)?.remove(0);
+            let id = format!("{k:03}");
+            let (words, word_of) = words_of(text, &e);
+            let mut scores = BTreeMap::new();
+            for method in &methods {
+                let started = Instant::now();
+                let attr = method.attribute(&model, &x, &[pred.target])?.remove(0);
+                let map = attr.map.as_slice().expect("standard layout").to_vec();
+                let npy = format!("texts/{id}/{}.npy", method.name());
+                write_file(
+                    &out.join(&npy),
+                    &finelens_report::npy::encode_f32(&[t, hidden], &map),
+                )?;
+                let tokens = token_scores(&map, hidden, method.sign());
+                scores.insert(
+                    method.name().to_owned(),
+                    TokenScores {
+                        sign: method.sign(),
+                        words: word_scores(&tokens, &word_of, words.len(), method.sign()),
+                        tokens,
+                        completeness: attr.completeness,
+                        npy,
+                        seconds: started.elapsed().as_secs_f64(),
+                    },
+                );
+            }
+            let name = |c: usize| m.classes[c].clone();
+            let explained = TextExplanation {
+                id: id.clone(),
+                source: source.clone(),
+                text: text.clone(),
+                label: label.clone(),
+                predicted: name(pred.predicted),
+                probability: pred.probabilities[pred.predicted],
+                target: name(pred.target),
+                top_k: pred
+                    .top_k(m.classes.len().min(5))
+                    .into_iter()
+                    .map(|(c, p)| (name(c), p))
+                    .collect(),
+                truncated: e.truncated,
+                tokens: e
+                    .tokens
+                    .iter()
+                    .zip(&e.ids)
+                    .zip(&e.offsets)
+                    .zip(&word_of)
+                    .map(|(((token, &id), &(start, end)), &word)| TokenInfo {
+                        token: token.clone(),
+                        id,
+                        start,
+                        end,
+                        word,
+                    })
+                    .collect(),
+                words,
+                methods: scores,
+            };
+            write_json(&out.join(format!("texts/{id}/tokens.json")), &explained)?;
+            report.texts.push(explained);
+            progress(Event::Advance {
+                done: k + 1,
+                item: &id,
+            });
+        }
+        progress(Event::StageEnd);
+        write_json(&out.join("explain.json"), &report)?;
+        write_file(
+            &out.join("index.html"),
+            render(&page(&report, s.outlier_perc)).as_bytes(),
+        )?;
+        Ok(())
+    })?;
+    progress(Event::Info(format!(
+        "explained {} text(s) with {}; {}",
+        report.texts.len(),
+        report.methods.join(", "),
+        s.out.join("index.html").display()
+    )));
+    Ok(report)
+}
+
+/// The page: per text, its prediction, then each method's tokens coloured (blue–white–red for
+/// signed scores, viridis for magnitudes, clipped at the outlier percentage as the image heat
+/// maps are) with the score on hover, and a table of the word scores.
+fn page(r: &TextExplainReport, outlier_perc: f32) -> Page {
+    let mut blocks = vec![Block::Paragraph(format!(
+        "{} (sha256 {}), classes {}; methods {}. Scores are on the word embeddings; hover a token \
+         for its score.",
+        r.model.display(),
+        &r.sha256[..12.min(r.sha256.len())],
+        r.classes.join(", "),
+        r.methods.join(", ")
+    ))];
+    for t in &r.texts {
+        blocks.push(Block::Heading(3, format!("{}: {}", t.id, t.text)));
+        blocks.push(Block::Paragraph(format!(
+            "predicted {} ({:.1}%){}; explained: {}{}",
+            t.predicted,
+            100.0 * t.probability,
+            t.label
+                .as_ref()
+                .map(|l| format!(", label {l}"))
+                .unwrap_or_default(),
+            t.target,
+            if t.truncated {
+                "; cut at the maximum length"
+            } else {
+                ""
+            }
+        )));
+        let mut rows = Vec::new();
+        for (name, sc) in &t.methods {
+            let scale = match sc.sign {
+                Sign::Signed => Scale::Diverging,
+                Sign::Absolute => Scale::Sequential,
+            };
+            let limit = outlier_threshold(sc.tokens.iter().copied(), outlier_perc);
+            let limit = if limit > 0.0 { limit } else { 1.0 };
+            let mut spans = vec![Span {
+                text: format!("{name}:"),
+                colour: [255, 255, 255],
+                title: String::new(),
+            }];
+            for (tok, &v) in t.tokens.iter().zip(&sc.tokens) {
+                let n = match scale {
+                    Scale::Diverging => (v / limit).clamp(-1.0, 1.0),
+                    Scale::Sequential => (v.abs() / limit).clamp(0.0, 1.0),
+                };
+                spans.push(Span {
+                    text: tok.token.clone(),
+                    colour: colour(n, scale),
+                    title: format!("{} {v:.4}", tok.token),
+                });
+            }
+            blocks.push(Block::Tokens(spans));
+            let mut row = vec![Cell::Text(name.clone())];
+            if let Some(c) = &sc.completeness {
+                row.push(Cell::Text(format!(
+                    "Σ {:.4} vs ΔF {:.4} (δ {:.2e})",
+                    c.attribution_sum, c.output_difference, c.delta
+                )));
+            } else {
+                row.push(Cell::Text(String::new()));
+            }
+            for (w, v) in t.words.iter().zip(&sc.words) {
+                row.push(Cell::Text(format!("{} {v:+.3}", w.text)));
+            }
+            rows.push(row);
+        }
+        blocks.push(Block::Table(
+            vec!["method".into(), "completeness".into(), "word scores".into()],
+            rows,
+        ));
+    }
+    Page {
+        title: "finelens: token attributions".into(),
+        blocks,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// "Playing well": [CLS] play ##ing well [SEP] — two words, the first in two tokens.
+    fn encoded() -> Encoded {
+        Encoded {
+            ids: vec![101, 2377, 2075, 2092, 102],
+            tokens: ["[CLS]", "play", "##ing", "well", "[SEP]"]
+                .map(String::from)
+                .to_vec(),
+            type_ids: vec![0; 5],
+            offsets: vec![(0, 0), (0, 4), (4, 7), (8, 12), (0, 0)],
+            word_ids: vec![None, Some(0), Some(0), Some(1), None],
+            truncated: false,
+        }
+    }
+
+    #[test]
+    fn sub_word_tokens_aggregate_into_words() {
+        let (words, word_of) = words_of("Playing well", &encoded());
+        assert_eq!(
+            words
+                .iter()
+                .map(|w| (w.text.as_str(), w.start, w.end))
+                .collect::<Vec<_>>(),
+            [("Playing", 0, 7), ("well", 8, 12)]
+        );
+        assert_eq!(word_of, [None, Some(0), Some(0), Some(1), None]);
+        // Signed: a word is the sum of its tokens; special tokens belong to no word.
+        let tokens = [5.0, 1.0, -3.0, 0.5, 7.0];
+        assert_eq!(word_scores(&tokens, &word_of, 2, Sign::Signed), [-2.0, 0.5]);
+        // Magnitudes: the largest |score| of its tokens.
+        assert_eq!(
+            word_scores(&tokens, &word_of, 2, Sign::Absolute),
+            [3.0, 0.5]
+        );
+    }
+
+    #[test]
+    fn token_scores_sum_or_take_the_norm_over_hidden_units() {
+        let map = [1.0, -2.0, 2.0, 3.0, 0.0, 4.0];
+        assert_eq!(token_scores(&map, 3, Sign::Signed), [1.0, 7.0]);
+        assert_eq!(token_scores(&map, 3, Sign::Absolute), [3.0, 5.0]);
+    }
+}
