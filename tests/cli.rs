@@ -1830,7 +1830,7 @@ fn finetune_a_text_model_folder() {
         out.to_str().unwrap(),
         "The plot was <b>superb</b> & moving.",
         "--methods",
-        "saliency,gradient_x_input,integrated_gradients,grad_cam",
+        "saliency,gradient_x_input,integrated_gradients,grad_cam,attention,attention_rollout,grad_attention,occlusion",
         "--out",
         ex.to_str().unwrap(),
     ]);
@@ -1862,6 +1862,29 @@ fn finetune_a_text_model_folder() {
     assert_eq!(
         npy_values(&ex.join("texts/000/integrated_gradients.npy")).len(),
         tokens.len() * 384
+    );
+    // The attention views: every layer's attention saved (6 layers × 12 heads × T × T, rows
+    // summing to 1), rollout rows summing to 1; occlusion scores per token and per word.
+    let att = npy_values(&ex.join("texts/000/attention.npy"));
+    assert_eq!(att.len(), 6 * 12 * tokens.len() * tokens.len());
+    for row in att.chunks(tokens.len()) {
+        assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-4);
+    }
+    let scores = |m: &str, k: &str| -> Vec<f64> {
+        t["methods"][m][k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect()
+    };
+    assert!((scores("attention_rollout", "tokens").iter().sum::<f64>() - 1.0).abs() < 1e-4);
+    assert!(scores("grad_attention", "tokens").iter().all(|v| *v >= 0.0));
+    assert_eq!(scores("occlusion", "words").len(), words.len());
+    assert_eq!(
+        scores("occlusion", "tokens")[0],
+        0.0,
+        "[CLS] is not occluded"
     );
     let page = std::fs::read_to_string(ex.join("index.html")).unwrap();
     assert!(

@@ -9,6 +9,7 @@
 //! Models should be built from a frozen store (`ParamStore::frozen_as`): explaining needs no
 //! weight gradient, and with detached weights backward computes the input gradient only.
 
+pub mod attention;
 pub mod baseline;
 pub mod bench;
 pub mod error;

@@ -45,6 +45,12 @@ pub enum Method {
     IntegratedGradients,
     GradCam,
     Occlusion,
+    /// Text models: the attention the classifier's token pays in the last layer.
+    Attention,
+    /// Text models: attention rollout (Abnar & Zuidema 2020).
+    AttentionRollout,
+    /// Text models: gradient-weighted attention rollout (Chefer, Gur & Wolf 2021).
+    GradAttention,
 }
 
 impl Method {
@@ -60,8 +66,18 @@ impl Method {
         Method::Occlusion,
     ];
 
+    /// The attention views, which only text models (transformers) have.
+    pub const TEXT_ONLY: [Method; 3] = [
+        Method::Attention,
+        Method::AttentionRollout,
+        Method::GradAttention,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
+            Method::Attention => "attention",
+            Method::AttentionRollout => "attention_rollout",
+            Method::GradAttention => "grad_attention",
             Method::Gradient => "gradient",
             Method::Saliency => "saliency",
             Method::GradientXInput => "gradient_x_input",
@@ -83,6 +99,7 @@ impl Method {
             }
             Method::IntegratedGradients => &["steps", "rule", "baseline", "seed", "internal_batch"],
             Method::GradCam => &["layer"],
+            Method::Attention | Method::AttentionRollout | Method::GradAttention => &[],
             Method::Occlusion => &[
                 "window",
                 "stride",
@@ -95,7 +112,11 @@ impl Method {
     }
 
     fn names() -> String {
-        Method::ALL.map(Method::name).join(", ")
+        format!(
+            "{} (images and text); {} (text)",
+            Method::ALL.map(Method::name).join(", "),
+            Method::TEXT_ONLY.map(Method::name).join(", ")
+        )
     }
 }
 
@@ -120,6 +141,9 @@ impl FromStr for Method {
             "integrated_gradients" | "ig" => Method::IntegratedGradients,
             "grad_cam" | "gradcam" => Method::GradCam,
             "occlusion" => Method::Occlusion,
+            "attention" => Method::Attention,
+            "attention_rollout" | "rollout" => Method::AttentionRollout,
+            "grad_attention" => Method::GradAttention,
             other => {
                 return Err(settings(
                     "methods",
@@ -523,6 +547,12 @@ pub fn build(spec: &MethodSpec, ctx: &BuildContext) -> Result<Box<dyn Attributor
     let baseline = || ctx.baseline(o.baseline.as_ref().unwrap_or(&BaselineSpec::Zeros), seed);
     let (c, h, w) = ctx.input;
     let method: Box<dyn Attributor> = match spec.method {
+        Method::Attention | Method::AttentionRollout | Method::GradAttention => {
+            return Err(settings(
+                spec.method.name(),
+                "an attention view: it explains text models (transformers) only",
+            ))
+        }
         Method::Gradient => Box::new(Saliency {
             kind: GradientKind::Signed,
         }),

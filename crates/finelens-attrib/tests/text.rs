@@ -95,3 +95,62 @@ fn integrated_gradients_on_word_embeddings_is_complete() {
     assert_eq!(s.map.dim(), (1, t, 16));
     assert!(s.map.iter().all(|v| *v >= 0.0) && s.map.iter().any(|v| *v > 0.0));
 }
+
+/// The attention views read the model's real attention (rows summing to 1, one per layer), and
+/// the gradient the hook hands back is the logit's derivative with respect to the attention as
+/// used: a central finite difference through the same hook agrees in f64.
+#[test]
+fn attention_and_its_gradient_match_finite_differences() {
+    use finelens_attrib::attention::{attention, grad_rollout, rollout, Readout};
+    use finelens_models::{Classifier, Mode};
+    let spec = tiny();
+    let store = ParamStore::init(&spec.param_specs(), 8, &Device::Cpu)
+        .unwrap()
+        .frozen_as(DType::F64)
+        .unwrap();
+    let bert = Bert::new(spec, &store).unwrap();
+    let text = [1u32, 4, 19, 11, 2];
+    let t = text.len();
+    let model = OnWordEmbeddings {
+        bert: &bert,
+        type_ids: Tensor::zeros((1, t), DType::U32, &Device::Cpu).unwrap(),
+        mask: Tensor::ones((1, t), DType::U32, &Device::Cpu).unwrap(),
+    };
+    let x = model.input(&ids(&text)).unwrap();
+    let target = 1;
+    let layers = attention(&model, &x, Some(target)).unwrap();
+    assert_eq!(layers.len(), 2);
+    for l in &layers {
+        assert_eq!(l.probabilities.dim(), (2, t, t));
+        for row in l.probabilities.rows() {
+            assert!((row.sum() - 1.0).abs() < 1e-5);
+        }
+    }
+    // Perturb one attention entry of layer 1, head 0, through the hook.
+    let logit = |eps: f64, (layer, i, j): (usize, usize, usize)| -> f64 {
+        let name = format!("encoder.layer.{layer}.attention");
+        let mut hook = |n: &str, a: &Tensor| -> finelens_models::Result<Option<Tensor>> {
+            if n != name {
+                return Ok(None);
+            }
+            let mut v: Vec<f64> = a.flatten_all()?.to_vec1()?;
+            v[i * t + j] += eps;
+            Ok(Some(Tensor::from_vec(v, a.shape(), a.device())?))
+        };
+        let y = model
+            .forward_hooked(&x, Mode::Eval, Some(&mut hook))
+            .unwrap();
+        y.to_vec2::<f64>().unwrap()[0][target]
+    };
+    for at in [(1, 0, 3), (0, 2, 1), (1, 4, 0)] {
+        let fd = (logit(1e-6, at) - logit(-1e-6, at)) / 2e-6;
+        let g = layers[at.0].gradient.as_ref().unwrap()[[0, at.1, at.2]] as f64;
+        assert!(
+            (fd - g).abs() <= 1e-4 * fd.abs().max(1e-3),
+            "{at:?}: finite difference {fd}, gradient {g}"
+        );
+    }
+    let r = rollout(&layers, Readout::Token(0));
+    assert!((r.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+    assert_eq!(grad_rollout(&layers, Readout::Mean).len(), t);
+}

@@ -13,12 +13,14 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
+use finelens_attrib::attention::{self, LayerAttention, Readout};
 use finelens_attrib::{
     registry, Attributor, BaselineSpec, BuildContext, Completeness, Method, MethodSpec,
     Normalisation, Sign, Target, TokenBaseline,
 };
 use finelens_data::text::{Columns, Encoded, TextSet, TextTokenizer};
-use finelens_models::bert::{Bert, OnWordEmbeddings};
+use finelens_models::bert::{Bert, OnWordEmbeddings, TextHead};
+use finelens_models::Classifier;
 use finelens_report::heatmap::{colour, outlier_threshold, Scale};
 use finelens_report::html::{render, Block, Cell, Page, Span};
 use serde::{Deserialize, Serialize};
@@ -100,10 +102,23 @@ impl Versioned for TextExplainReport {
     }
 }
 
-/// Methods that apply to text as they do to images; the rest (Grad-CAM needs a spatial layer,
-/// occlusion of tokens is not built yet) are skipped with a warning.
-fn applies_to_text(m: Method) -> bool {
-    !matches!(m, Method::GradCam | Method::Occlusion)
+/// How a method explains a text: through the registry's attribution on the word embeddings, as
+/// a view of the attention, or by occluding tokens; Grad-CAM (it needs a spatial layer) does not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Embeddings,
+    Attention,
+    Occlusion,
+    None,
+}
+
+fn kind(m: Method) -> Kind {
+    match m {
+        Method::GradCam => Kind::None,
+        Method::Occlusion => Kind::Occlusion,
+        Method::Attention | Method::AttentionRollout | Method::GradAttention => Kind::Attention,
+        _ => Kind::Embeddings,
+    }
 }
 
 /// The texts `input` names: a `.csv`/`.tsv`/`.jsonl` set or a folder per class (labels kept), a
@@ -215,7 +230,7 @@ pub fn explain_text(s: &ExplainSettings, progress: Progress) -> Result<TextExpla
     let target = Target::parse(&s.target, &m.classes)?;
     let mut specs = Vec::new();
     for spec in &s.methods {
-        if applies_to_text(spec.method) {
+        if kind(spec.method) != Kind::None {
             specs.push(MethodSpec {
                 method: spec.method,
                 options: spec.options.or(&s.shared),
@@ -229,7 +244,7 @@ pub fn explain_text(s: &ExplainSettings, progress: Progress) -> Result<TextExpla
     }
     if specs.is_empty() {
         return Err(settings(
-            "none of the methods applies to text (saliency, gradient, gradient_x_input, smoothgrad, smoothgrad_sq, vargrad, integrated_gradients do)",
+            "none of the methods applies to text (all but grad_cam do)",
         ));
     }
     for spec in &mut specs {
@@ -322,6 +337,7 @@ pub fn explain_text(s: &ExplainSettings, progress: Progress) -> Result<TextExpla
             };
             let methods: Vec<Box<dyn Attributor>> = specs
                 .iter()
+                .filter(|spec| kind(spec.method) == Kind::Embeddings)
                 .map(|spec| registry::build(spec, &ctx))
                 .collect::<finelens_attrib::Result<_>>()?;
             let pred = finelens_attrib::predict(&model, &x, &target)?.remove(0);
@@ -345,6 +361,80 @@ pub fn explain_text(s: &ExplainSettings, progress: Progress) -> Result<TextExpla
                         words: word_scores(&tokens, &word_of, words.len(), method.sign()),
                         tokens,
                         completeness: attr.completeness,
+                        npy,
+                        seconds: started.elapsed().as_secs_f64(),
+                    },
+                );
+            }
+            let views = Views {
+                model: &model,
+                x: &x,
+                ids: &e.ids,
+                word_of: &word_of,
+                target: pred.target,
+                readout: match m.spec.head {
+                    TextHead::Cls => Readout::Token(0),
+                    TextHead::Mean | TextHead::Mlp(_) => Readout::Mean,
+                },
+            };
+            let mut layers: Option<Vec<LayerAttention>> = None;
+            for spec in specs.iter().filter(|s| kind(s.method) != Kind::Embeddings) {
+                let started = Instant::now();
+                let name = spec.method.name();
+                let npy = format!("texts/{id}/{name}.npy");
+                let (tokens, words_scored, sign) = if spec.method == Method::Occlusion {
+                    let fill = match &spec.options.baseline {
+                        None | Some(BaselineSpec::Tokens(TokenBaseline::Mask)) => {
+                            mask_id.ok_or_else(|| settings("occlusion: the tokenizer has no [MASK] token"))?
+                        }
+                        Some(BaselineSpec::Tokens(_)) => pad,
+                        Some(b) => {
+                            return Err(settings(format!(
+                                "occlusion of text replaces tokens with [MASK] (baseline=mask) or [PAD] (baseline=pad), not `{b}`"
+                            )))
+                        }
+                    };
+                    let (tokens, words) = views.occlusion(fill, words.len())?;
+                    write_file(
+                        &out.join(&npy),
+                        &finelens_report::npy::encode_f32(&[t], &tokens),
+                    )?;
+                    (tokens, Some(words), Sign::Signed)
+                } else {
+                    if layers.is_none() {
+                        layers = Some(attention::attention(&model, &x, Some(pred.target))?);
+                    }
+                    let layers = layers.as_ref().expect("just computed");
+                    let tokens = match spec.method {
+                        Method::Attention => attention::last_layer(layers, views.readout),
+                        Method::AttentionRollout => attention::rollout(layers, views.readout),
+                        _ => attention::grad_rollout(layers, views.readout),
+                    };
+                    // Every layer's attention (layers × heads × T × T) beside the raw view.
+                    let (all, shape) = if spec.method == Method::Attention {
+                        let heads = layers[0].probabilities.dim().0;
+                        let v: Vec<f32> = layers
+                            .iter()
+                            .flat_map(|l| l.probabilities.iter().copied())
+                            .collect();
+                        (v, vec![layers.len(), heads, t, t])
+                    } else {
+                        (tokens.clone(), vec![t])
+                    };
+                    write_file(
+                        &out.join(&npy),
+                        &finelens_report::npy::encode_f32(&shape, &all),
+                    )?;
+                    (tokens, None, Sign::Absolute)
+                };
+                scores.insert(
+                    name.to_owned(),
+                    TokenScores {
+                        sign,
+                        words: words_scored
+                            .unwrap_or_else(|| word_scores(&tokens, &word_of, words.len(), sign)),
+                        tokens,
+                        completeness: None,
                         npy,
                         seconds: started.elapsed().as_secs_f64(),
                     },
@@ -404,6 +494,74 @@ pub fn explain_text(s: &ExplainSettings, progress: Progress) -> Result<TextExpla
         s.out.join("index.html").display()
     )));
     Ok(report)
+}
+
+/// What the attention views and occlusion of one text need.
+struct Views<'a> {
+    model: &'a OnWordEmbeddings<'a>,
+    x: &'a Tensor,
+    ids: &'a [u32],
+    word_of: &'a [Option<usize>],
+    target: usize,
+    readout: Readout,
+}
+
+/// Occluded copies per forward pass.
+const OCCLUSION_BATCH: usize = 32;
+
+impl Views<'_> {
+    /// F(x) − F(x with the tokens `hide` selects replaced by `fill`), for each selection.
+    fn drops(&self, fill: u32, hides: &[Vec<usize>]) -> Result<Vec<f32>> {
+        let t = self.ids.len();
+        let target = |x: &Tensor| -> Result<Vec<f32>> {
+            let logits = self.model.forward(x, finelens_models::Mode::Eval)?;
+            Ok(logits
+                .narrow(1, self.target, 1)?
+                .flatten_all()?
+                .to_dtype(DType::F32)?
+                .to_vec1()?)
+        };
+        let full = target(self.x)?[0];
+        let mut out = Vec::with_capacity(hides.len());
+        for chunk in hides.chunks(OCCLUSION_BATCH) {
+            let mut ids = Vec::with_capacity(chunk.len() * t);
+            for hide in chunk {
+                let mut v = self.ids.to_vec();
+                for &i in hide {
+                    v[i] = fill;
+                }
+                ids.extend(v);
+            }
+            let ids = Tensor::from_vec(ids, (chunk.len(), t), &Device::Cpu)?;
+            let x = self.model.bert.word_embeddings(&ids)?.unsqueeze(1)?;
+            out.extend(target(&x)?.into_iter().map(|f| full - f));
+        }
+        Ok(out)
+    }
+
+    /// Occlusion by token (each word token replaced by `fill`; special tokens score 0) and by
+    /// word (all of a word's tokens at once).
+    fn occlusion(&self, fill: u32, words: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let word_tokens: Vec<usize> = (0..self.ids.len())
+            .filter(|&i| self.word_of[i].is_some())
+            .collect();
+        let by_token = self.drops(
+            fill,
+            &word_tokens.iter().map(|&i| vec![i]).collect::<Vec<_>>(),
+        )?;
+        let mut tokens = vec![0f32; self.ids.len()];
+        for (&i, d) in word_tokens.iter().zip(by_token) {
+            tokens[i] = d;
+        }
+        let hides: Vec<Vec<usize>> = (0..words)
+            .map(|w| {
+                (0..self.ids.len())
+                    .filter(|&i| self.word_of[i] == Some(w))
+                    .collect()
+            })
+            .collect();
+        Ok((tokens, self.drops(fill, &hides)?))
+    }
 }
 
 /// The page: per text, its prediction, then each method's tokens coloured (blue–white–red for
