@@ -439,6 +439,29 @@ fn demo_evaluates_the_shipped_fixture() {
         let page = std::fs::read_to_string(out_dir.join("index.html")).unwrap();
         assert!(page.contains("all-MiniLM-L6-v2 on the synthetic sentiment tasks"));
         assert!(!out_dir.join("text-sentiment/last.safetensors").exists());
+        // The shortcut model's integrated gradients pile on the film title it learned.
+        let ex = read_json(&out_dir.join("text-shortcut-explain/explain.json"));
+        let on_title = ex["texts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| {
+                let scores = t["methods"]["integrated_gradients"]["words"]
+                    .as_array()
+                    .unwrap();
+                let best = (0..scores.len())
+                    .max_by(|&a, &b| {
+                        let v = |i: usize| scores[i].as_f64().unwrap().abs();
+                        v(a).total_cmp(&v(b))
+                    })
+                    .unwrap();
+                let word = t["words"][best]["text"].as_str().unwrap();
+                ["Blackwater", "Moonrise"]
+                    .iter()
+                    .any(|title| word.contains(title))
+            })
+            .count();
+        assert!(on_title >= 3, "top IG word a title in {on_title} of 4");
     } else {
         assert!(out.contains("text part skipped: --no-text"), "{out}");
     }

@@ -168,7 +168,7 @@ mod tests {
         for l in 1..5 {
             let layers: Vec<_> = (0..l).map(|_| layer(u.clone(), 3)).collect();
             let row = rollout(&layers, Readout::Token(1));
-            let keep = 0.5f32.powi(l as i32);
+            let keep = 0.5f32.powi(l);
             for (j, v) in row.iter().enumerate() {
                 let want = (1.0 - keep) / t as f32 + if j == 1 { keep } else { 0.0 };
                 assert!((v - want).abs() < 1e-6, "L {l}, column {j}: {v} vs {want}");

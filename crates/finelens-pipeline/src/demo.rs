@@ -20,6 +20,7 @@ use crate::progress::{Event, Progress};
 use crate::text::{
     evaluate_text_model, finetune_text, TextEvalSettings, TextFinetuneSettings, TextReading,
 };
+use crate::text_explain::{explain_text, TextExplainReport, TextExplanation};
 use crate::train::{
     evaluate_model, finetune, metrics_table, DataSplit, EvalSettings, FinetuneSettings, Reading,
 };
@@ -52,6 +53,9 @@ pub const TEXT_EPOCHS: usize = 3;
 pub const TEXT_LR: f64 = 1e-4;
 pub const TEXT_FREEZE: &str = "encoder.layer.0-3";
 pub const TEXT_MAX_LENGTH: usize = 32;
+/// Sentences the text part explains per model, and how.
+pub const TEXT_EXPLAIN: usize = 4;
+pub const TEXT_METHODS: &str = "integrated_gradients,grad_attention,occlusion";
 
 /// Where the demo reads and writes; relative defaults are found from the working directory or,
 /// failing that, in the workspace finelens was built from (so the demo runs from anywhere).
@@ -159,6 +163,16 @@ pub struct DemoText {
     pub val_accuracy: f64,
     pub test_accuracy: f64,
     pub folder: PathBuf,
+    pub explained: TextExplainReport,
+    /// Explained sentences whose word with the largest |integrated gradients| is a film title.
+    pub top_word_is_title: usize,
+}
+
+/// The word with the largest |score| under `method`.
+fn top_word<'a>(t: &'a TextExplanation, method: &str) -> Option<&'a str> {
+    let scores = &t.methods.get(method)?.words;
+    let best = (0..scores.len()).max_by(|&a, &b| scores[a].abs().total_cmp(&scores[b].abs()))?;
+    Some(t.words[best].text.as_str())
 }
 
 pub struct DemoOutcome {
@@ -500,6 +514,7 @@ fn text_recipe() -> TrainConfig {
 /// and on its shortcut variant (a film title gives the class away in train and validation, and
 /// is absent from test), each evaluated on its test split.
 fn text_part(s: &DemoSettings, model: &Path, progress: Progress) -> Result<Vec<DemoText>> {
+    use finelens_data::text::synth::TITLES;
     use finelens_data::text::{generate_text, TextSynthConfig, TextTask};
     let mut rows = Vec::new();
     for task in TextTask::ALL {
@@ -546,11 +561,44 @@ fn text_part(s: &DemoSettings, model: &Path, progress: Progress) -> Result<Vec<D
         // The demo never resumes, and a text run's state is the whole encoder again (120 MB).
         let state = out.join(crate::train::STATE_FILE);
         std::fs::remove_file(&state).map_err(|e| crate::error::input(&state, e.to_string()))?;
+        // Explain a few sentences: the clean model's test sentences; the shortcut model's
+        // validation sentences, which carry the film title it may have learned instead.
+        let split = match task {
+            TextTask::TextSentiment => Split::Test,
+            TextTask::TextShortcut => Split::Val,
+        };
+        let explained = explain_text(
+            &ExplainSettings {
+                model: ModelSource::new(&out),
+                preprocess: PreprocessSettings::default(),
+                input: dir.split(split),
+                methods: MethodSpec::parse_list(TEXT_METHODS)?,
+                shared: MethodOptions::default(),
+                target: "predicted".into(),
+                limit: Some(TEXT_EXPLAIN),
+                strict: true,
+                outlier_perc: finelens_report::heatmap::DEFAULT_OUTLIER_PERC,
+                out: s.out.join(format!("{}-explain", task.name())),
+                force: true,
+                shard: None,
+            },
+            progress,
+        )?;
+        let on_title = explained
+            .texts
+            .iter()
+            .filter(|t| {
+                top_word(t, "integrated_gradients")
+                    .is_some_and(|w| TITLES.iter().any(|title| w.contains(title)))
+            })
+            .count();
         rows.push(DemoText {
             task: task.name(),
             val_accuracy: report.val.accuracy,
             test_accuracy: test.metrics.accuracy,
             folder: out,
+            explained,
+            top_word_is_title: on_title,
         });
     }
     Ok(rows)
@@ -592,6 +640,25 @@ fn text_blocks(text: &std::result::Result<Vec<DemoText>, String>) -> Vec<Block> 
                     })
                     .collect(),
             ));
+            for r in rows {
+                blocks.push(Block::Heading(
+                    3,
+                    format!(
+                        "{}: integrated gradients, gradient-weighted attention, occlusion",
+                        r.task
+                    ),
+                ));
+                blocks.push(Block::Paragraph(format!(
+                    "The word with the largest |integrated gradients| is the film title in {} of \
+                     {} sentences.",
+                    r.top_word_is_title,
+                    r.explained.texts.len()
+                )));
+                blocks.extend(crate::text_explain::blocks(
+                    &r.explained,
+                    finelens_report::heatmap::DEFAULT_OUTLIER_PERC,
+                ));
+            }
         }
     }
     blocks
@@ -618,10 +685,12 @@ impl std::fmt::Display for DemoOutcome {
                 for r in rows {
                     writeln!(
                         f,
-                        "{:<14} validation {:.1}%, test {:.1}%  ({})",
+                        "{:<14} validation {:.1}%, test {:.1}%, top IG word a film title in {} of {} sentences  ({})",
                         r.task,
                         100.0 * r.val_accuracy,
                         100.0 * r.test_accuracy,
+                        r.top_word_is_title,
+                        r.explained.texts.len(),
                         r.folder.display()
                     )?;
                 }

@@ -564,13 +564,31 @@ impl Views<'_> {
     }
 }
 
+/// A score with three significant digits, in scientific notation when small.
+fn number(v: f32) -> String {
+    if v != 0.0 && v.abs() < 0.01 {
+        format!("{v:+.2e}")
+    } else {
+        format!("{v:+.3}")
+    }
+}
+
 /// The page: per text, its prediction, then each method's tokens coloured (blue–white–red for
-/// signed scores, viridis for magnitudes, clipped at the outlier percentage as the image heat
+/// signed scores, white–red for magnitudes, clipped at the outlier percentage as the image heat
 /// maps are) with the score on hover, and a table of the word scores.
 fn page(r: &TextExplainReport, outlier_perc: f32) -> Page {
+    Page {
+        title: "finelens: token attributions".into(),
+        blocks: blocks(r, outlier_perc),
+    }
+}
+
+/// The page's blocks (the demo's page shows them too).
+pub fn blocks(r: &TextExplainReport, outlier_perc: f32) -> Vec<Block> {
     let mut blocks = vec![Block::Paragraph(format!(
-        "{} (sha256 {}), classes {}; methods {}. Scores are on the word embeddings; hover a token \
-         for its score.",
+        "{} (sha256 {}), classes {}; methods {}. Gradient methods attribute to the word \
+         embeddings, attention views and occlusion score tokens directly; hover a token for its \
+         score.",
         r.model.display(),
         &r.sha256[..12.min(r.sha256.len())],
         r.classes.join(", "),
@@ -593,12 +611,7 @@ fn page(r: &TextExplainReport, outlier_perc: f32) -> Page {
                 ""
             }
         )));
-        let mut rows = Vec::new();
         for (name, sc) in &t.methods {
-            let scale = match sc.sign {
-                Sign::Signed => Scale::Diverging,
-                Sign::Absolute => Scale::Sequential,
-            };
             let limit = outlier_threshold(sc.tokens.iter().copied(), outlier_perc);
             let limit = if limit > 0.0 { limit } else { 1.0 };
             let mut spans = vec![Span {
@@ -607,40 +620,46 @@ fn page(r: &TextExplainReport, outlier_perc: f32) -> Page {
                 title: String::new(),
             }];
             for (tok, &v) in t.tokens.iter().zip(&sc.tokens) {
-                let n = match scale {
-                    Scale::Diverging => (v / limit).clamp(-1.0, 1.0),
-                    Scale::Sequential => (v.abs() / limit).clamp(0.0, 1.0),
+                // Signed: blue–white–red. Magnitudes: the red half of the same map (white is
+                // none), which reads better behind text than the image maps' viridis.
+                let n = match sc.sign {
+                    Sign::Signed => (v / limit).clamp(-1.0, 1.0),
+                    Sign::Absolute => (v.abs() / limit).clamp(0.0, 1.0),
                 };
                 spans.push(Span {
                     text: tok.token.clone(),
-                    colour: colour(n, scale),
-                    title: format!("{} {v:.4}", tok.token),
+                    colour: colour(n, Scale::Diverging),
+                    title: format!("{} {}", tok.token, number(v)),
                 });
             }
             blocks.push(Block::Tokens(spans));
-            let mut row = vec![Cell::Text(name.clone())];
             if let Some(c) = &sc.completeness {
-                row.push(Cell::Text(format!(
-                    "Σ {:.4} vs ΔF {:.4} (δ {:.2e})",
+                blocks.push(Block::Paragraph(format!(
+                    "{name}: Σ attributions {:.4}, F(x) − F(baseline) {:.4}, δ {:.2e}",
                     c.attribution_sum, c.output_difference, c.delta
                 )));
-            } else {
-                row.push(Cell::Text(String::new()));
             }
-            for (w, v) in t.words.iter().zip(&sc.words) {
-                row.push(Cell::Text(format!("{} {v:+.3}", w.text)));
-            }
-            rows.push(row);
         }
-        blocks.push(Block::Table(
-            vec!["method".into(), "completeness".into(), "word scores".into()],
-            rows,
-        ));
+        // Word scores: a row per word, a column per method.
+        let mut head = vec!["word".to_owned()];
+        head.extend(t.methods.keys().cloned());
+        let rows = t
+            .words
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                let mut row = vec![Cell::Text(w.text.clone())];
+                row.extend(
+                    t.methods
+                        .values()
+                        .map(|sc| Cell::Text(number(sc.words[i]))),
+                );
+                row
+            })
+            .collect();
+        blocks.push(Block::Table(head, rows));
     }
-    Page {
-        title: "finelens: token attributions".into(),
-        blocks,
-    }
+    blocks
 }
 
 #[cfg(test)]
