@@ -31,7 +31,8 @@ def main():
     rows = [json.loads(line) for line in val.read_text().splitlines() if line.strip()]
     metrics = json.loads((out / "metrics.json").read_text())
     with safe_open(out / "model.safetensors", framework="pt") as f:
-        record = json.loads(f.metadata()["finelens"])
+        meta = f.metadata()
+        record = json.loads(meta.get("finelens-text") or meta["finelens"])
     max_length = record["max_length"]
     correct, loss_sum = 0, 0.0
     with torch.no_grad():

@@ -1941,6 +1941,48 @@ fn finetune_a_text_model_folder() {
     ]);
     assert_one_line_error(&o, "baseline `blur` is an image baseline");
 
+    // Drift from the bare MiniLM (no `bert.` prefix, no classifier) to the fine-tuned folder:
+    // tensors matched by name across the two spellings; the frozen embeddings did not move (in
+    // weights or [CLS] representation), the encoder did; attention drift per layer and head.
+    let dr = d.path().join("drift");
+    let o = finelens(&[
+        "drift",
+        model.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "--probe",
+        task.join("val.jsonl").to_str().unwrap(),
+        "--limit",
+        "12",
+        "--batch-size",
+        "6",
+        "--explain-images",
+        "2",
+        "--out",
+        dr.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = read_json(&dr.join("drift.json"));
+    assert_eq!(r["schema_version"], "finelens-text-drift/1");
+    assert_eq!(r["weights"]["tensors"].as_array().unwrap().len(), 103);
+    let stage = |name: &str| -> f64 {
+        r["weights"]["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["name"] == name)
+            .unwrap()["relative_l2_change"]
+            .as_f64()
+            .unwrap()
+    };
+    assert_eq!(stage("embeddings"), 0.0);
+    assert!(stage("encoder.layer.0") > 0.0);
+    let cka = r["representation"]["diagonal"].as_array().unwrap();
+    assert!((cka[0].as_f64().unwrap() - 1.0).abs() < 1e-6, "{cka:?}");
+    let js = r["attention"]["js_distance"].as_array().unwrap();
+    assert_eq!((js.len(), js[0].as_array().unwrap().len()), (6, 12));
+    assert_eq!(r["explanation"]["spearman"].as_array().unwrap().len(), 2);
+    assert!(dr.join("cka.png").is_file() && dr.join("layers.png").is_file());
+
     // The run left its resumable state; resuming a finished run trains nothing and leaves the
     // model as it was, and a state from other settings is refused.
     let weights = std::fs::read(out.join("model.safetensors")).unwrap();

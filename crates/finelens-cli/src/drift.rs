@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 use finelens_attrib::MethodSpec;
-use finelens_pipeline::drift::{drift, DriftSettings};
+use finelens_pipeline::drift::{run_drift, DriftSettings};
 
 use crate::CheckpointArgs;
 use finelens_attrib::MethodOptions;
@@ -85,5 +85,5 @@ impl DriftArgs {
 
 pub fn drift_cmd(a: DriftArgs) -> Result<()> {
     let s = a.settings()?;
-    crate::progress::run(|p| drift(&s, p)).map(|_| ())
+    crate::progress::run(|p| run_drift(&s, p))
 }

@@ -37,9 +37,9 @@ pub struct CkaBench {
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> DriftError + '_ {
-    move |source| DriftError::Io {
+    move |error| DriftError::Io {
         path: path.to_owned(),
-        source,
+        error,
     }
 }
 

@@ -3,11 +3,12 @@ use std::path::PathBuf;
 /// Drift errors: one line, naming the file, tensor or setting at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum DriftError {
-    #[error("{path}: {source}")]
+    // Not named `source`: the message already holds the cause, and a `source` would print it
+    // twice in an error chain.
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: not a safetensors checkpoint ({reason})")]
     Corrupt { path: PathBuf, reason: String },

@@ -3,7 +3,7 @@
 //! (`MADV_DONTNEED`) once it has been read, so resident memory stays near the size of the tensor
 //! being read whatever the checkpoint's size; only spectral norms copy a tensor (as f32).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use finelens_models::checkpoint::{self, Metadata};
@@ -24,6 +24,10 @@ pub struct WeightDriftOptions {
     /// Spectral norms and stable ranks of matrices and conv kernels (power iteration).
     pub spectral: bool,
     pub power_iterations: usize,
+    /// Each file's tensor names mapped to the names compared, or `None` to leave a tensor out (a
+    /// buffer that is not a parameter): two spellings of one model (Hugging Face's `BertModel`
+    /// names with and without `bert.`) then compare tensor by tensor. `None`: names as they are.
+    pub canonical: Option<fn(&str) -> Option<String>>,
 }
 
 impl Default for WeightDriftOptions {
@@ -31,6 +35,7 @@ impl Default for WeightDriftOptions {
         Self {
             spectral: true,
             power_iterations: POWER_ITERATIONS,
+            canonical: None,
         }
     }
 }
@@ -226,18 +231,18 @@ struct Mapped {
 
 impl Mapped {
     fn open(path: &Path) -> Result<Self> {
-        let file = std::fs::File::open(path).map_err(|source| DriftError::Io {
+        let file = std::fs::File::open(path).map_err(|error| DriftError::Io {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         // SAFETY: the mapping is read-only, but it is only as stable as the file under it: a
         // checkpoint rewritten in place while we read gives wrong numbers, and one truncated
         // underneath makes the next read of a vanished page raise SIGBUS and end the process.
         // finelens itself never writes in place (checkpoints are written to a temporary file and
         // renamed, which leaves this mapping's inode intact); the risk is another program.
-        let map = unsafe { Mmap::map(&file) }.map_err(|source| DriftError::Io {
+        let map = unsafe { Mmap::map(&file) }.map_err(|error| DriftError::Io {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         let _ = map.advise(memmap2::Advice::Sequential);
         let meta = checkpoint::read_metadata(path, &map)?;
@@ -511,8 +516,22 @@ pub fn weight_drift_described(
     }
     let st0 = m0.tensors()?;
     let st1 = m1.tensors()?;
-    let names0: HashSet<String> = st0.names().into_iter().map(str::to_owned).collect();
-    let names1: HashSet<String> = st1.names().into_iter().map(str::to_owned).collect();
+    // Canonical name → the file's own.
+    let spelled = |st: &SafeTensors| -> HashMap<String, String> {
+        st.names()
+            .into_iter()
+            .filter_map(|n| {
+                let c = match opts.canonical {
+                    Some(f) => f(n)?,
+                    None => n.to_owned(),
+                };
+                Some((c, n.to_owned()))
+            })
+            .collect()
+    };
+    let (spelled0, spelled1) = (spelled(&st0), spelled(&st1));
+    let names0: HashSet<String> = spelled0.keys().cloned().collect();
+    let names1: HashSet<String> = spelled1.keys().cloned().collect();
     let all: HashSet<String> = names0.union(&names1).cloned().collect();
     let grouping = match description {
         Some(d) => Grouping(Some(d)),
@@ -541,8 +560,8 @@ pub fn weight_drift_described(
     for name in &order {
         let (v0, v1) = match (names0.contains(name), names1.contains(name)) {
             (true, true) => (
-                st0.tensor(name).expect("listed"),
-                st1.tensor(name).expect("listed"),
+                st0.tensor(&spelled0[name]).expect("listed"),
+                st1.tensor(&spelled1[name]).expect("listed"),
             ),
             (false, _) if grouping.is_head(name) => {
                 out.added.push(name.clone());

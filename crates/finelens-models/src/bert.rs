@@ -642,6 +642,20 @@ impl Bert {
     }
 }
 
+/// The name a tensor of a BERT folder is compared under across files: Hugging Face's
+/// `BertModel` names with the `bert.` prefix (a bare `BertModel` file, like all-MiniLM's, has
+/// none; a `BertForSequenceClassification` file has it), the classifier's as they are; the
+/// `position_ids` buffer is not a parameter (`None`).
+pub fn canonical_name(name: &str) -> Option<String> {
+    if name.ends_with("position_ids") {
+        None
+    } else if name.starts_with(ENCODER) || name.starts_with("classifier.") {
+        Some(name.to_owned())
+    } else {
+        Some(format!("{ENCODER}{name}"))
+    }
+}
+
 /// One tokenized text's classifier on its word embeddings: the input is N × 1 × T × hidden (N
 /// copies or path points of the text's word embeddings — a one-channel "image" of tokens by
 /// hidden units, so that the attribution methods apply unchanged), the token types and the

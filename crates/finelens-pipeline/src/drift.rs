@@ -288,6 +288,15 @@ pub fn drift_figures(
     Ok((bars, cka))
 }
 
+/// `finelens drift`: a text model folder's drift ([`crate::text_drift`]) or a checkpoint's.
+pub fn run_drift(s: &DriftSettings, progress: Progress) -> Result<()> {
+    if crate::text::is_model_folder(&s.after.path) {
+        crate::text_drift::drift_text(s, progress).map(drop)
+    } else {
+        drift(s, progress).map(drop)
+    }
+}
+
 pub fn drift(s: &DriftSettings, progress: Progress) -> Result<DriftReport> {
     s.check()?;
     let started = Instant::now();

@@ -26,7 +26,12 @@ use crate::train::{write_metrics, EvaluationReport, MetricsReport};
 pub const DEFAULT_MAX_LENGTH: usize = 128;
 
 /// The safetensors header key of finelens's record in a text model folder.
-pub const TEXT_RECORD_KEY: &str = "finelens";
+/// Not the image checkpoints' `finelens` key: tools that read a checkpoint's metadata (weight
+/// drift) must not mistake a text record for an image model's.
+pub const TEXT_RECORD_KEY: &str = "finelens-text";
+
+/// Where folders written before 2 December 2026 kept the record.
+const LEGACY_TEXT_RECORD_KEY: &str = "finelens";
 
 /// How texts are read: their columns and the maximum length in tokens.
 #[derive(Debug, Clone)]
@@ -346,7 +351,11 @@ pub fn load_text_model(dir: &Path) -> Result<TextModel> {
 fn text_model_of(folder: &HfFolder) -> Result<TextModel> {
     let dir = folder.dir.as_path();
     let weights = dir.join(WEIGHTS_FILE);
-    let record: Option<TextModelRecord> = match folder.header.get(TEXT_RECORD_KEY) {
+    let record: Option<TextModelRecord> = match folder
+        .header
+        .get(TEXT_RECORD_KEY)
+        .or_else(|| folder.header.get(LEGACY_TEXT_RECORD_KEY))
+    {
         Some(json) => Some(
             serde_json::from_str(json)
                 .map_err(|e| input(&weights, format!("bad finelens record: {e}")))?,

@@ -121,11 +121,12 @@ fn kind(m: Method) -> Kind {
     }
 }
 
-/// The texts `input` names: a `.csv`/`.tsv`/`.jsonl` set or a folder per class (labels kept), a
-/// `.txt` file (one text per line), or else the argument is the text itself.
-fn read_texts(
+/// The texts `input` names: a `.csv`/`.tsv`/`.jsonl` set or a folder per class (labels kept; with
+/// `classes`, they must be among them), a `.txt` file (one text per line), or else the argument
+/// is the text itself.
+pub(crate) fn read_texts(
     input: &Path,
-    classes: &[String],
+    classes: Option<&[String]>,
     limit: Option<usize>,
 ) -> Result<Vec<(String, String, Option<String>)>> {
     let arg = input.to_string_lossy();
@@ -143,10 +144,10 @@ fn read_texts(
             text: "text".into(),
             label: "label".into(),
         };
-        let set = TextSet::read(input, &columns, Some(classes))?;
+        let set = TextSet::read(input, &columns, classes)?;
         set.samples
             .into_iter()
-            .map(|s| (s.source, s.text, Some(classes[s.label].clone())))
+            .map(|s| (s.source, s.text, Some(set.classes[s.label].clone())))
             .collect()
     };
     if let Some(n) = limit {
@@ -265,7 +266,7 @@ pub fn explain_text(s: &ExplainSettings, progress: Progress) -> Result<TextExpla
             }
         }
     }
-    let texts = read_texts(&s.input, &m.classes, s.limit)?;
+    let texts = read_texts(&s.input, Some(&m.classes), s.limit)?;
     let hidden = m.spec.config.hidden_size;
     let pad = m.spec.config.pad_token_id;
     let mask_id = tok.token_id("[MASK]");
@@ -649,11 +650,7 @@ pub fn blocks(r: &TextExplainReport, outlier_perc: f32) -> Vec<Block> {
             .enumerate()
             .map(|(i, w)| {
                 let mut row = vec![Cell::Text(w.text.clone())];
-                row.extend(
-                    t.methods
-                        .values()
-                        .map(|sc| Cell::Text(number(sc.words[i]))),
-                );
+                row.extend(t.methods.values().map(|sc| Cell::Text(number(sc.words[i]))));
                 row
             })
             .collect();
