@@ -462,6 +462,19 @@ fn demo_evaluates_the_shipped_fixture() {
             })
             .count();
         assert!(on_title >= 3, "top IG word a title in {on_title} of 4");
+        // The text audits with the default policy: the clean model passes, the shortcut model is
+        // flagged, its top word a title in no rationale.
+        let clean = read_json(&out_dir.join("audit-text-sentiment/report.json"));
+        assert_eq!(clean["schema_version"], "finelens-text-audit/1");
+        assert_eq!(clean["pass"], true, "{}", clean["verdicts"]);
+        let sc = read_json(&out_dir.join("audit-text-shortcut/report.json"));
+        assert_eq!(sc["pass"], false);
+        assert!(sc["shortcut"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["flagged"] == true
+                && ["blackwater", "moonrise"].contains(&c["top_word"].as_str().unwrap())));
     } else {
         assert!(out.contains("text part skipped: --no-text"), "{out}");
     }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use finelens_pipeline::audit::{audit, audit_shard, AuditJob};
+use finelens_pipeline::audit::{audit_shard, run_audit, AuditJob};
 
 use crate::CheckpointArgs;
 use finelens_attrib::MethodOptions;
@@ -105,5 +105,5 @@ pub fn audit_cmd(a: AuditArgs) -> Result<bool> {
     if job.shard.is_some() {
         return crate::progress::run(|p| audit_shard(&job, p)).map(|_| true);
     }
-    Ok(crate::progress::run(|p| audit(&job, p))?.document.pass)
+    crate::progress::run(|p| run_audit(&job, p))
 }

@@ -571,6 +571,15 @@ pub(crate) fn write_report(
 
 /// Run the audit of the whole set and write its directory; the outcome says whether every check
 /// passed. A job with a shard is [`audit_shard`]'s.
+/// `finelens audit`: a text model folder's audit ([`crate::text_audit`]) or a checkpoint's;
+/// whether every measured check passed.
+pub fn run_audit(job: &AuditJob, progress: Progress) -> Result<bool> {
+    if crate::text::is_model_folder(&job.model.path) {
+        return Ok(crate::text_audit::audit_text(job, progress)?.pass);
+    }
+    Ok(audit(job, progress)?.document.pass)
+}
+
 pub fn audit(job: &AuditJob, progress: Progress) -> Result<AuditOutcome> {
     if let Some(s) = job.shard {
         return Err(settings(format!(

@@ -56,6 +56,8 @@ pub const TEXT_MAX_LENGTH: usize = 32;
 /// Sentences the text part explains per model, and how.
 pub const TEXT_EXPLAIN: usize = 4;
 pub const TEXT_METHODS: &str = "integrated_gradients,grad_attention,occlusion";
+/// Validation sentences the text audits read.
+pub const TEXT_AUDIT: usize = 16;
 
 /// Where the demo reads and writes; relative defaults are found from the working directory or,
 /// failing that, in the workspace finelens was built from (so the demo runs from anywhere).
@@ -164,6 +166,7 @@ pub struct DemoText {
     pub test_accuracy: f64,
     pub folder: PathBuf,
     pub explained: TextExplainReport,
+    pub audit: crate::text_audit::TextAuditReport,
     /// Explained sentences whose word with the largest |integrated gradients| is a film title.
     pub top_word_is_title: usize,
 }
@@ -592,7 +595,34 @@ fn text_part(s: &DemoSettings, model: &Path, progress: Progress) -> Result<Vec<D
                     .is_some_and(|w| TITLES.iter().any(|title| w.contains(title)))
             })
             .count();
+        // Audit on the validation sentences (they carry the rationales, and the shortcut
+        // task's its titles) against the parent, with the default policy.
+        let audited = crate::text_audit::audit_text(
+            &AuditJob {
+                shard: None,
+                model: ModelSource::new(&out),
+                preprocess: PreprocessSettings::default(),
+                data: dir.split(Split::Val),
+                masks: None,
+                no_masks: false,
+                base: Some(ModelSource::new(model)),
+                policy: None,
+                require_all: false,
+                methods: MethodSpec::parse_list("integrated_gradients")?,
+                shared: MethodOptions::default(),
+                limit: TEXT_AUDIT,
+                replacement: BaselineSpec::Zeros,
+                sanity_images: 2,
+                seed: 0,
+                strict: true,
+                out: s.out.join(format!("audit-{}", task.name())),
+                force: true,
+                command_line: s.command_line.clone(),
+            },
+            progress,
+        )?;
         rows.push(DemoText {
+            audit: audited,
             task: task.name(),
             val_accuracy: report.val.accuracy,
             test_accuracy: test.metrics.accuracy,
@@ -641,6 +671,8 @@ fn text_blocks(text: &std::result::Result<Vec<DemoText>, String>) -> Vec<Block> 
                     .collect(),
             ));
             for r in rows {
+                blocks.push(Block::Heading(2, format!("Audit of the {} model", r.task)));
+                blocks.extend(crate::text_audit::blocks(&r.audit));
                 blocks.push(Block::Heading(
                     3,
                     format!(
@@ -685,12 +717,13 @@ impl std::fmt::Display for DemoOutcome {
                 for r in rows {
                     writeln!(
                         f,
-                        "{:<14} validation {:.1}%, test {:.1}%, top IG word a film title in {} of {} sentences  ({})",
+                        "{:<14} validation {:.1}%, test {:.1}%, top IG word a film title in {} of {} sentences; audit: {}  ({})",
                         r.task,
                         100.0 * r.val_accuracy,
                         100.0 * r.test_accuracy,
                         r.top_word_is_title,
                         r.explained.texts.len(),
+                        if r.audit.pass { "passes every check" } else { "FLAGGED" },
                         r.folder.display()
                     )?;
                 }

@@ -21,6 +21,7 @@ pub mod page;
 pub mod progress;
 pub mod shard;
 pub mod text;
+pub mod text_audit;
 pub mod text_drift;
 pub mod text_explain;
 pub mod train;

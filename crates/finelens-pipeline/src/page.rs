@@ -98,22 +98,19 @@ fn facts(rows: Vec<(&str, String)>) -> Block {
     )
 }
 
-/// One model's part of a report page: verdicts, model card, gallery, checks, drift, provenance.
-pub fn audit_blocks(p: &PageInput) -> Result<Vec<Block>> {
-    let d = p.document;
-    let r = &d.audit;
-    let classes = &d.checkpoint.classes;
-    let mut b = vec![Block::Heading(2, p.name.to_owned())];
+/// An audit's badges (the verdict, then each check's) and its verdict table.
+pub fn verdict_blocks(pass: bool, verdicts: &[Verdict]) -> Vec<Block> {
+    let mut b = Vec::new();
     let mut badges = vec![(
-        if d.pass {
+        if pass {
             "all checks pass"
         } else {
             "FLAGGED: checks fail"
         }
         .to_owned(),
-        if d.pass { Status::Pass } else { Status::Fail },
+        if pass { Status::Pass } else { Status::Fail },
     )];
-    badges.extend(d.verdicts.iter().map(|v| {
+    badges.extend(verdicts.iter().map(|v| {
         (
             format!("{}.{}: {}", v.check, v.key, verdict_word(v.pass)),
             status(v.pass),
@@ -133,7 +130,7 @@ pub fn audit_blocks(p: &PageInput) -> Result<Vec<Block>> {
         ]
         .map(String::from)
         .to_vec(),
-        d.verdicts
+        verdicts
             .iter()
             .map(|v| {
                 vec![
@@ -147,6 +144,16 @@ pub fn audit_blocks(p: &PageInput) -> Result<Vec<Block>> {
             })
             .collect(),
     ));
+    b
+}
+
+/// One model's part of a report page: verdicts, model card, gallery, checks, drift, provenance.
+pub fn audit_blocks(p: &PageInput) -> Result<Vec<Block>> {
+    let d = p.document;
+    let r = &d.audit;
+    let classes = &d.checkpoint.classes;
+    let mut b = vec![Block::Heading(2, p.name.to_owned())];
+    b.extend(verdict_blocks(d.pass, &d.verdicts));
 
     b.push(Block::Heading(3, "Model card".into()));
     let training = p.card.training.clone();

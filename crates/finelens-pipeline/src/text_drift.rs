@@ -60,7 +60,7 @@ impl Versioned for TextDriftReport {
 
 /// The parent: a folder with a classifier as it is; a bare encoder (all-MiniLM's) with the
 /// child's kind of head freshly initialised (representations and attention do not depend on it).
-fn parent_of(dir: &Path, child: &TextModel) -> Result<TextModel> {
+pub(crate) fn parent_of(dir: &Path, child: &TextModel) -> Result<TextModel> {
     if let Ok(m) = load_text_model(dir) {
         return Ok(m);
     }
@@ -142,6 +142,107 @@ fn pass(
         .map(|a| Ok(a.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?))
         .collect::<Result<_>>()?;
     Ok(Pass { vectors, attention })
+}
+
+/// Both models over the probe texts: minibatch CKA at `layers` and the attention's
+/// Jensen–Shannon drift per layer and head.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn probe_drift(
+    b0: &Bert,
+    b1: &Bert,
+    tok: &TextTokenizer,
+    texts: &[String],
+    layers: &[String],
+    pooled: bool,
+    batch_size: usize,
+    n_layers: usize,
+    heads: usize,
+    progress: Progress,
+) -> Result<(RepresentationDrift, AttentionDrift)> {
+    let attention_names: Vec<String> = (0..n_layers)
+        .map(|i| format!("encoder.layer.{i}.attention"))
+        .collect();
+    let names: Vec<&str> = layers
+        .iter()
+        .chain(&attention_names)
+        .map(String::as_str)
+        .collect();
+    let mut acc = MinibatchCka::new(layers.len(), layers.len());
+    let mut js = vec![vec![0f64; heads]; n_layers];
+    let mut rows = 0usize;
+    let mut batch: (Minibatch, Minibatch) = (Vec::new(), Vec::new());
+    let flush = |batch: &mut (Minibatch, Minibatch), acc: &mut MinibatchCka| -> Result<()> {
+        let n = batch.0.len();
+        if n >= MIN_CKA_BATCH {
+            let grams = |side: &Minibatch| -> Result<Vec<Vec<f64>>> {
+                (0..layers.len())
+                    .map(|l| {
+                        let d = side[0][l].len();
+                        let flat: Vec<f32> =
+                            side.iter().flat_map(|v| v[l].iter().copied()).collect();
+                        Ok(gram_linear(&Tensor::from_vec(flat, (n, d), &Device::Cpu)?)?)
+                    })
+                    .collect()
+            };
+            acc.update(&grams(&batch.0)?, &grams(&batch.1)?, n);
+        }
+        batch.0.clear();
+        batch.1.clear();
+        Ok(())
+    };
+    progress(Event::Stage {
+        name: "probe",
+        total: texts.len(),
+        unit: "texts",
+    });
+    for (k, text) in texts.iter().enumerate() {
+        let e = tok.encode(text)?;
+        let t = e.ids.len();
+        let row = |v: &[u32]| Tensor::from_vec(v.to_vec(), (1, t), &Device::Cpu);
+        let on = |b| -> Result<OnWordEmbeddings> {
+            Ok(OnWordEmbeddings {
+                bert: b,
+                type_ids: row(&e.type_ids)?,
+                mask: Tensor::ones((1, t), DType::U32, &Device::Cpu)?,
+            })
+        };
+        let (m0, m1) = (on(b0)?, on(b1)?);
+        let ids = row(&e.ids)?;
+        let p0 = pass(&m0, &m0.input(&ids)?, &names, layers.len(), pooled)?;
+        let p1 = pass(&m1, &m1.input(&ids)?, &names, layers.len(), pooled)?;
+        for (l, (a0, a1)) in p0.attention.iter().zip(&p1.attention).enumerate() {
+            for (h, js_h) in js[l].iter_mut().enumerate() {
+                for r in 0..t {
+                    let at = (h * t + r) * t;
+                    *js_h += js_distance(&a0[at..at + t], &a1[at..at + t]);
+                }
+            }
+        }
+        rows += t;
+        batch.0.push(p0.vectors);
+        batch.1.push(p1.vectors);
+        if batch.0.len() == batch_size {
+            flush(&mut batch, &mut acc)?;
+        }
+        progress(Event::Advance {
+            done: k + 1,
+            item: "",
+        });
+    }
+    flush(&mut batch, &mut acc)?;
+    progress(Event::StageEnd);
+    let rep = RepresentationDrift::from_minibatches(layers, pooled, &acc)?;
+    let js_distance = js
+        .into_iter()
+        .map(|l| l.into_iter().map(|v| v / rows.max(1) as f64).collect())
+        .collect();
+    Ok((
+        rep,
+        AttentionDrift {
+            js_distance,
+            texts: texts.len(),
+        },
+    ))
 }
 
 /// Weight, representation, attention and explanation drift of the text model folder `s.after`
@@ -246,86 +347,20 @@ pub fn drift_text(s: &DriftSettings, progress: Progress) -> Result<TextDriftRepo
                 known.join(", ")
             )));
         }
-        let n_layers = after.spec.config.num_hidden_layers;
-        let heads = after.spec.config.num_attention_heads;
-        let attention_names: Vec<String> = (0..n_layers)
-            .map(|i| format!("encoder.layer.{i}.attention"))
-            .collect();
-        let names: Vec<&str> = layers
-            .iter()
-            .chain(&attention_names)
-            .map(String::as_str)
-            .collect();
-        let mut acc = MinibatchCka::new(layers.len(), layers.len());
-        let mut js = vec![vec![0f64; heads]; n_layers];
-        let mut rows = 0usize;
-        let mut batch: (Minibatch, Minibatch) = (Vec::new(), Vec::new());
-        let flush = |batch: &mut (Minibatch, Minibatch), acc: &mut MinibatchCka| -> Result<()> {
-            let n = batch.0.len();
-            if n >= MIN_CKA_BATCH {
-                let grams = |side: &Minibatch| -> Result<Vec<Vec<f64>>> {
-                    (0..layers.len())
-                        .map(|l| {
-                            let d = side[0][l].len();
-                            let flat: Vec<f32> =
-                                side.iter().flat_map(|v| v[l].iter().copied()).collect();
-                            Ok(gram_linear(&Tensor::from_vec(flat, (n, d), &Device::Cpu)?)?)
-                        })
-                        .collect()
-                };
-                acc.update(&grams(&batch.0)?, &grams(&batch.1)?, n);
-            }
-            batch.0.clear();
-            batch.1.clear();
-            Ok(())
-        };
         let t0 = Instant::now();
-        progress(Event::Stage {
-            name: "probe",
-            total: texts.len(),
-            unit: "texts",
-        });
-        for (k, text) in texts.iter().enumerate() {
-            let e = tok.encode(text)?;
-            let t = e.ids.len();
-            let row = |v: &[u32]| Tensor::from_vec(v.to_vec(), (1, t), &Device::Cpu);
-            let on = |b| -> Result<OnWordEmbeddings> {
-                Ok(OnWordEmbeddings {
-                    bert: b,
-                    type_ids: row(&e.type_ids)?,
-                    mask: Tensor::ones((1, t), DType::U32, &Device::Cpu)?,
-                })
-            };
-            let (m0, m1) = (on(&b0)?, on(&b1)?);
-            let ids = row(&e.ids)?;
-            let p0 = pass(&m0, &m0.input(&ids)?, &names, layers.len(), s.pooled)?;
-            let p1 = pass(&m1, &m1.input(&ids)?, &names, layers.len(), s.pooled)?;
-            for (l, (a0, a1)) in p0.attention.iter().zip(&p1.attention).enumerate() {
-                for (h, js_h) in js[l].iter_mut().enumerate() {
-                    for r in 0..t {
-                        let at = (h * t + r) * t;
-                        *js_h += js_distance(&a0[at..at + t], &a1[at..at + t]);
-                    }
-                }
-            }
-            rows += t;
-            batch.0.push(p0.vectors);
-            batch.1.push(p1.vectors);
-            if batch.0.len() == s.batch_size {
-                flush(&mut batch, &mut acc)?;
-            }
-            progress(Event::Advance {
-                done: k + 1,
-                item: "",
-            });
-        }
-        flush(&mut batch, &mut acc)?;
-        progress(Event::StageEnd);
-        let rep = RepresentationDrift::from_minibatches(&layers, s.pooled, &acc)?;
-        let js: Vec<Vec<f64>> = js
-            .into_iter()
-            .map(|l| l.into_iter().map(|v| v / rows.max(1) as f64).collect())
-            .collect();
+        let (rep, attention) = probe_drift(
+            &b0,
+            &b1,
+            &tok,
+            &texts,
+            &layers,
+            s.pooled,
+            s.batch_size,
+            after.spec.config.num_hidden_layers,
+            after.spec.config.num_attention_heads,
+            progress,
+        )?;
+        let js = attention.js_distance.clone();
         let mut lines = vec![format!(
             "representation drift: linear CKA of the {} on {} probe texts in {:.1} s",
             if s.pooled {
@@ -348,10 +383,7 @@ pub fn drift_text(s: &DriftSettings, progress: Progress) -> Result<TextDriftRepo
         }
         progress(Event::Info(lines.join("\n")));
         report.representation = Some(rep);
-        report.attention = Some(AttentionDrift {
-            js_distance: js,
-            texts: texts.len(),
-        });
+        report.attention = Some(attention);
         if s.explain_images > 0 {
             let ex = explanation_drift(s, &b0, &b1, &before, &after, &tok, &texts)?;
             progress(Event::Info(format!(
