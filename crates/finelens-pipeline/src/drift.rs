@@ -288,6 +288,37 @@ pub fn drift_figures(
     Ok((bars, cka))
 }
 
+/// Weight drift for a terminal: what was compared, the layers that moved most, each stage.
+pub(crate) fn weight_summary(weights: &WeightDrift) -> String {
+    let mut lines = vec![format!(
+        "weight drift: {} tensors compared ({:.1} MB read), {} batch-norm statistics; added {}, removed {}, reshaped {}",
+        weights.tensors.len(),
+        weights.bytes_read as f64 / 1e6,
+        weights.batch_norm_statistics.len(),
+        list(&weights.added),
+        list(&weights.removed),
+        list(&weights.reshaped.iter().map(|r| r.0.clone()).collect::<Vec<_>>())
+    )];
+    let mut moved: Vec<&finelens_drift::GroupDrift> = weights.layers.iter().collect();
+    moved.sort_by(|x, y| y.relative_l2_change.total_cmp(&x.relative_l2_change));
+    lines.push("layers that moved most (‖ΔW‖/‖W₀‖, cosine):".to_owned());
+    for g in moved.iter().take(SUMMARY_TOP) {
+        lines.push(format!(
+            "  {:<28} {:>9.4}  {:>7.4}",
+            g.name, g.relative_l2_change, g.cosine_similarity
+        ));
+    }
+    lines.push(format!(
+        "per stage:{}",
+        weights
+            .stages
+            .iter()
+            .map(|g| format!("  {} {:.4}", g.name, g.relative_l2_change))
+            .collect::<String>()
+    ));
+    lines.join("\n")
+}
+
 /// `finelens drift`: a text model folder's drift ([`crate::text_drift`]) or a checkpoint's.
 pub fn run_drift(s: &DriftSettings, progress: Progress) -> Result<()> {
     if crate::text::is_model_folder(&s.after.path) {
@@ -309,33 +340,7 @@ pub fn drift(s: &DriftSettings, progress: Progress) -> Result<DriftReport> {
         },
         s.after.description()?,
     )?;
-    progress(Event::Info(format!(
-        "weight drift: {} tensors compared ({:.1} MB read), {} batch-norm statistics; added {}, removed {}, reshaped {}",
-        weights.tensors.len(),
-        weights.bytes_read as f64 / 1e6,
-        weights.batch_norm_statistics.len(),
-        list(&weights.added),
-        list(&weights.removed),
-        list(&weights.reshaped.iter().map(|r| r.0.clone()).collect::<Vec<_>>())
-    )));
-    let mut moved: Vec<&finelens_drift::GroupDrift> = weights.layers.iter().collect();
-    moved.sort_by(|x, y| y.relative_l2_change.total_cmp(&x.relative_l2_change));
-    let mut lines = vec!["layers that moved most (‖ΔW‖/‖W₀‖, cosine):".to_owned()];
-    for g in moved.iter().take(SUMMARY_TOP) {
-        lines.push(format!(
-            "  {:<28} {:>9.4}  {:>7.4}",
-            g.name, g.relative_l2_change, g.cosine_similarity
-        ));
-    }
-    lines.push(format!(
-        "per stage:{}",
-        weights
-            .stages
-            .iter()
-            .map(|g| format!("  {} {:.4}", g.name, g.relative_l2_change))
-            .collect::<String>()
-    ));
-    progress(Event::Info(lines.join("\n")));
+    progress(Event::Info(weight_summary(&weights)));
 
     let mut report = DriftReport {
         schema_version: DriftReport::SCHEMA.into(),

@@ -26,13 +26,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use finelens_attrib::{
-    registry, BaselineSpec, BuildContext, Method, MethodSpec, Normalisation, TokenBaseline,
-};
+use finelens_attrib::{BaselineSpec, Method, MethodSpec, TokenBaseline};
 use finelens_audit::policy::{all_pass, Figure, Figures, Policy, Verdict};
 use finelens_data::text::{Columns, TextSet, TextTokenizer};
 use finelens_drift::spearman;
-use finelens_models::bert::{Bert, OnWordEmbeddings, TokenBatch};
+use finelens_models::bert::{Bert, TokenBatch};
 use finelens_models::{Mode, ParamStore};
 use finelens_report::heatmap::{colour, outlier_threshold, Scale};
 use finelens_report::html::{render, Block, Cell, Page, Span, Status};
@@ -43,6 +41,7 @@ use crate::error::{input, settings, Result};
 use crate::output::{write_file, write_json, OutputDir, Versioned};
 use crate::progress::{Event, Progress};
 use crate::text::{load_text_model, TextModel, DEFAULT_MAX_LENGTH};
+use crate::text_explain::TextInput;
 
 /// ERASER's k, as fractions of a text's word tokens.
 pub const ERASER_K: [f64; 5] = [0.01, 0.05, 0.10, 0.20, 0.50];
@@ -300,45 +299,10 @@ impl Scorer<'_> {
         word_ids: &[Option<u32>],
         target: usize,
     ) -> Result<Scored> {
-        let t = ids.len();
-        let row = |v: &[u32]| Tensor::from_vec(v.to_vec(), (1, t), &Device::Cpu);
-        let model = OnWordEmbeddings {
-            bert,
-            type_ids: Tensor::zeros((1, t), DType::U32, &Device::Cpu)?,
-            mask: Tensor::ones((1, t), DType::U32, &Device::Cpu)?,
-        };
-        let tokens = |kind: TokenBaseline| -> finelens_attrib::Result<Tensor> {
-            let v: Vec<u32> = ids
-                .iter()
-                .zip(word_ids)
-                .map(|(&id, w)| {
-                    if w.is_none() && kind != TokenBaseline::PadAll {
-                        id
-                    } else {
-                        self.pad
-                    }
-                })
-                .collect();
-            Ok(model.input(&row(&v)?)?)
-        };
-        let load = |p: &Path| -> finelens_attrib::Result<Tensor> {
-            Err(finelens_attrib::AttribError::Settings {
-                method: "baseline",
-                reason: format!("{}: image baselines do not apply to text", p.display()),
-            })
-        };
-        let ctx = BuildContext {
-            normalisation: Normalisation {
-                mean: [0.0; 3],
-                std: [1.0; 3],
-            },
-            input: (1, t, self.hidden),
-            load_image: &load,
-            tokens: Some(&tokens),
-        };
-        let method = registry::build(self.spec, &ctx)?;
+        let input = TextInput::new(bert, ids, &vec![0; ids.len()], word_ids)?;
+        let method = input.methods([self.spec], self.pad, None)?.remove(0);
         let a = method
-            .attribute(&model, &model.input(&row(ids)?)?, &[target])?
+            .attribute(&input.model, &input.x, &[target])?
             .remove(0);
         let scores = a
             .map

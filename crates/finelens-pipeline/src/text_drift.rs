@@ -10,10 +10,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use finelens_attrib::{
-    registry, BaselineSpec, BuildContext, EmbeddingNorm, Method, MethodSpec, Normalisation, Target,
-    TokenBaseline,
-};
+use finelens_attrib::{BaselineSpec, EmbeddingNorm, Method, MethodSpec, Target, TokenBaseline};
 use finelens_data::text::synth::sentence;
 use finelens_data::text::{TextSynthConfig, TextTask, TextTokenizer};
 use finelens_data::Split;
@@ -29,6 +26,7 @@ use crate::error::{input, settings, Result};
 use crate::output::{write_file, write_json, OutputDir, Versioned};
 use crate::progress::{Event, Progress};
 use crate::text::{load_text_model, TextModel, DEFAULT_MAX_LENGTH};
+use crate::text_explain::TextInput;
 
 /// How far each attention head's distributions moved.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -285,24 +283,7 @@ pub fn drift_text(s: &DriftSettings, progress: Progress) -> Result<TextDriftRepo
         },
         Some(after.spec.describe()),
     )?;
-    let mut moved: Vec<&finelens_drift::GroupDrift> = weights.layers.iter().collect();
-    moved.sort_by(|x, y| y.relative_l2_change.total_cmp(&x.relative_l2_change));
-    let mut lines = vec![format!(
-        "weight drift: {} tensors compared ({:.1} MB read); added {}, removed {}",
-        weights.tensors.len(),
-        weights.bytes_read as f64 / 1e6,
-        weights.added.join(", "),
-        weights.removed.join(", ")
-    )];
-    lines.push(format!(
-        "per stage:{}",
-        weights
-            .stages
-            .iter()
-            .map(|g| format!("  {} {:.4}", g.name, g.relative_l2_change))
-            .collect::<String>()
-    ));
-    progress(Event::Info(lines.join("\n")));
+    progress(Event::Info(crate::drift::weight_summary(&weights)));
 
     let mut report = TextDriftReport {
         schema_version: TextDriftReport::SCHEMA.into(),
@@ -442,59 +423,23 @@ fn explanation_drift(
     let (mut rho, mut iou) = (Vec::new(), Vec::new());
     for text in texts.iter().take(s.explain_images) {
         let e = tok.encode(text)?;
-        let t = e.ids.len();
-        let row = |v: &[u32]| Tensor::from_vec(v.to_vec(), (1, t), &Device::Cpu);
         let hidden = after.spec.config.hidden_size;
         let mut scores = Vec::new();
         let mut target = None;
         for b in [b1, b0] {
-            let model = OnWordEmbeddings {
-                bert: b,
-                type_ids: row(&e.type_ids)?,
-                mask: Tensor::ones((1, t), DType::U32, &Device::Cpu)?,
-            };
+            let input = TextInput::new(b, &e.ids, &e.type_ids, &e.word_ids)?;
+            let (model, x) = (&input.model, &input.x);
             let norm = EmbeddingNorm {
-                model: &model,
+                model,
                 layer: "pooler".into(),
             };
-            let explained: &dyn Classifier = if same { &model } else { &norm };
-            let x = model.input(&row(&e.ids)?)?;
-            let tokens = |kind: TokenBaseline| -> finelens_attrib::Result<Tensor> {
-                let ids: Vec<u32> = e
-                    .ids
-                    .iter()
-                    .zip(&e.word_ids)
-                    .map(|(&id, w)| {
-                        if w.is_none() && kind != TokenBaseline::PadAll {
-                            id
-                        } else {
-                            pad
-                        }
-                    })
-                    .collect();
-                Ok(model.input(&row(&ids)?)?)
-            };
-            let load = |p: &Path| -> finelens_attrib::Result<Tensor> {
-                Err(finelens_attrib::AttribError::Settings {
-                    method: "baseline",
-                    reason: format!("{}: image baselines do not apply to text", p.display()),
-                })
-            };
-            let ctx = BuildContext {
-                normalisation: Normalisation {
-                    mean: [0.0; 3],
-                    std: [1.0; 3],
-                },
-                input: (1, t, hidden),
-                load_image: &load,
-                tokens: Some(&tokens),
-            };
-            let method = registry::build(&spec, &ctx)?;
+            let explained: &dyn Classifier = if same { model } else { &norm };
+            let method = input.methods([&spec], pad, None)?.remove(0);
             let c = match target {
                 Some(c) => c,
                 None => {
                     let c = if same {
-                        finelens_attrib::predict(explained, &x, &Target::Predicted)?[0].target
+                        finelens_attrib::predict(explained, x, &Target::Predicted)?[0].target
                     } else {
                         0
                     };
@@ -502,7 +447,7 @@ fn explanation_drift(
                     c
                 }
             };
-            let a = method.attribute(explained, &x, &[c])?.remove(0);
+            let a = method.attribute(explained, x, &[c])?.remove(0);
             let map = a.map.as_slice().expect("standard layout");
             scores.push(
                 map.chunks(hidden)

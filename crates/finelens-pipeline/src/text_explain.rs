@@ -217,6 +217,95 @@ fn words_of(text: &str, e: &Encoded) -> (Vec<WordInfo>, Vec<Option<usize>>) {
     (words, word_of)
 }
 
+/// One tokenized text as the attribution methods see it: the classifier on its word embeddings
+/// and its input, and the registry's methods built with the text's token baselines — `pad` and
+/// `pad-all` fill with [PAD], `mask` with [MASK]; the special tokens (those without a word) keep
+/// their ids except under `pad-all`.
+pub(crate) struct TextInput<'a> {
+    pub model: OnWordEmbeddings<'a>,
+    pub x: Tensor,
+    ids: Vec<u32>,
+    word_ids: Vec<Option<u32>>,
+}
+
+impl<'a> TextInput<'a> {
+    pub(crate) fn new(
+        bert: &'a Bert,
+        ids: &[u32],
+        type_ids: &[u32],
+        word_ids: &[Option<u32>],
+    ) -> Result<Self> {
+        let t = ids.len();
+        let model = OnWordEmbeddings {
+            bert,
+            type_ids: Tensor::from_vec(type_ids.to_vec(), (1, t), &Device::Cpu)?,
+            mask: Tensor::ones((1, t), DType::U32, &Device::Cpu)?,
+        };
+        let x = model.input(&Tensor::from_vec(ids.to_vec(), (1, t), &Device::Cpu)?)?;
+        Ok(Self {
+            model,
+            x,
+            ids: ids.to_vec(),
+            word_ids: word_ids.to_vec(),
+        })
+    }
+
+    /// The methods of `specs`, their token baselines this text's.
+    pub(crate) fn methods<'s>(
+        &self,
+        specs: impl IntoIterator<Item = &'s MethodSpec>,
+        pad: u32,
+        mask_id: Option<u32>,
+    ) -> Result<Vec<Box<dyn Attributor>>> {
+        let t = self.ids.len();
+        let baseline = |b: TokenBaseline| -> finelens_attrib::Result<Tensor> {
+            let fill = match b {
+                TokenBaseline::Pad | TokenBaseline::PadAll => pad,
+                TokenBaseline::Mask => {
+                    mask_id.ok_or_else(|| finelens_attrib::AttribError::Settings {
+                        method: "baseline",
+                        reason: "the tokenizer has no [MASK] token".into(),
+                    })?
+                }
+            };
+            let ids: Vec<u32> = self
+                .ids
+                .iter()
+                .zip(&self.word_ids)
+                .map(|(&id, w)| {
+                    if w.is_none() && b != TokenBaseline::PadAll {
+                        id
+                    } else {
+                        fill
+                    }
+                })
+                .collect();
+            Ok(self
+                .model
+                .input(&Tensor::from_vec(ids, (1, t), &Device::Cpu)?)?)
+        };
+        let load = |p: &Path| -> finelens_attrib::Result<Tensor> {
+            Err(finelens_attrib::AttribError::Settings {
+                method: "baseline",
+                reason: format!("{}: image baselines do not apply to text", p.display()),
+            })
+        };
+        let ctx = BuildContext {
+            normalisation: Normalisation {
+                mean: [0.0; 3],
+                std: [1.0; 3],
+            },
+            input: (1, t, self.x.dim(3)?),
+            load_image: &load,
+            tokens: Some(&baseline),
+        };
+        Ok(specs
+            .into_iter()
+            .map(|spec| registry::build(spec, &ctx))
+            .collect::<finelens_attrib::Result<_>>()?)
+    }
+}
+
 /// Explain each text of `s.input` with `s.methods` on the text model folder `s.model`.
 pub fn explain_text(s: &ExplainSettings, progress: Progress) -> Result<TextExplainReport> {
     let dir = s.model.path.clone();
@@ -288,66 +377,20 @@ pub fn explain_text(s: &ExplainSettings, progress: Progress) -> Result<TextExpla
         for (k, (source, text, label)) in texts.iter().enumerate() {
             let e = tok.encode(text)?;
             let t = e.ids.len();
-            let row = |v: &[u32]| Tensor::from_vec(v.to_vec(), (1, t), &Device::Cpu);
-            let model = OnWordEmbeddings {
-                bert: &bert,
-                type_ids: row(&e.type_ids)?,
-                mask: Tensor::ones((1, t), DType::U32, &Device::Cpu)?,
-            };
-            let x = model.input(&row(&e.ids)?)?;
-            // Token baselines: the text's ids with every non-special token (or every token)
-            // replaced; the special tokens are those without a word.
-            let baseline_ids = |b: TokenBaseline| -> finelens_attrib::Result<Tensor> {
-                let fill = match b {
-                    TokenBaseline::Pad | TokenBaseline::PadAll => pad,
-                    TokenBaseline::Mask => {
-                        mask_id.ok_or_else(|| finelens_attrib::AttribError::Settings {
-                            method: "baseline",
-                            reason: "the tokenizer has no [MASK] token".into(),
-                        })?
-                    }
-                };
-                let ids: Vec<u32> = e
-                    .ids
-                    .iter()
-                    .zip(&e.word_ids)
-                    .map(|(&id, w)| {
-                        if w.is_none() && b != TokenBaseline::PadAll {
-                            id
-                        } else {
-                            fill
-                        }
-                    })
-                    .collect();
-                Ok(model.input(&row(&ids)?)?)
-            };
-            let load = |p: &Path| -> finelens_attrib::Result<Tensor> {
-                Err(finelens_attrib::AttribError::Settings {
-                    method: "baseline",
-                    reason: format!("{}: image baselines do not apply to text", p.display()),
-                })
-            };
-            let ctx = BuildContext {
-                normalisation: Normalisation {
-                    mean: [0.0; 3],
-                    std: [1.0; 3],
-                },
-                input: (1, t, hidden),
-                load_image: &load,
-                tokens: Some(&baseline_ids),
-            };
-            let methods: Vec<Box<dyn Attributor>> = specs
-                .iter()
-                .filter(|spec| kind(spec.method) == Kind::Embeddings)
-                .map(|spec| registry::build(spec, &ctx))
-                .collect::<finelens_attrib::Result<_>>()?;
-            let pred = finelens_attrib::predict(&model, &x, &target)?.remove(0);
+            let input = TextInput::new(&bert, &e.ids, &e.type_ids, &e.word_ids)?;
+            let (model, x) = (&input.model, &input.x);
+            let methods = input.methods(
+                specs.iter().filter(|spec| kind(spec.method) == Kind::Embeddings),
+                pad,
+                mask_id,
+            )?;
+            let pred = finelens_attrib::predict(model, x, &target)?.remove(0);
             let id = format!("{k:03}");
             let (words, word_of) = words_of(text, &e);
             let mut scores = BTreeMap::new();
             for method in &methods {
                 let started = Instant::now();
-                let attr = method.attribute(&model, &x, &[pred.target])?.remove(0);
+                let attr = method.attribute(model, x, &[pred.target])?.remove(0);
                 let map = attr.map.as_slice().expect("standard layout").to_vec();
                 let npy = format!("texts/{id}/{}.npy", method.name());
                 write_file(
@@ -368,8 +411,8 @@ pub fn explain_text(s: &ExplainSettings, progress: Progress) -> Result<TextExpla
                 );
             }
             let views = Views {
-                model: &model,
-                x: &x,
+                model,
+                x,
                 ids: &e.ids,
                 word_of: &word_of,
                 target: pred.target,
@@ -403,7 +446,7 @@ pub fn explain_text(s: &ExplainSettings, progress: Progress) -> Result<TextExpla
                     (tokens, Some(words), Sign::Signed)
                 } else {
                     if layers.is_none() {
-                        layers = Some(attention::attention(&model, &x, Some(pred.target))?);
+                        layers = Some(attention::attention(model, x, Some(pred.target))?);
                     }
                     let layers = layers.as_ref().expect("just computed");
                     let tokens = match spec.method {
