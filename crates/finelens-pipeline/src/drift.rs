@@ -427,7 +427,25 @@ pub fn drift(s: &DriftSettings, progress: Progress) -> Result<DriftReport> {
         }
         report.representation = Some(rep);
     }
-    let (bars, cka) = drift_figures(&report.weights, report.representation.as_ref())?;
+    write_drift(
+        s,
+        (&report.weights, report.representation.as_ref()),
+        &report,
+        started,
+        progress,
+    )?;
+    Ok(report)
+}
+
+/// Write `drift.json` (`report`) and the weight and CKA figures into `s.out`, atomically.
+pub(crate) fn write_drift(
+    s: &DriftSettings,
+    (weights, rep): (&WeightDrift, Option<&RepresentationDrift>),
+    report: &impl Serialize,
+    started: Instant,
+    progress: Progress,
+) -> Result<()> {
+    let (bars, cka) = drift_figures(weights, rep)?;
     OutputDir::create(&s.out, s.force)?.run(|dir| {
         if let Some(b) = &bars {
             write_file(&dir.join("layers.png"), b)?;
@@ -435,12 +453,12 @@ pub fn drift(s: &DriftSettings, progress: Progress) -> Result<DriftReport> {
         if let Some(c) = &cka {
             write_file(&dir.join("cka.png"), c)?;
         }
-        write_json(&dir.join("drift.json"), &report)
+        write_json(&dir.join("drift.json"), report)
     })?;
     progress(Event::Info(format!(
         "drift written to {} ({:.1} s)",
         s.out.join("drift.json").display(),
         started.elapsed().as_secs_f64()
     )));
-    Ok(report)
+    Ok(())
 }

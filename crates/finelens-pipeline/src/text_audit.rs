@@ -782,6 +782,12 @@ pub fn blocks(r: &TextAuditReport) -> Vec<Block> {
             .map(|b| format!(", against the base {}", b.display()))
             .unwrap_or_default()
     ))];
+    b.push(Block::Paragraph(
+        "The policy is the image audit's: read its pixels as tokens, its images as texts and its \
+         object masks as the texts' rationales; the hotspot concentration is the share of a \
+         class's relevance held by its single most relevant word."
+            .into(),
+    ));
     b.extend(crate::page::verdict_blocks(r.pass, &r.verdicts));
     b.push(Block::Heading(3, "Shortcuts".into()));
     b.push(Block::Table(

@@ -21,9 +21,9 @@ use finelens_models::bert::{canonical_name, read_hf_folder, Bert, OnWordEmbeddin
 use finelens_models::{checkpoint, Classifier, Mode};
 use serde::{Deserialize, Serialize};
 
-use crate::drift::{drift_figures, DriftSettings, ExplanationDrift, FileRef, Probe, MIN_CKA_BATCH};
+use crate::drift::{DriftSettings, ExplanationDrift, FileRef, Probe, MIN_CKA_BATCH};
 use crate::error::{input, settings, Result};
-use crate::output::{write_file, write_json, OutputDir, Versioned};
+use crate::output::{OutputDir, Versioned};
 use crate::progress::{Event, Progress};
 use crate::text::{load_text_model, TextModel, DEFAULT_MAX_LENGTH};
 use crate::text_explain::TextInput;
@@ -379,21 +379,13 @@ pub fn drift_text(s: &DriftSettings, progress: Progress) -> Result<TextDriftRepo
             report.explanation = Some(ex);
         }
     }
-    let (bars, cka) = drift_figures(&report.weights, report.representation.as_ref())?;
-    OutputDir::create(&s.out, s.force)?.run(|dir| {
-        if let Some(b) = &bars {
-            write_file(&dir.join("layers.png"), b)?;
-        }
-        if let Some(c) = &cka {
-            write_file(&dir.join("cka.png"), c)?;
-        }
-        write_json(&dir.join("drift.json"), &report)
-    })?;
-    progress(Event::Info(format!(
-        "drift written to {} ({:.1} s)",
-        s.out.join("drift.json").display(),
-        started.elapsed().as_secs_f64()
-    )));
+    crate::drift::write_drift(
+        s,
+        (&report.weights, report.representation.as_ref()),
+        &report,
+        started,
+        progress,
+    )?;
     Ok(report)
 }
 
