@@ -462,6 +462,20 @@ fn demo_evaluates_the_shipped_fixture() {
             })
             .count();
         assert!(on_title >= 3, "top IG word a title in {on_title} of 4");
+        // Drift from the MiniLM: the frozen embeddings did not move, in weights or [CLS].
+        let dr = read_json(&out_dir.join("drift-text-sentiment/drift.json"));
+        let emb = dr["weights"]["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["name"] == "embeddings")
+            .unwrap()["relative_l2_change"]
+            .as_f64()
+            .unwrap();
+        assert_eq!(emb, 0.0);
+        let cka0 = dr["representation"]["diagonal"][0].as_f64().unwrap();
+        assert!((cka0 - 1.0).abs() < 1e-6, "embeddings CKA {cka0}");
+        assert!(page.contains("Drift of the text-sentiment model"));
         // The text audits with the default policy: the clean model passes, the shortcut model is
         // flagged, its top word a title in no rationale.
         let clean = read_json(&out_dir.join("audit-text-sentiment/report.json"));

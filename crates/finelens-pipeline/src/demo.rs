@@ -167,6 +167,7 @@ pub struct DemoText {
     pub folder: PathBuf,
     pub explained: TextExplainReport,
     pub audit: crate::text_audit::TextAuditReport,
+    pub drift: crate::text_drift::TextDriftReport,
     /// Explained sentences whose word with the largest |integrated gradients| is a film title.
     pub top_word_is_title: usize,
 }
@@ -621,7 +622,31 @@ fn text_part(s: &DemoSettings, model: &Path, progress: Progress) -> Result<Vec<D
             },
             progress,
         )?;
+        // How far fine-tuning moved the MiniLM: weights, layers' [CLS] representations and
+        // attention, explanations, on the validation sentences.
+        let drifted = crate::text_drift::drift_text(
+            &DriftSettings {
+                before: ModelSource::new(model),
+                after: ModelSource::new(&out),
+                preprocess: PreprocessSettings::default(),
+                probe: Probe::Folder(dir.split(Split::Val)),
+                limit: TEXT_AUDIT,
+                batch_size: 8,
+                layers: Vec::new(),
+                pooled: false,
+                explain_method: MethodSpec::new(Method::IntegratedGradients),
+                shared: MethodOptions::default(),
+                explain_images: 4,
+                top_fraction: 0.1,
+                spectral: false,
+                strict: true,
+                out: s.out.join(format!("drift-{}", task.name())),
+                force: true,
+            },
+            progress,
+        )?;
         rows.push(DemoText {
+            drift: drifted,
             audit: audited,
             task: task.name(),
             val_accuracy: report.val.accuracy,
@@ -673,6 +698,47 @@ fn text_blocks(text: &std::result::Result<Vec<DemoText>, String>) -> Vec<Block> 
             for r in rows {
                 blocks.push(Block::Heading(2, format!("Audit of the {} model", r.task)));
                 blocks.extend(crate::text_audit::blocks(&r.audit));
+                if let (Some(rep), Some(att)) = (&r.drift.representation, &r.drift.attention) {
+                    blocks.push(Block::Heading(
+                        3,
+                        format!("Drift of the {} model from all-MiniLM-L6-v2", r.task),
+                    ));
+                    let stage = |name: &str| {
+                        r.drift
+                            .weights
+                            .stages
+                            .iter()
+                            .find(|g| g.name == name)
+                            .map_or(f64::NAN, |g| g.relative_l2_change)
+                    };
+                    blocks.push(Block::Table(
+                        [
+                            "layer",
+                            "weights ‖ΔW‖/‖W₀‖",
+                            "CKA of [CLS]",
+                            "attention JS distance",
+                        ]
+                        .map(String::from)
+                        .to_vec(),
+                        rep.layers
+                            .iter()
+                            .zip(&rep.diagonal)
+                            .map(|(l, c)| {
+                                let js = l
+                                    .strip_prefix("encoder.layer.")
+                                    .and_then(|i| i.parse::<usize>().ok())
+                                    .and_then(|i| att.js_distance.get(i))
+                                    .map_or(f64::NAN, |h| h.iter().sum::<f64>() / h.len() as f64);
+                                vec![
+                                    Cell::Text(l.clone()),
+                                    Cell::Number(stage(l), 4),
+                                    Cell::Number(*c, 3),
+                                    Cell::Number(js, 3),
+                                ]
+                            })
+                            .collect(),
+                    ));
+                }
                 blocks.push(Block::Heading(
                     3,
                     format!(
