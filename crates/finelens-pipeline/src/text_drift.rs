@@ -1,7 +1,8 @@
 //! Drift of a text model folder from its parent: how far fine-tuning moved each weight (by
 //! Hugging Face's names, whichever spelling each folder uses; grouped into the embeddings, each
 //! `encoder.layer.N`, the pooler and the head), each layer's representations (minibatch linear
-//! CKA of the [CLS] vector — or, with `--pooled`, the mean over tokens — on probe texts), each
+//! CKA of the [CLS] vector — or, with `--pooled`, the mean over tokens; the embeddings' always,
+//! their [CLS] row being the same for every text — on probe texts), each
 //! head's attention (the mean Jensen–Shannon distance between the two models' attention
 //! distributions, row by row) and the explanations (Spearman ρ and top-k overlap of per-token
 //! |integrated gradients|).
@@ -126,10 +127,12 @@ fn pass(
 ) -> Result<Pass> {
     let (_, taps) = model.forward_with_taps(x, Mode::Eval, names)?;
     let mut vectors = Vec::with_capacity(layers);
-    for t in &taps[..layers] {
+    for (t, name) in taps[..layers].iter().zip(names) {
         let t = t.to_dtype(DType::F32)?;
+        // At `embeddings` the [CLS] row is the same for every text (its word, position 0, type
+        // 0, normalised): no representation to compare, so the embeddings are always pooled.
         let v = match t.rank() {
-            3 if pooled => t.mean(1)?.flatten_all()?,
+            3 if pooled || *name == "embeddings" => t.mean(1)?.flatten_all()?,
             3 => t.narrow(1, 0, 1)?.flatten_all()?,
             _ => t.flatten_all()?,
         };
