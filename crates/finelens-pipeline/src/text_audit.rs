@@ -222,7 +222,9 @@ fn average_precision(scores: &[f32], labels: &[bool]) -> Option<f64> {
 }
 
 /// The faithfulness curves and ERASER figures of one text, given the word tokens in the map's
-/// order and in a random order.
+/// order and in a random order, and `full`, the target's probability on the whole text (every
+/// curve's unmasked end).
+#[allow(clippy::too_many_arguments)]
 fn faithfulness(
     bert: &Bert,
     ids: &[u32],
@@ -231,6 +233,7 @@ fn faithfulness(
     random: &[usize],
     (mask_id, pad): (u32, u32),
     target: usize,
+    full: f64,
 ) -> Result<([f64; 4], Vec<[f64; 4]>)> {
     let n = words.len();
     let masked = |hide: &[usize]| -> Vec<u32> {
@@ -240,22 +243,31 @@ fn faithfulness(
         }
         v
     };
+    // Deletion masks the first j tokens of the order (j = 1 … n), insertion all but them
+    // (j = 0 … n − 1); the unmasked text, both curves' other end, is `full`.
     let curves = |order: &[usize]| -> Result<(f64, f64)> {
-        let mut variants = Vec::with_capacity(2 * (n + 1));
-        for j in 0..=n {
+        let mut variants = Vec::with_capacity(2 * n);
+        for j in 1..=n {
             variants.push(masked(&order[..j]));
         }
-        for j in 0..=n {
+        for j in 0..n {
             variants.push(masked(&order[j..]));
         }
         let p = probabilities(bert, &variants, pad, target)?;
-        Ok((auc(&p[..=n]), auc(&p[n + 1..])))
+        let deletion: Vec<f64> = std::iter::once(full)
+            .chain(p[..n].iter().copied())
+            .collect();
+        let insertion: Vec<f64> = p[n..]
+            .iter()
+            .copied()
+            .chain(std::iter::once(full))
+            .collect();
+        Ok((auc(&deletion), auc(&insertion)))
     };
     let (del, ins) = curves(order)?;
     let (rdel, rins) = curves(random)?;
     // ERASER: remove tokens from the sequence (comprehensiveness) or keep only them and the
     // special tokens (sufficiency).
-    let full = probabilities(bert, &[ids.to_vec()], pad, target)?[0];
     let mut eraser = Vec::new();
     for k in ERASER_K {
         let m = ((k * n as f64).round() as usize).clamp(1, n);
@@ -422,6 +434,7 @@ pub fn audit_text(job: &AuditJob, progress: Progress) -> Result<TextAuditReport>
             &random,
             (mask_id, pad),
             predicted,
+            probs[predicted],
         )?;
         let in_rationale: Option<Vec<bool>> = (!s.rationale.is_empty()).then(|| {
             e.offsets
