@@ -479,7 +479,8 @@ fn demo_evaluates_the_shipped_fixture() {
         // The text audits with the default policy: the clean model passes, the shortcut model is
         // flagged, its top word a title in no rationale.
         let clean = read_json(&out_dir.join("audit-text-sentiment/report.json"));
-        assert_eq!(clean["schema_version"], "finelens-text-audit/1");
+        assert_eq!(clean["schema_version"], "finelens-text-audit/2");
+        assert_eq!(clean["sanity"]["independent"].as_array().unwrap().len(), 9);
         assert_eq!(clean["pass"], true, "{}", clean["verdicts"]);
         let sc = read_json(&out_dir.join("audit-text-shortcut/report.json"));
         assert_eq!(sc["pass"], false);
@@ -1645,16 +1646,26 @@ fn audit_report_escapes_names_from_data() {
     );
 }
 
-/// Chromium for the browser test: `FINELENS_CHROMIUM`, else `chromium` on the PATH.
+/// Chromium for the browser tests: `FINELENS_CHROMIUM`, else `chromium` on the PATH; without
+/// it `None` (said: the caller skips its browser part), unless `FINELENS_REQUIRE_BROWSER` is set
+/// (as `.ci/run` does).
 fn chromium() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("FINELENS_CHROMIUM") {
-        return Some(PathBuf::from(p));
+    let found = match std::env::var_os("FINELENS_CHROMIUM") {
+        Some(p) => Some(PathBuf::from(p)),
+        None => std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join("chromium"))
+                .find(|p| p.is_file())
+        }),
+    };
+    if found.is_none() {
+        assert!(
+            std::env::var_os("FINELENS_REQUIRE_BROWSER").is_none(),
+            "FINELENS_REQUIRE_BROWSER is set but no chromium was found"
+        );
+        eprintln!("skipping the browser check: no chromium (set FINELENS_CHROMIUM)");
     }
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join("chromium"))
-            .find(|p| p.is_file())
-    })
+    found
 }
 
 /// The report opened by a real browser (headless Chromium, which `.ci/run` installs): it renders,
@@ -1663,14 +1674,7 @@ fn chromium() -> Option<PathBuf> {
 /// `FINELENS_REQUIRE_BROWSER` is set (as `.ci/run` does).
 #[test]
 fn report_renders_in_headless_chromium_without_errors_or_requests() {
-    let Some(browser) = chromium() else {
-        assert!(
-            std::env::var_os("FINELENS_REQUIRE_BROWSER").is_none(),
-            "FINELENS_REQUIRE_BROWSER is set but no chromium was found"
-        );
-        eprintln!("skipping the browser test: no chromium (set FINELENS_CHROMIUM)");
-        return;
-    };
+    let Some(browser) = chromium() else { return };
     let d = tempfile::tempdir().unwrap();
     synth(d.path(), "shortcut", [1, 2, 1]);
     let report = d.path().join("report");
@@ -1689,13 +1693,21 @@ fn report_renders_in_headless_chromium_without_errors_or_requests() {
         "1",
     ]);
     assert!(matches!(o.status.code(), Some(0 | 1)), "{}", stderr(&o));
+    assert_renders_in_chromium(&browser, &report.join("index.html"), "report.png");
+}
+
+/// Open `page` in headless Chromium: it renders (the screenshot, kept in `target/browser-test/`
+/// as `shot`, has the page's colours), logs nothing to the console and makes no network request
+/// of its own.
+fn assert_renders_in_chromium(browser: &Path, page: &Path, shot: &str) {
+    let d = tempfile::tempdir().unwrap();
     let keep = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/browser-test");
     std::fs::create_dir_all(&keep).unwrap();
-    let shot = keep.join("report.png");
+    let shot = keep.join(shot);
     let _ = std::fs::remove_file(&shot);
     let netlog = d.path().join("net.json");
-    let page = format!("file://{}", report.join("index.html").display());
-    let b = Command::new(&browser)
+    let page = format!("file://{}", page.display());
+    let b = Command::new(browser)
         .args([
             "--headless",
             "--no-sandbox",
@@ -2074,6 +2086,204 @@ fn finetune_a_text_model_folder() {
         "{}",
         stderr(&o)
     );
+}
+
+/// A text model's audit: class names and texts with markup render as text on the page (in a
+/// real browser too), the report has the model card, both randomisations, the drift from its
+/// base and a sortable gallery; a rationale outside its text and `--shard` are one-line errors;
+/// occlusion can delete tokens.
+#[test]
+fn text_audit_report_escapes_data_and_renders_in_a_browser() {
+    let Some(model) = text_model() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let o = finelens(&[
+        "data",
+        "synth",
+        "--task",
+        "text-sentiment",
+        "--out",
+        d.path().to_str().unwrap(),
+        "--train-per-class",
+        "12",
+        "--val-per-class",
+        "3",
+        "--test-per-class",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The classes renamed to markup; a script appended to every text (the rationales, character
+    // spans of the cue word, stay where they were).
+    let evil_class = "<script>alert(1)</script>";
+    let rename = |name: &str| {
+        let src = d.path().join("text-sentiment").join(name);
+        let lines: Vec<String> = std::fs::read_to_string(&src)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                if v["label"] == "negative" {
+                    v["label"] = evil_class.into();
+                }
+                v["text"] =
+                    format!("{} <script>alert(2)</script>", v["text"].as_str().unwrap()).into();
+                v.to_string()
+            })
+            .collect();
+        let dst = d.path().join(name);
+        std::fs::write(&dst, lines.join("\n")).unwrap();
+        dst
+    };
+    let (train, val) = (rename("train.jsonl"), rename("val.jsonl"));
+    let out = d.path().join("ft");
+    let o = finelens(&[
+        "finetune",
+        model.to_str().unwrap(),
+        "--train",
+        train.to_str().unwrap(),
+        "--val",
+        val.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--lr",
+        "1e-3",
+        "--max-length",
+        "24",
+        "--freeze",
+        "head-only",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let report = d.path().join("audit");
+    let audit = |out: &Path, data: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "audit".to_owned(),
+            d.path().join("ft").to_str().unwrap().to_owned(),
+            "--data".into(),
+            data.to_str().unwrap().into(),
+            "--base".into(),
+            model.to_str().unwrap().into(),
+            "--methods".into(),
+            "integrated_gradients:steps=16".into(),
+            "--sanity-images".into(),
+            "1".into(),
+            "--out".into(),
+            out.to_str().unwrap().into(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        finelens(&args)
+    };
+    let o = audit(&report, &val, &[]);
+    assert!(matches!(o.status.code(), Some(0 | 1)), "{}", stderr(&o));
+    let r = read_json(&report.join("report.json"));
+    assert_eq!(r["schema_version"], "finelens-text-audit/2");
+    let stages = [
+        "head",
+        "pooler",
+        "encoder.layer.5",
+        "encoder.layer.0",
+        "embeddings",
+    ];
+    for key in ["cascading", "independent"] {
+        let names: Vec<&str> = r["sanity"][key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s[0].as_str().unwrap())
+            .collect();
+        assert_eq!(names.len(), 9, "{key}: {names:?}");
+        assert!(stages.iter().all(|s| names.contains(s)), "{key}: {names:?}");
+    }
+    // Only the head trained: the encoder's representations are the base's at every layer.
+    assert_eq!(
+        r["model_card"]["training"]["history"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let drift = &r["drift"];
+    let cka = drift["representation"]["diagonal"].as_array().unwrap();
+    assert_eq!(cka.len(), 8, "embeddings, 6 layers, pooler");
+    assert!(
+        cka.iter().all(|c| (c.as_f64().unwrap() - 1.0).abs() < 1e-6),
+        "a frozen encoder's representations are the base's: {cka:?}"
+    );
+    assert_eq!(
+        r["figures"]["drift.min_cka_penultimate"]
+            .as_f64()
+            .map(|v| v > 0.999999),
+        Some(true)
+    );
+    let html = std::fs::read_to_string(report.join("index.html")).unwrap();
+    assert!(
+        !html.contains(evil_class) && !html.contains("<script>alert(2)"),
+        "unescaped data"
+    );
+    assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
+    assert_eq!(
+        html.matches("<script>").count(),
+        1,
+        "only the page's own script"
+    );
+    for needle in [
+        "Model card",
+        "training curves",
+        "Confusion matrix",
+        "sortCards(",
+        "independent (it alone)",
+        "Drift from the base",
+        "Provenance",
+    ] {
+        assert!(html.contains(needle), "{needle}");
+    }
+    if let Some(browser) = chromium() {
+        assert_renders_in_chromium(&browser, &report.join("index.html"), "text-audit.png");
+    }
+
+    // Bad input: a rationale beyond its text, a shard of a text audit.
+    let bad = d.path().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        format!("{{\"text\": \"fine\", \"label\": \"positive\", \"rationale\": [[0, 9]]}}\n"),
+    )
+    .unwrap();
+    let o = audit(&d.path().join("x"), &bad, &[]);
+    assert_one_line_error(
+        &o,
+        "bad.jsonl:1: rationale span [0, 9) is outside the text's 4 characters",
+    );
+    let o = audit(&d.path().join("x"), &val, &["--shard", "0/2"]);
+    assert_one_line_error(&o, "--shard splits image sets");
+    assert!(
+        !d.path().join("x").exists(),
+        "nothing written on an input error"
+    );
+
+    // Occlusion by deletion: a word's score is the drop of the target's logit when the word is
+    // taken out; [CLS] and [SEP] are never occluded.
+    let ex = d.path().join("explain");
+    let o = finelens(&[
+        "explain",
+        out.to_str().unwrap(),
+        "a truly wonderful film",
+        "--methods",
+        "occlusion:fill=delete",
+        "--out",
+        ex.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let t = read_json(&ex.join("texts/000/tokens.json"));
+    let tokens = t["methods"]["occlusion"]["tokens"].as_array().unwrap();
+    assert_eq!(tokens.first().unwrap().as_f64(), Some(0.0));
+    assert_eq!(tokens.last().unwrap().as_f64(), Some(0.0));
+    assert!(tokens[1..tokens.len() - 1]
+        .iter()
+        .any(|v| v.as_f64().unwrap() != 0.0));
 }
 
 /// The fetched Rotten Tomatoes set (`scripts/fetch-data.sh`), or `None` (said) when it is absent

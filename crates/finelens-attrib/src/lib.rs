@@ -33,7 +33,9 @@ pub use grad_cam::GradCam;
 pub use integrated_gradients::IntegratedGradients;
 pub use occlusion::{Fill, Occlusion};
 pub use quadrature::Rule;
-pub use registry::{BaselineSpec, BuildContext, Method, MethodOptions, MethodSpec, TokenBaseline};
+pub use registry::{
+    BaselineSpec, BuildContext, FillSpec, Method, MethodOptions, MethodSpec, TokenBaseline,
+};
 pub use saliency::{Aggregate, GradientKind, Saliency, SmoothGrad};
 pub use target::{input_gradients, predict, target_logits, EmbeddingNorm, Prediction, Target};
 

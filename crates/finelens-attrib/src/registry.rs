@@ -265,12 +265,13 @@ impl TryFrom<String> for BaselineSpec {
 }
 
 /// What an occlusion window is filled with, as written: a value in normalised space or
-/// `baseline`.
+/// `baseline`; for text, `delete` removes the occluded tokens instead.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FillSpec {
     Value(f32),
     Baseline,
+    Delete,
 }
 
 impl FromStr for FillSpec {
@@ -278,10 +279,11 @@ impl FromStr for FillSpec {
     fn from_str(s: &str) -> Result<Self> {
         match s.trim() {
             "baseline" => Ok(FillSpec::Baseline),
+            "delete" => Ok(FillSpec::Delete),
             v => v.parse().map(FillSpec::Value).map_err(|_| {
                 settings(
                     "occlusion",
-                    format!("fill `{v}`: expected a number or `baseline`"),
+                    format!("fill `{v}`: expected a number, `baseline` or (text) `delete`"),
                 )
             }),
         }
@@ -339,7 +341,8 @@ pub struct MethodOptions {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "cli", arg(long))]
     pub stride: Option<usize>,
-    /// Occlusion: what fills the window, a value in normalised space or `baseline` (default 0).
+    /// Occlusion: what fills the window, a value in normalised space or `baseline` (default 0);
+    /// for text, the token baseline's token ([MASK] by default) or `delete` (the tokens removed).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "cli", arg(long))]
     pub fill: Option<FillSpec>,
@@ -582,6 +585,12 @@ pub fn build(spec: &MethodSpec, ctx: &BuildContext) -> Result<Box<dyn Attributor
             let fill = match o.fill.unwrap_or(FillSpec::Value(0.0)) {
                 FillSpec::Value(v) => Fill::Value(v),
                 FillSpec::Baseline => Fill::Baseline(baseline()?),
+                FillSpec::Delete => {
+                    return Err(settings(
+                        "occlusion",
+                        "fill `delete` removes tokens from a text; an image's window takes a number or `baseline`",
+                    ))
+                }
             };
             Box::new(Occlusion {
                 window,
@@ -653,7 +662,9 @@ mod tests {
         assert!(err("").contains("no method given"));
         assert!(err("ig:baseline=plaid").contains("unknown baseline `plaid`"));
         assert!(err("ig:baseline=noise:0").contains("at least 1"));
-        assert!(err("occlusion:fill=grey").contains("expected a number or `baseline`"));
+        assert!(
+            err("occlusion:fill=grey").contains("expected a number, `baseline` or (text) `delete`")
+        );
     }
 
     #[test]

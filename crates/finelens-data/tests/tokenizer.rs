@@ -7,7 +7,6 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::Device;
 use finelens_data::text::TextTokenizer;
 
 fn root() -> PathBuf {
@@ -74,24 +73,6 @@ fn tokenizes_like_python() {
         assert_eq!(c.ids, truncated, "{text:?} cut at {max}");
         assert_eq!(c.truncated, ids.len() > max, "{text:?}");
     }
-
-    // Padding is per batch, to the longest text, with [PAD] = 0 and a zero mask.
-    let a = whole.encode("short").unwrap();
-    let b = whole.encode("a somewhat longer sentence here").unwrap();
-    let (ids, types, mask) = whole.batch(&[a.clone(), b.clone()], &Device::Cpu).unwrap();
-    assert_eq!(ids.dims(), &[2, b.ids.len()]);
-    let ids: Vec<Vec<u32>> = ids.to_vec2().unwrap();
-    let mask: Vec<Vec<u32>> = mask.to_vec2().unwrap();
-    assert_eq!(&ids[0][..a.ids.len()], a.ids.as_slice());
-    assert!(ids[0][a.ids.len()..].iter().all(|&i| i == 0));
-    assert_eq!(mask[0].iter().sum::<u32>() as usize, a.ids.len());
-    assert_eq!(mask[1].iter().sum::<u32>() as usize, b.ids.len());
-    assert!(types
-        .to_vec2::<u32>()
-        .unwrap()
-        .iter()
-        .flatten()
-        .all(|&t| t == 0));
 }
 
 #[test]

@@ -428,6 +428,40 @@ pub struct TokenBatch {
     pub mask: Tensor,
 }
 
+impl TokenBatch {
+    /// Rows of token ids, each with its token types (all 0 when `type_ids` is `None`), padded
+    /// at the end with `pad_id` to the longest row; the mask is 1 on the rows' own tokens.
+    pub fn padded(
+        ids: &[&[u32]],
+        type_ids: Option<&[&[u32]]>,
+        pad_id: u32,
+        device: &Device,
+    ) -> Result<TokenBatch> {
+        let (n, t) = (ids.len(), ids.iter().map(|r| r.len()).max().unwrap_or(0));
+        let (mut i, mut ty, mut m) = (
+            Vec::with_capacity(n * t),
+            Vec::with_capacity(n * t),
+            Vec::with_capacity(n * t),
+        );
+        for (k, row) in ids.iter().enumerate() {
+            let pad = t - row.len();
+            i.extend(row.iter().copied().chain(std::iter::repeat_n(pad_id, pad)));
+            match type_ids {
+                Some(types) => {
+                    ty.extend(types[k].iter().copied().chain(std::iter::repeat_n(0, pad)))
+                }
+                None => ty.extend(std::iter::repeat_n(0u32, t)),
+            }
+            m.extend(std::iter::repeat_n(1u32, row.len()).chain(std::iter::repeat_n(0, pad)));
+        }
+        Ok(TokenBatch {
+            ids: Tensor::from_vec(i, (n, t), device)?,
+            type_ids: Tensor::from_vec(ty, (n, t), device)?,
+            mask: Tensor::from_vec(m, (n, t), device)?,
+        })
+    }
+}
+
 impl Bert {
     pub fn new(spec: BertSpec, store: &ParamStore) -> Result<Self> {
         spec.check()?;
@@ -911,20 +945,7 @@ mod tests {
     }
 
     fn ids(rows: &[&[u32]]) -> TokenBatch {
-        let t = rows.iter().map(|r| r.len()).max().unwrap();
-        let (mut ids, mut mask) = (Vec::new(), Vec::new());
-        for r in rows {
-            for k in 0..t {
-                ids.push(r.get(k).copied().unwrap_or(0));
-                mask.push(u32::from(k < r.len()));
-            }
-        }
-        let dev = Device::Cpu;
-        TokenBatch {
-            ids: Tensor::from_vec(ids, (rows.len(), t), &dev).unwrap(),
-            type_ids: Tensor::zeros((rows.len(), t), DType::U32, &dev).unwrap(),
-            mask: Tensor::from_vec(mask, (rows.len(), t), &dev).unwrap(),
-        }
+        TokenBatch::padded(rows, None, 0, &Device::Cpu).unwrap()
     }
 
     /// Every gradient the model gives — the input embeddings' and a sample of every weight
@@ -1018,9 +1039,17 @@ mod tests {
                 .unwrap()
                 .to_vec1()
                 .unwrap();
-            let padded = model
-                .forward(&ids(&[&[2, 5, 6, 7, 8, 3], &[2, 13, 3]]), Mode::Eval)
-                .unwrap();
+            let batch = ids(&[&[2, 5, 6, 7, 8, 3], &[2, 13, 3]]);
+            assert_eq!(
+                batch.ids.to_vec2::<u32>().unwrap()[1],
+                [2, 13, 3, 0, 0, 0],
+                "padded at the end with the pad id"
+            );
+            assert_eq!(
+                batch.mask.to_vec2::<u32>().unwrap(),
+                [[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]]
+            );
+            let padded = model.forward(&batch, Mode::Eval).unwrap();
             let padded: Vec<f32> = padded.get(1).unwrap().to_vec1().unwrap();
             for (a, b) in alone.iter().zip(&padded) {
                 assert!((a - b).abs() < 1e-5, "{head}: {alone:?} vs {padded:?}");

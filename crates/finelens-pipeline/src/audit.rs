@@ -635,6 +635,9 @@ pub fn audit_shard(job: &AuditJob, progress: Progress) -> Result<AuditShard> {
     let Some(shard) = job.shard else {
         return Err(settings("audit_shard: the job names no shard"));
     };
+    if crate::text::is_model_folder(&job.model.path) {
+        return Err(settings(crate::text_explain::NOT_SHARDED));
+    }
     let e = examine(job, progress)?;
     let classes = &e.model.info.classes;
     let cards = page::gallery_cards(&e.partial, classes, &e.images, &e.pre)?;

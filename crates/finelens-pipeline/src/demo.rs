@@ -428,7 +428,7 @@ pub fn demo(s: &DemoSettings, progress: Progress) -> Result<DemoOutcome> {
         )));
     }
     blocks.extend(sections.into_iter().flatten());
-    blocks.extend(text_blocks(&text));
+    blocks.extend(text_blocks(&text)?);
     let page = Page {
         title: "finelens demo: a clean and a shortcut fine-tune of the same checkpoint".into(),
         blocks,
@@ -660,7 +660,7 @@ fn text_part(s: &DemoSettings, model: &Path, progress: Progress) -> Result<Vec<D
 }
 
 /// The text part's section of the page.
-fn text_blocks(text: &std::result::Result<Vec<DemoText>, String>) -> Vec<Block> {
+fn text_blocks(text: &std::result::Result<Vec<DemoText>, String>) -> Result<Vec<Block>> {
     let mut blocks = vec![Block::Heading(
         2,
         "Text: all-MiniLM-L6-v2 on the synthetic sentiment tasks".into(),
@@ -697,7 +697,7 @@ fn text_blocks(text: &std::result::Result<Vec<DemoText>, String>) -> Vec<Block> 
             ));
             for r in rows {
                 blocks.push(Block::Heading(2, format!("Audit of the {} model", r.task)));
-                blocks.extend(crate::text_audit::blocks(&r.audit));
+                blocks.extend(crate::text_audit::blocks(&r.audit)?);
                 if let (Some(rep), Some(att)) = (&r.drift.representation, &r.drift.attention) {
                     blocks.push(Block::Heading(
                         3,
@@ -759,7 +759,7 @@ fn text_blocks(text: &std::result::Result<Vec<DemoText>, String>) -> Vec<Block> 
             }
         }
     }
-    blocks
+    Ok(blocks)
 }
 
 /// The verdicts, where the page is, and how long it took: the demo's last words.

@@ -205,6 +205,7 @@ pub fn merge_audit(
                     title: c.title.clone(),
                     caption: c.caption.clone(),
                     figures,
+                    tokens: Vec::new(),
                     confidence: c.confidence,
                     error: c.error,
                 },

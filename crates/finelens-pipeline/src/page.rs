@@ -89,7 +89,64 @@ fn verdict_word(pass: Option<bool>) -> &'static str {
     }
 }
 
-fn facts(rows: Vec<(&str, String)>) -> Block {
+/// The loss and accuracy per epoch of a training record, when it has epochs.
+pub(crate) fn training_curves(t: &finelens_tune::TrainingRecord) -> Result<Option<Block>> {
+    if t.history.is_empty() {
+        return Ok(None);
+    }
+    let series =
+        |name: &str, f: &dyn Fn(&finelens_tune::EpochSummary) -> f64| finelens_report::Series {
+            name: name.into(),
+            values: t.history.iter().map(f).collect(),
+        };
+    let curves = finelens_report::training_curves(
+        &[
+            series("train_loss", &|e| e.train_loss),
+            series("val_loss", &|e| e.val_loss),
+        ],
+        &[
+            series("train_accuracy", &|e| e.train_accuracy),
+            series("val_accuracy", &|e| e.val_accuracy),
+        ],
+    )?;
+    Ok(Some(Block::Image {
+        png: curves,
+        alt: "training curves".into(),
+    }))
+}
+
+/// The confusion matrix of (true, predicted) class pairs, when there are any; `unit` names what
+/// was classified ("images", "texts").
+pub(crate) fn confusion(classes: &[String], labelled: &[(usize, usize)], unit: &str) -> Vec<Block> {
+    if labelled.is_empty() {
+        return Vec::new();
+    }
+    let mut head = vec![String::new()];
+    head.extend(classes.iter().cloned());
+    let rows = classes
+        .iter()
+        .enumerate()
+        .map(|(t, name)| {
+            std::iter::once(Cell::Text(name.clone()))
+                .chain((0..classes.len()).map(|q| {
+                    let n = labelled
+                        .iter()
+                        .filter(|&&(l, pr)| l == t && pr == q)
+                        .count();
+                    Cell::Number(n as f64, 0)
+                }))
+                .collect()
+        })
+        .collect();
+    vec![
+        Block::Paragraph(format!(
+            "Confusion matrix on the audited {unit} (rows: true class, columns: predicted)."
+        )),
+        Block::Table(head, rows),
+    ]
+}
+
+pub(crate) fn facts(rows: Vec<(&str, String)>) -> Block {
     Block::Table(
         vec![String::new(), String::new()],
         rows.into_iter()
@@ -191,55 +248,15 @@ pub fn audit_blocks(p: &PageInput) -> Result<Vec<Block>> {
         ));
     }
     b.push(facts(card));
-    if let Some(t) = training.filter(|t| !t.history.is_empty()) {
-        let series =
-            |name: &str, f: &dyn Fn(&finelens_tune::EpochSummary) -> f64| finelens_report::Series {
-                name: name.into(),
-                values: t.history.iter().map(f).collect(),
-            };
-        let curves = finelens_report::training_curves(
-            &[
-                series("train_loss", &|e| e.train_loss),
-                series("val_loss", &|e| e.val_loss),
-            ],
-            &[
-                series("train_accuracy", &|e| e.train_accuracy),
-                series("val_accuracy", &|e| e.val_accuracy),
-            ],
-        )?;
-        b.push(Block::Image {
-            png: curves,
-            alt: "training curves".into(),
-        });
+    if let Some(t) = &training {
+        b.extend(training_curves(t)?);
     }
     let labelled: Vec<(usize, usize)> = r
         .images
         .iter()
         .filter_map(|i| i.label.map(|l| (l, i.predicted)))
         .collect();
-    if !labelled.is_empty() {
-        b.push(Block::Paragraph(
-            "Confusion matrix on the audited images (rows: true class, columns: predicted).".into(),
-        ));
-        let mut head = vec![String::new()];
-        head.extend(classes.iter().cloned());
-        let rows = classes
-            .iter()
-            .enumerate()
-            .map(|(t, name)| {
-                std::iter::once(Cell::Text(name.clone()))
-                    .chain((0..classes.len()).map(|q| {
-                        let n = labelled
-                            .iter()
-                            .filter(|&&(l, pr)| l == t && pr == q)
-                            .count();
-                        Cell::Number(n as f64, 0)
-                    }))
-                    .collect()
-            })
-            .collect();
-        b.push(Block::Table(head, rows));
-    }
+    b.extend(confusion(classes, &labelled, "images"));
 
     b.push(Block::Heading(3, "Explanations".into()));
     b.push(Block::Paragraph(format!(
@@ -462,6 +479,7 @@ pub fn gallery_cards(
                         .map_or(String::new(), |l| format!(", true {}", classes[l]))
                 ),
                 figures,
+                tokens: Vec::new(),
                 confidence: res.probability as f64,
                 error: res.correct == Some(false),
             },

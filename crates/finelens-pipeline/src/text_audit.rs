@@ -3,8 +3,9 @@
 //! object masks).
 //!
 //! * **sanity**: cascading randomisation (Adebayo et al. 2018) from the head down through the
-//!   pooler, `encoder.layer.L-1 … 0` and the embeddings; Spearman ρ of |token scores| with the
-//!   trained model's, per stage. The policy gates the fully randomised model's.
+//!   pooler, `encoder.layer.L-1 … 0` and the embeddings, and independent randomisation of each
+//!   stage alone; Spearman ρ of |token scores| with the trained model's, per stage. The policy
+//!   gates the fully randomised model's.
 //! * **faithfulness**: deletion and insertion curves over tokens (word tokens replaced by
 //!   `[MASK]` in the map's order, the target's probability; Petsiuk et al. 2018) against a seeded
 //!   random order, the gain = (random − map) deletion AUC + (map − random) insertion AUC; and
@@ -19,8 +20,13 @@
 //!   (lower-cased, over the class's texts); that word is flagged when it holds most of the
 //!   class's relevance and is in none of its rationales.
 //! * **completeness**: Σ|δ| / Σ|F(x) − F(baseline)| of integrated gradients.
-//! * **drift** (with `--base`): linear CKA of the encoder's output (the last layer's mean over
-//!   tokens).
+//! * **drift** (with `--base`): weight drift per stage, linear CKA per layer of the mean token
+//!   vector and attention drift, as `finelens drift` measures them; the policy gates the CKA of
+//!   the encoder's output (the last layer's mean over tokens).
+//!
+//! The report (`report.json`, `index.html`) adds the model card (architecture, lineage, training
+//! configuration and curves), the confusion matrix, a gallery of coloured texts sortable by
+//! confidence or errors, the drift figures and the provenance.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -29,11 +35,13 @@ use candle_core::{DType, Device, Tensor};
 use finelens_attrib::{BaselineSpec, Method, MethodSpec, TokenBaseline};
 use finelens_audit::policy::{all_pass, Figure, Figures, Policy, Verdict};
 use finelens_data::text::{Columns, TextSet, TextTokenizer};
-use finelens_drift::spearman;
+use finelens_drift::cka::RepresentationDrift;
+use finelens_drift::{spearman, WeightDrift};
 use finelens_models::bert::{Bert, TokenBatch};
 use finelens_models::{Mode, ParamStore};
 use finelens_report::heatmap::{colour, outlier_threshold, Scale};
-use finelens_report::html::{render, Block, Cell, Page, Span, Status};
+use finelens_report::html::{render, Block, Card, Cell, Page, Span, Status};
+use finelens_tune::TrainingRecord;
 use serde::{Deserialize, Serialize};
 
 use crate::audit::AuditJob;
@@ -41,6 +49,7 @@ use crate::error::{input, settings, Result};
 use crate::output::{write_file, write_json, OutputDir, Versioned};
 use crate::progress::{Event, Progress};
 use crate::text::{load_text_model, TextModel, DEFAULT_MAX_LENGTH};
+use crate::text_drift::AttentionDrift;
 use crate::text_explain::TextInput;
 
 /// ERASER's k, as fractions of a text's word tokens.
@@ -103,6 +112,51 @@ pub struct ClassShortcut {
     pub flagged: bool,
 }
 
+/// Spearman ρ of |token scores| with the trained model's, per randomised stage.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TextSanity {
+    /// The stage and every stage above it random (head first).
+    pub cascading: Vec<(String, f64)>,
+    /// Only the stage random.
+    pub independent: Vec<(String, f64)>,
+}
+
+/// What the model card says beyond the report: the encoder, lineage and training.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TextModelCard {
+    pub architecture: String,
+    pub max_length: usize,
+    pub parent_sha256: Option<String>,
+    pub training: Option<TrainingRecord>,
+}
+
+impl TextModelCard {
+    fn of(m: &TextModel) -> TextModelCard {
+        let c = &m.spec.config;
+        TextModelCard {
+            architecture: format!(
+                "BERT encoder: {} layers, {} wide, {} heads; head {}",
+                c.num_hidden_layers, c.hidden_size, c.num_attention_heads, m.spec.head
+            ),
+            max_length: m
+                .record
+                .as_ref()
+                .map_or(DEFAULT_MAX_LENGTH, |r| r.max_length),
+            parent_sha256: m.record.as_ref().map(|r| r.parent_sha256.clone()),
+            training: m.record.as_ref().map(|r| r.training.clone()),
+        }
+    }
+}
+
+/// Drift from the base (`--base`), as `finelens drift` measures it on the audited texts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TextAuditDrift {
+    pub weights: WeightDrift,
+    /// Linear CKA per layer of the mean token vector.
+    pub representation: RepresentationDrift,
+    pub attention: AttentionDrift,
+}
+
 /// `report.json` of a text audit.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TextAuditReport {
@@ -114,21 +168,24 @@ pub struct TextAuditReport {
     pub base: Option<PathBuf>,
     pub method: String,
     pub accuracy: f64,
+    pub model_card: TextModelCard,
     pub policy: Policy,
     pub verdicts: Vec<Verdict>,
     pub pass: bool,
     pub figures: BTreeMap<String, f64>,
-    /// Spearman ρ with the trained model's |token scores| after randomising each stage and
-    /// every stage above it.
-    pub sanity: Vec<(String, f64)>,
+    pub sanity: TextSanity,
     pub eraser: Vec<Eraser>,
     pub shortcut: Vec<ClassShortcut>,
+    pub drift: Option<TextAuditDrift>,
     pub texts: Vec<AuditedText>,
+    pub seed: u64,
+    pub finelens_version: String,
+    pub seconds: f64,
     pub command_line: Vec<String>,
 }
 
 impl Versioned for TextAuditReport {
-    const SCHEMA: &'static str = "finelens-text-audit/1";
+    const SCHEMA: &'static str = "finelens-text-audit/2";
     fn schema_version(&self) -> &str {
         &self.schema_version
     }
@@ -138,24 +195,8 @@ impl Versioned for TextAuditReport {
 fn class_probabilities(bert: &Bert, variants: &[Vec<u32>], pad: u32) -> Result<Vec<Vec<f64>>> {
     let mut out = Vec::with_capacity(variants.len());
     for chunk in variants.chunks(VARIANT_BATCH) {
-        let t = chunk.iter().map(Vec::len).max().unwrap_or(0);
-        let (mut ids, mut mask) = (Vec::new(), Vec::new());
-        for v in chunk {
-            ids.extend(
-                v.iter()
-                    .copied()
-                    .chain(std::iter::repeat_n(pad, t - v.len())),
-            );
-            mask.extend(
-                std::iter::repeat_n(1u32, v.len()).chain(std::iter::repeat_n(0, t - v.len())),
-            );
-        }
-        let n = chunk.len();
-        let batch = TokenBatch {
-            ids: Tensor::from_vec(ids, (n, t), &Device::Cpu)?,
-            type_ids: Tensor::zeros((n, t), DType::U32, &Device::Cpu)?,
-            mask: Tensor::from_vec(mask, (n, t), &Device::Cpu)?,
-        };
+        let rows: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
+        let batch = TokenBatch::padded(&rows, None, pad, &Device::Cpu)?;
         let logits: Vec<Vec<f64>> = bert
             .forward(&batch, Mode::Eval)?
             .to_dtype(DType::F64)?
@@ -340,6 +381,7 @@ fn rank_similarity(a: &[f32], b: &[f32], words: &[usize]) -> f64 {
 /// the image audit's: `Ok(true)` when every measured check passes.
 pub fn audit_text(job: &AuditJob, progress: Progress) -> Result<TextAuditReport> {
     OutputDir::check(&job.out, job.force)?;
+    let started = std::time::Instant::now();
     let dir = job.model.path.clone();
     let m = load_text_model(&dir)?;
     let policy = match &job.policy {
@@ -490,7 +532,8 @@ pub fn audit_text(job: &AuditJob, progress: Progress) -> Result<TextAuditReport>
     }
     progress(Event::StageEnd);
 
-    // Sanity: cascading randomisation from the head down, on the first texts.
+    // Sanity: cascading randomisation from the head down, then each stage alone, on the first
+    // texts.
     let stages = m.spec.describe().stages;
     let fresh = ParamStore::init(
         &m.spec.param_specs(),
@@ -498,20 +541,12 @@ pub fn audit_text(job: &AuditJob, progress: Progress) -> Result<TextAuditReport>
         &Device::Cpu,
     )?;
     let n_sanity = job.sanity_images.min(texts.len());
-    let mut sanity = Vec::new();
-    let mut randomised: Vec<String> = Vec::new();
-    progress(Event::Stage {
-        name: "sanity",
-        total: stages.len(),
-        unit: "stages",
-    });
-    for (s_i, stage) in stages.iter().rev().enumerate() {
-        randomised.extend(stage.prefixes.iter().cloned());
+    let randomised_rho = |prefixes: &[String]| -> Result<f64> {
         let tensors: BTreeMap<String, Tensor> = m
             .store
             .iter()
             .map(|(n, t, _)| {
-                let from = if randomised.iter().any(|p| n.starts_with(p.as_str())) {
+                let from = if prefixes.iter().any(|p| n.starts_with(p.as_str())) {
                     fresh.tensor(n)?
                 } else {
                     t
@@ -526,9 +561,34 @@ pub fn audit_text(job: &AuditJob, progress: Progress) -> Result<TextAuditReport>
             let (r, _) = scorer.scores(&random_bert, &e.ids, &e.word_ids, *target)?;
             rho += rank_similarity(&t.relevance, &r, words);
         }
-        sanity.push((stage.name.clone(), rho / n_sanity as f64));
+        Ok(rho / n_sanity as f64)
+    };
+    let mut sanity = TextSanity {
+        cascading: Vec::new(),
+        independent: Vec::new(),
+    };
+    progress(Event::Stage {
+        name: "sanity",
+        total: 2 * stages.len(),
+        unit: "randomised models",
+    });
+    let mut cascade: Vec<String> = Vec::new();
+    for stage in stages.iter().rev() {
+        cascade.extend(stage.prefixes.iter().cloned());
+        sanity
+            .cascading
+            .push((stage.name.clone(), randomised_rho(&cascade)?));
         progress(Event::Advance {
-            done: s_i + 1,
+            done: sanity.cascading.len(),
+            item: &stage.name,
+        });
+    }
+    for stage in stages.iter().rev() {
+        sanity
+            .independent
+            .push((stage.name.clone(), randomised_rho(&stage.prefixes)?));
+        progress(Event::Advance {
+            done: stages.len() + sanity.independent.len(),
             item: &stage.name,
         });
     }
@@ -598,7 +658,7 @@ pub fn audit_text(job: &AuditJob, progress: Progress) -> Result<TextAuditReport>
         (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
     };
     let mut figures = Figures::new();
-    if let Some(&(_, rho)) = sanity.last() {
+    if let Some(&(_, rho)) = sanity.cascading.last() {
         figures.insert(Figure::SanityMaxSpearman, rho);
     }
     if let Some(g) = mean(
@@ -644,15 +704,18 @@ pub fn audit_text(job: &AuditJob, progress: Progress) -> Result<TextAuditReport>
     if diffs > 0.0 {
         figures.insert(Figure::CompletenessMaxMeanRelativeDelta, deltas / diffs);
     }
-    if let Some(base) = &job.base {
-        let cka = base_cka(
-            &base.path,
-            &m,
-            &tok,
-            &samples.iter().map(|s| s.text.clone()).collect::<Vec<_>>(),
-        )?;
-        figures.insert(Figure::DriftMinCkaPenultimate, cka);
-    }
+    let drift = match &job.base {
+        Some(base) => {
+            let texts: Vec<String> = samples.iter().map(|s| s.text.clone()).collect();
+            let d = base_drift(&base.path, &m, &tok, &texts, progress)?;
+            let last = format!("encoder.layer.{}", m.spec.config.num_hidden_layers - 1);
+            if let Some(k) = d.representation.layers.iter().position(|l| *l == last) {
+                figures.insert(Figure::DriftMinCkaPenultimate, d.representation.diagonal[k]);
+            }
+            Some(d)
+        }
+        None => None,
+    };
     let verdicts = policy.evaluate(&figures, job.require_all);
     let pass = all_pass(&verdicts);
     let eraser = ERASER_K
@@ -681,6 +744,7 @@ pub fn audit_text(job: &AuditJob, progress: Progress) -> Result<TextAuditReport>
         base: job.base.as_ref().map(|b| b.path.clone()),
         method: spec.to_string(),
         accuracy,
+        model_card: TextModelCard::of(&m),
         policy,
         pass,
         figures: figures.iter().map(|(f, v)| (f.id(), *v)).collect(),
@@ -688,13 +752,17 @@ pub fn audit_text(job: &AuditJob, progress: Progress) -> Result<TextAuditReport>
         sanity,
         eraser,
         shortcut,
+        drift,
         texts,
+        seed: job.seed,
+        finelens_version: env!("CARGO_PKG_VERSION").into(),
+        seconds: started.elapsed().as_secs_f64(),
         command_line: job.command_line.clone(),
     };
     progress(Event::Info(summary(&report)));
     OutputDir::create(&job.out, job.force)?.run(|out| {
         write_json(&out.join("report.json"), &report)?;
-        write_file(&out.join("index.html"), render(&page(&report)).as_bytes())
+        write_file(&out.join("index.html"), render(&page(&report)?).as_bytes())
     })?;
     progress(Event::Info(format!(
         "report: {}",
@@ -703,31 +771,39 @@ pub fn audit_text(job: &AuditJob, progress: Progress) -> Result<TextAuditReport>
     Ok(report)
 }
 
-/// Linear CKA of the encoder's output — the last layer's mean over tokens, the sentence embedding
-/// — between the base folder's model and the audited one on the audited texts. Not the pooler's
-/// or the [CLS] vector's: a sentence-transformers checkpoint (all-MiniLM) trained neither (it
-/// mean-pools), so fine-tuning a `cls` head rewrites them like a head, whatever happened to what
-/// the encoder knew.
-fn base_cka(base: &Path, m: &TextModel, tok: &TextTokenizer, texts: &[String]) -> Result<f64> {
+/// Drift of the audited model from the base folder on the audited texts: weights per stage,
+/// linear CKA per layer of the mean token vector — for the policy, the encoder's output, the
+/// sentence embedding; not the pooler's or the [CLS] vector's: a sentence-transformers
+/// checkpoint (all-MiniLM) trained neither (it mean-pools), so fine-tuning a `cls` head rewrites
+/// them like a head, whatever happened to what the encoder knew — and attention drift.
+fn base_drift(
+    base: &Path,
+    m: &TextModel,
+    tok: &TextTokenizer,
+    texts: &[String],
+    progress: Progress,
+) -> Result<TextAuditDrift> {
     let parent = crate::text_drift::parent_of(base, m)?;
+    let weights = crate::text_drift::weight_drift(base, &m.dir, m, false)?;
     let b0 = Bert::new(parent.spec.clone(), &parent.store.frozen_as(DType::F32)?)?;
     let b1 = Bert::new(m.spec.clone(), &m.store.frozen_as(DType::F32)?)?;
-    let (rep, _) = crate::text_drift::probe_drift(
+    let (representation, attention) = crate::text_drift::probe_drift(
         &b0,
         &b1,
         tok,
         texts,
-        &[format!(
-            "encoder.layer.{}",
-            m.spec.config.num_hidden_layers - 1
-        )],
+        &m.spec.describe().representation_layers,
         true,
         texts.len().max(crate::drift::MIN_CKA_BATCH),
         m.spec.config.num_hidden_layers,
         m.spec.config.num_attention_heads,
-        &mut crate::progress::quiet,
+        progress,
     )?;
-    Ok(rep.diagonal[0])
+    Ok(TextAuditDrift {
+        weights,
+        representation,
+        attention,
+    })
 }
 
 /// The audit's account for a terminal: verdicts, then the shortcut and ERASER lines.
@@ -770,18 +846,65 @@ fn summary(r: &TextAuditReport) -> String {
     lines.join("\n")
 }
 
-fn page(r: &TextAuditReport) -> Page {
-    Page {
+fn page(r: &TextAuditReport) -> Result<Page> {
+    Ok(Page {
         title: format!(
             "finelens text audit: {}",
             if r.pass { "all checks pass" } else { "FLAGGED" }
         ),
-        blocks: blocks(r),
-    }
+        blocks: blocks(r)?,
+    })
+}
+
+/// A text's tokens coloured by relevance (blue against, red for the class; clipped at the
+/// outlier threshold as image maps are), each token's score on hover.
+fn coloured_tokens(t: &AuditedText) -> Vec<Span> {
+    let limit = outlier_threshold(t.relevance.iter().copied(), 2.0);
+    let limit = if limit > 0.0 { limit } else { 1.0 };
+    t.tokens
+        .iter()
+        .zip(&t.relevance)
+        .enumerate()
+        .map(|(j, (tok, &v))| {
+            let rationale = t.in_rationale.as_ref().is_some_and(|r| r[j]);
+            Span {
+                text: tok.clone(),
+                colour: colour((v / limit).clamp(-1.0, 1.0), Scale::Diverging),
+                title: format!(
+                    "{tok} {v:+.4}{}",
+                    if rationale { " (rationale)" } else { "" }
+                ),
+            }
+        })
+        .collect()
+}
+
+/// Per stage: the cascading and the independent randomisation's ρ.
+fn sanity_table(s: &TextSanity) -> Block {
+    Block::Table(
+        [
+            "randomised stage",
+            "cascading (it and above)",
+            "independent (it alone)",
+        ]
+        .map(String::from)
+        .to_vec(),
+        s.cascading
+            .iter()
+            .zip(&s.independent)
+            .map(|((stage, c), (_, i))| {
+                vec![
+                    Cell::Text(stage.clone()),
+                    Cell::Number(*c, 3),
+                    Cell::Number(*i, 3),
+                ]
+            })
+            .collect(),
+    )
 }
 
 /// The report's blocks (the demo's page shows them too).
-pub fn blocks(r: &TextAuditReport) -> Vec<Block> {
+pub fn blocks(r: &TextAuditReport) -> Result<Vec<Block>> {
     let mut b = vec![Block::Paragraph(format!(
         "{} (sha256 {}) audited on {} ({} texts, accuracy {:.1}%) with {}{}.",
         r.model.display(),
@@ -802,6 +925,71 @@ pub fn blocks(r: &TextAuditReport) -> Vec<Block> {
             .into(),
     ));
     b.extend(crate::page::verdict_blocks(r.pass, &r.verdicts));
+
+    b.push(Block::Heading(3, "Model card".into()));
+    let card = &r.model_card;
+    let mut facts = vec![
+        ("architecture", card.architecture.clone()),
+        ("classes", r.classes.join(", ")),
+        ("input", format!("up to {} tokens", card.max_length)),
+        (
+            "audited data",
+            format!("{} ({} texts)", r.data.display(), r.texts.len()),
+        ),
+        (
+            "accuracy on the audited texts",
+            format!("{:.1}%", 100.0 * r.accuracy),
+        ),
+        (
+            "parent model (SHA-256)",
+            card.parent_sha256
+                .clone()
+                .unwrap_or_else(|| "none recorded".into()),
+        ),
+    ];
+    if let Some(t) = &card.training {
+        facts.push((
+            "training configuration",
+            serde_json::to_string(&t.config).expect("plain data serialises"),
+        ));
+    }
+    b.push(crate::page::facts(facts));
+    if let Some(t) = &card.training {
+        b.extend(crate::page::training_curves(t)?);
+    }
+    let index = |name: &str| r.classes.iter().position(|c| c == name);
+    let labelled: Vec<(usize, usize)> = r
+        .texts
+        .iter()
+        .filter_map(|t| Some((index(&t.label)?, index(&t.predicted)?)))
+        .collect();
+    b.extend(crate::page::confusion(&r.classes, &labelled, "texts"));
+
+    b.push(Block::Heading(3, "Texts".into()));
+    b.push(Block::Paragraph(format!(
+        "Each text's tokens coloured by {} for the predicted class (blue against, red for; a \
+         token's score on hover); cards with a red border are errors.",
+        r.method
+    )));
+    b.push(Block::Gallery(
+        r.texts
+            .iter()
+            .map(|t| Card {
+                title: t.source.clone(),
+                caption: format!(
+                    "predicted {} ({:.1}%), true {}",
+                    t.predicted,
+                    100.0 * t.probability,
+                    t.label
+                ),
+                figures: Vec::new(),
+                tokens: coloured_tokens(t),
+                confidence: t.probability as f64,
+                error: t.label != t.predicted,
+            })
+            .collect(),
+    ));
+
     b.push(Block::Heading(3, "Shortcuts".into()));
     b.push(Block::Table(
         [
@@ -850,42 +1038,79 @@ pub fn blocks(r: &TextAuditReport) -> Vec<Block> {
             })
             .collect(),
     ));
-    b.push(Block::Heading(3, "Sanity: cascading randomisation".into()));
-    b.push(Block::Table(
-        vec!["randomised down to".into(), "Spearman ρ".into()],
-        r.sanity
-            .iter()
-            .map(|(s, v)| vec![Cell::Text(s.clone()), Cell::Number(*v, 3)])
-            .collect(),
+    b.push(Block::Heading(3, "Sanity: parameter randomisation".into()));
+    b.push(Block::Paragraph(
+        "Spearman ρ of |token scores| between the trained model and the model with stages \
+         re-initialised (Adebayo et al. 2018); low means the scores depend on those weights."
+            .into(),
     ));
-    b.push(Block::Heading(3, "Texts".into()));
-    for t in &r.texts {
-        let limit = outlier_threshold(t.relevance.iter().copied(), 2.0);
-        let limit = if limit > 0.0 { limit } else { 1.0 };
-        let mut spans = vec![Span {
-            text: format!(
-                "{} → {} ({:.0}%):",
-                t.label,
-                t.predicted,
-                100.0 * t.probability
-            ),
-            colour: [255, 255, 255],
-            title: t.source.clone(),
-        }];
-        for (j, (tok, &v)) in t.tokens.iter().zip(&t.relevance).enumerate() {
-            let rationale = t.in_rationale.as_ref().is_some_and(|r| r[j]);
-            spans.push(Span {
-                text: tok.clone(),
-                colour: colour((v / limit).clamp(-1.0, 1.0), Scale::Diverging),
-                title: format!(
-                    "{tok} {v:+.4}{}",
-                    if rationale { " (rationale)" } else { "" }
-                ),
-            });
+    b.push(sanity_table(&r.sanity));
+
+    if let Some(d) = &r.drift {
+        b.push(Block::Heading(3, "Drift from the base".into()));
+        let (bars, cka) = crate::drift::drift_figures(&d.weights, Some(&d.representation))?;
+        for (png, alt) in [
+            (bars, "relative change per layer"),
+            (cka, "CKA between the base's and the audited model's layers"),
+        ] {
+            if let Some(png) = png {
+                b.push(Block::Image {
+                    png,
+                    alt: alt.into(),
+                });
+            }
         }
-        b.push(Block::Tokens(spans));
+        b.push(Block::Table(
+            [
+                "layer",
+                "weights ‖ΔW‖/‖W₀‖",
+                "CKA (mean token vector)",
+                "attention drift (JS distance, mean over heads)",
+            ]
+            .map(String::from)
+            .to_vec(),
+            d.representation
+                .layers
+                .iter()
+                .zip(&d.representation.diagonal)
+                .map(|(l, c)| {
+                    let js = l
+                        .strip_prefix("encoder.layer.")
+                        .and_then(|i| i.parse::<usize>().ok())
+                        .and_then(|i| d.attention.js_distance.get(i))
+                        .map_or(f64::NAN, |h| h.iter().sum::<f64>() / h.len().max(1) as f64);
+                    let moved = d
+                        .weights
+                        .stages
+                        .iter()
+                        .find(|g| g.name == *l)
+                        .map_or(f64::NAN, |g| g.relative_l2_change);
+                    vec![
+                        Cell::Text(l.clone()),
+                        Cell::Number(moved, 4),
+                        Cell::Number(*c, 3),
+                        Cell::Number(js, 3),
+                    ]
+                })
+                .collect(),
+        ));
     }
-    b
+    b.push(Block::Heading(3, "Provenance".into()));
+    b.push(crate::page::facts(vec![
+        ("model", r.model.display().to_string()),
+        ("sha256", r.sha256.clone()),
+        (
+            "base",
+            r.base
+                .as_ref()
+                .map_or("none".into(), |b| b.display().to_string()),
+        ),
+        ("seed", r.seed.to_string()),
+        ("finelens", r.finelens_version.clone()),
+        ("seconds", format!("{:.1}", r.seconds)),
+        ("command line", r.command_line.join(" ")),
+    ]));
+    Ok(b)
 }
 
 #[cfg(test)]

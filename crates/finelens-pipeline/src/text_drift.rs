@@ -75,6 +75,26 @@ pub(crate) fn parent_of(dir: &Path, child: &TextModel) -> Result<TextModel> {
     })
 }
 
+/// How far each weight of the folder `after_dir` (read as `after`) moved from `before_dir`'s, by
+/// Hugging Face's names whichever spelling each folder uses, grouped by `after`'s stages.
+pub(crate) fn weight_drift(
+    before_dir: &Path,
+    after_dir: &Path,
+    after: &TextModel,
+    spectral: bool,
+) -> Result<WeightDrift> {
+    Ok(weight_drift_described(
+        &before_dir.join(WEIGHTS_FILE),
+        &after_dir.join(WEIGHTS_FILE),
+        WeightDriftOptions {
+            spectral,
+            canonical: Some(canonical_name),
+            ..Default::default()
+        },
+        Some(after.spec.describe()),
+    )?)
+}
+
 /// The probe texts: a text set or `.txt` file, or the synthetic sentiment task's test sentences.
 fn probe_texts(s: &DriftSettings) -> Result<Vec<String>> {
     Ok(match &s.probe {
@@ -276,16 +296,7 @@ pub fn drift_text(s: &DriftSettings, progress: Progress) -> Result<TextDriftRepo
         ));
     }
     let (w0, w1) = (before_dir.join(WEIGHTS_FILE), after_dir.join(WEIGHTS_FILE));
-    let weights = weight_drift_described(
-        &w0,
-        &w1,
-        WeightDriftOptions {
-            spectral: s.spectral,
-            canonical: Some(canonical_name),
-            ..Default::default()
-        },
-        Some(after.spec.describe()),
-    )?;
+    let weights = weight_drift(before_dir, after_dir, &after, s.spectral)?;
     progress(Event::Info(crate::drift::weight_summary(&weights)));
 
     let mut report = TextDriftReport {

@@ -15,11 +15,11 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use finelens_attrib::attention::{self, LayerAttention, Readout};
 use finelens_attrib::{
-    registry, Attributor, BaselineSpec, BuildContext, Completeness, Method, MethodSpec,
+    registry, Attributor, BaselineSpec, BuildContext, Completeness, FillSpec, Method, MethodSpec,
     Normalisation, Sign, Target, TokenBaseline,
 };
 use finelens_data::text::{Columns, Encoded, TextSet, TextTokenizer};
-use finelens_models::bert::{Bert, OnWordEmbeddings, TextHead};
+use finelens_models::bert::{Bert, OnWordEmbeddings, TextHead, TokenBatch};
 use finelens_models::Classifier;
 use finelens_report::heatmap::{colour, outlier_threshold, Scale};
 use finelens_report::html::{render, Block, Cell, Page, Span};
@@ -306,8 +306,15 @@ impl<'a> TextInput<'a> {
     }
 }
 
+/// Text jobs run whole: shards split image sets (a text set is read in seconds).
+pub(crate) const NOT_SHARDED: &str =
+    "--shard splits image sets; a text model's explanations and audit run whole (drop --shard)";
+
 /// Explain each text of `s.input` with `s.methods` on the text model folder `s.model`.
 pub fn explain_text(s: &ExplainSettings, progress: Progress) -> Result<TextExplainReport> {
+    if s.shard.is_some() {
+        return Err(settings(NOT_SHARDED));
+    }
     let dir = s.model.path.clone();
     let m = load_text_model(&dir)?;
     let frozen = m.store.frozen_as(DType::F32)?;
@@ -427,18 +434,21 @@ pub fn explain_text(s: &ExplainSettings, progress: Progress) -> Result<TextExpla
                 let name = spec.method.name();
                 let npy = format!("texts/{id}/{name}.npy");
                 let (tokens, words_scored, sign) = if spec.method == Method::Occlusion {
-                    let fill = match &spec.options.baseline {
-                        None | Some(BaselineSpec::Tokens(TokenBaseline::Mask)) => {
-                            mask_id.ok_or_else(|| settings("occlusion: the tokenizer has no [MASK] token"))?
+                    let occluder = match (&spec.options.fill, &spec.options.baseline) {
+                        (Some(FillSpec::Delete), _) => Occluder::Delete { pad },
+                        (_, None | Some(BaselineSpec::Tokens(TokenBaseline::Mask))) => {
+                            Occluder::Replace(mask_id.ok_or_else(|| {
+                                settings("occlusion: the tokenizer has no [MASK] token")
+                            })?)
                         }
-                        Some(BaselineSpec::Tokens(_)) => pad,
-                        Some(b) => {
+                        (_, Some(BaselineSpec::Tokens(_))) => Occluder::Replace(pad),
+                        (_, Some(b)) => {
                             return Err(settings(format!(
-                                "occlusion of text replaces tokens with [MASK] (baseline=mask) or [PAD] (baseline=pad), not `{b}`"
+                                "occlusion of text replaces tokens with [MASK] (baseline=mask) or [PAD] (baseline=pad), or deletes them (fill=delete), not `{b}`"
                             )))
                         }
                     };
-                    let (tokens, words) = views.occlusion(fill, words.len())?;
+                    let (tokens, words) = views.occlusion(occluder, words.len())?;
                     write_file(
                         &out.join(&npy),
                         &finelens_report::npy::encode_f32(&[t], &tokens),
@@ -550,47 +560,77 @@ struct Views<'a> {
     readout: Readout,
 }
 
+/// What takes an occluded token's place.
+#[derive(Debug, Clone, Copy)]
+enum Occluder {
+    /// Another token ([MASK] or [PAD]): the text keeps its length and positions.
+    Replace(u32),
+    /// Nothing: the token is removed and the tokens after it move up a position (the copies
+    /// of a batch are padded with `pad` and masked).
+    Delete { pad: u32 },
+}
+
 /// Occluded copies per forward pass.
 const OCCLUSION_BATCH: usize = 32;
 
 impl Views<'_> {
-    /// F(x) − F(x with the tokens `hide` selects replaced by `fill`), for each selection.
-    fn drops(&self, fill: u32, hides: &[Vec<usize>]) -> Result<Vec<f32>> {
+    /// F(x) − F(x with the tokens `hide` selects occluded), for each selection.
+    fn drops(&self, occluder: Occluder, hides: &[Vec<usize>]) -> Result<Vec<f32>> {
         let t = self.ids.len();
-        let target = |x: &Tensor| -> Result<Vec<f32>> {
-            let logits = self.model.forward(x, finelens_models::Mode::Eval)?;
+        let target = |logits: Tensor| -> Result<Vec<f32>> {
             Ok(logits
                 .narrow(1, self.target, 1)?
                 .flatten_all()?
                 .to_dtype(DType::F32)?
                 .to_vec1()?)
         };
-        let full = target(self.x)?[0];
+        let full = target(self.model.forward(self.x, finelens_models::Mode::Eval)?)?[0];
+        let types: Vec<u32> = self.model.type_ids.flatten_all()?.to_vec1()?;
         let mut out = Vec::with_capacity(hides.len());
         for chunk in hides.chunks(OCCLUSION_BATCH) {
-            let mut ids = Vec::with_capacity(chunk.len() * t);
-            for hide in chunk {
-                let mut v = self.ids.to_vec();
-                for &i in hide {
-                    v[i] = fill;
+            let logits = match occluder {
+                Occluder::Replace(fill) => {
+                    let mut ids = Vec::with_capacity(chunk.len() * t);
+                    for hide in chunk {
+                        let mut v = self.ids.to_vec();
+                        for &i in hide {
+                            v[i] = fill;
+                        }
+                        ids.extend(v);
+                    }
+                    let ids = Tensor::from_vec(ids, (chunk.len(), t), &Device::Cpu)?;
+                    let x = self.model.bert.word_embeddings(&ids)?.unsqueeze(1)?;
+                    self.model.forward(&x, finelens_models::Mode::Eval)?
                 }
-                ids.extend(v);
-            }
-            let ids = Tensor::from_vec(ids, (chunk.len(), t), &Device::Cpu)?;
-            let x = self.model.bert.word_embeddings(&ids)?.unsqueeze(1)?;
-            out.extend(target(&x)?.into_iter().map(|f| full - f));
+                Occluder::Delete { pad } => {
+                    let kept = |v: &[u32], hide: &[usize]| -> Vec<u32> {
+                        (0..t).filter(|i| !hide.contains(i)).map(|i| v[i]).collect()
+                    };
+                    let ids: Vec<Vec<u32>> = chunk.iter().map(|h| kept(self.ids, h)).collect();
+                    let tys: Vec<Vec<u32>> = chunk.iter().map(|h| kept(&types, h)).collect();
+                    let (ids, tys): (Vec<&[u32]>, Vec<&[u32]>) = (
+                        ids.iter().map(Vec::as_slice).collect(),
+                        tys.iter().map(Vec::as_slice).collect(),
+                    );
+                    let batch = TokenBatch::padded(&ids, Some(&tys), pad, &Device::Cpu)?;
+                    self.model
+                        .bert
+                        .forward(&batch, finelens_models::Mode::Eval)?
+                }
+            };
+            out.extend(target(logits)?.into_iter().map(|f| full - f));
         }
         Ok(out)
     }
 
-    /// Occlusion by token (each word token replaced by `fill`; special tokens score 0) and by
+    /// Occlusion by token (each word token occluded alone; special tokens score 0) and by
     /// word (all of a word's tokens at once).
-    fn occlusion(&self, fill: u32, words: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+    fn occlusion(&self, occluder: Occluder, words: usize) -> Result<(Vec<f32>, Vec<f32>)> {
         let word_tokens: Vec<usize> = (0..self.ids.len())
             .filter(|&i| self.word_of[i].is_some())
             .collect();
         let by_token = self.drops(
-            fill,
+            occluder,
             &word_tokens.iter().map(|&i| vec![i]).collect::<Vec<_>>(),
         )?;
         let mut tokens = vec![0f32; self.ids.len()];
@@ -604,7 +644,7 @@ impl Views<'_> {
                     .collect()
             })
             .collect();
-        Ok((tokens, self.drops(fill, &hides)?))
+        Ok((tokens, self.drops(occluder, &hides)?))
     }
 }
 
@@ -739,6 +779,86 @@ mod tests {
             word_scores(&tokens, &word_of, 2, Sign::Absolute),
             [3.0, 0.5]
         );
+    }
+
+    /// Occlusion by deletion, batched and padded, gives each token's and each word's
+    /// F(x) − F(x without them) as the shorter text alone would; replacement keeps the length.
+    #[test]
+    fn occlusion_by_deletion_is_the_logit_of_the_shorter_text() {
+        use finelens_models::bert::{BertConfig, BertSpec};
+        use finelens_models::{Mode, ParamStore};
+        for head in [TextHead::Cls, TextHead::Mean] {
+            let spec = BertSpec {
+                config: BertConfig {
+                    vocab_size: 40,
+                    hidden_size: 8,
+                    num_hidden_layers: 2,
+                    num_attention_heads: 2,
+                    intermediate_size: 16,
+                    max_position_embeddings: 16,
+                    initializer_range: 0.5,
+                    ..BertConfig::all_minilm_l6()
+                },
+                classes: 3,
+                head,
+            };
+            let store = ParamStore::init(&spec.param_specs(), 11, &Device::Cpu).unwrap();
+            let bert = Bert::new(spec, &store).unwrap();
+            // [CLS] a b c d [SEP]; words: {a}, {b, c}, {d}; [PAD] 0, [MASK] 39.
+            let ids = [2u32, 7, 9, 11, 13, 3];
+            let word_of = [None, Some(0), Some(1), Some(1), Some(2), None];
+            let word_ids: Vec<Option<u32>> = word_of.iter().map(|w| w.map(|w| w as u32)).collect();
+            let input = TextInput::new(&bert, &ids, &[0; 6], &word_ids).unwrap();
+            let views = Views {
+                model: &input.model,
+                x: &input.x,
+                ids: &ids,
+                word_of: &word_of,
+                target: 1,
+                readout: Readout::Token(0),
+            };
+            let logit = |ids: &[u32]| -> f32 {
+                let batch = TokenBatch::padded(&[ids], None, 0, &Device::Cpu).unwrap();
+                bert.forward(&batch, Mode::Eval)
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap()[0][1]
+            };
+            let full = logit(&ids);
+            let without = |hide: &[usize]| -> Vec<u32> {
+                (0..6)
+                    .filter(|i| !hide.contains(i))
+                    .map(|i| ids[i])
+                    .collect()
+            };
+            let (tokens, words) = views.occlusion(Occluder::Delete { pad: 0 }, 3).unwrap();
+            let close = |a: f32, b: f32| (a - b).abs() < 1e-5 * (1.0 + b.abs());
+            assert_eq!((tokens[0], tokens[5]), (0.0, 0.0), "special tokens stay");
+            for i in 1..5 {
+                let want = full - logit(&without(&[i]));
+                assert!(
+                    close(tokens[i], want),
+                    "{head} token {i}: {} vs {want}",
+                    tokens[i]
+                );
+            }
+            for (w, hide) in [vec![1], vec![2, 3], vec![4]].iter().enumerate() {
+                let want = full - logit(&without(hide));
+                assert!(
+                    close(words[w], want),
+                    "{head} word {w}: {} vs {want}",
+                    words[w]
+                );
+            }
+            let (replaced, _) = views.occlusion(Occluder::Replace(39), 3).unwrap();
+            let mut masked = ids;
+            masked[2] = 39;
+            assert!(close(replaced[2], full - logit(&masked)));
+            assert!(
+                (replaced[2] - tokens[2]).abs() > 1e-4,
+                "deleting is not masking"
+            );
+        }
     }
 
     #[test]

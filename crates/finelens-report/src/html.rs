@@ -52,12 +52,15 @@ pub struct Figure {
     pub png: Vec<u8>,
 }
 
-/// A gallery card: an image's pictures, a caption, and the keys it can be sorted by.
+/// A gallery card: an image's pictures (or a text's coloured tokens), a caption, and the keys
+/// it can be sorted by.
 #[derive(Debug, Clone)]
 pub struct Card {
     pub title: String,
     pub caption: String,
     pub figures: Vec<Figure>,
+    /// A text card's tokens (empty for an image's card).
+    pub tokens: Vec<Span>,
     /// The predicted class's probability.
     pub confidence: f64,
     /// Misclassified (sorted first by "errors first").
@@ -99,7 +102,7 @@ pub struct Page {
 
 const STYLE: &str = "body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2rem auto;max-width:1100px;padding:0 1rem;color:#1b1b1b;line-height:1.45}\
 h1{font-size:1.7rem}h2{margin-top:2.2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem}\
-table{border-collapse:collapse;margin:.6rem 0}td,th{border:1px solid #ddd;padding:.25rem .55rem;vertical-align:top}\
+table{border-collapse:collapse;margin:.6rem 0}td,th{border:1px solid #ddd;padding:.25rem .55rem;vertical-align:top;overflow-wrap:anywhere}\
 th{background:#f4f4f4;text-align:left}td.num{text-align:right;font-variant-numeric:tabular-nums}\
 .badge{display:inline-block;border-radius:.8rem;padding:.1rem .7rem;margin:.1rem .3rem .1rem 0;font-weight:600;font-size:.9rem}\
 .pass{background:#d7f0dd;color:#0b5d1e}.fail{background:#fbd9d6;color:#8a1c10}.neutral{background:#eee;color:#444}\
@@ -130,6 +133,25 @@ fn img(png: &[u8], alt: &str) -> String {
     )
 }
 
+/// Coloured spans as one paragraph.
+fn tokens(h: &mut String, spans: &[Span]) {
+    h.push_str("<p class=\"tokens\">");
+    for sp in spans {
+        let [r, g, b] = sp.colour;
+        // Dark backgrounds get light text (relative luminance, ITU-R BT.709).
+        let luminance = 0.2126 * r as f32 + 0.7152 * g as f32 + 0.0722 * b as f32;
+        let dark = luminance < 110.0;
+        let _ = write!(
+            h,
+            "<span style=\"background:#{r:02x}{g:02x}{b:02x}{}\" title=\"{}\">{}</span> ",
+            if dark { ";color:#fff" } else { "" },
+            escape(&sp.title),
+            escape(&sp.text)
+        );
+    }
+    h.push_str("</p>");
+}
+
 /// The page as one HTML document.
 pub fn render(page: &Page) -> String {
     let mut h = String::new();
@@ -152,21 +174,8 @@ pub fn render(page: &Page) -> String {
                 let _ = writeln!(h, "<p>{}</p>", escape(t));
             }
             Block::Tokens(spans) => {
-                h.push_str("<p class=\"tokens\">");
-                for sp in spans {
-                    let [r, g, b] = sp.colour;
-                    // Dark backgrounds get light text (relative luminance, ITU-R BT.709).
-                    let luminance = 0.2126 * r as f32 + 0.7152 * g as f32 + 0.0722 * b as f32;
-                    let dark = luminance < 110.0;
-                    let _ = write!(
-                        h,
-                        "<span style=\"background:#{r:02x}{g:02x}{b:02x}{}\" title=\"{}\">{}</span> ",
-                        if dark { ";color:#fff" } else { "" },
-                        escape(&sp.title),
-                        escape(&sp.text)
-                    );
-                }
-                h.push_str("</p>\n");
+                tokens(&mut h, spans);
+                h.push('\n');
             }
             Block::Badges(items) => {
                 h.push_str("<p>");
@@ -239,6 +248,9 @@ pub fn render(page: &Page) -> String {
                         c.error as u8,
                         escape(&c.title)
                     );
+                    if !c.tokens.is_empty() {
+                        tokens(&mut h, &c.tokens);
+                    }
                     for f in &c.figures {
                         let _ = write!(
                             h,
@@ -308,6 +320,11 @@ mod tests {
                     figures: vec![Figure {
                         caption: evil.into(),
                         png: vec![0],
+                    }],
+                    tokens: vec![Span {
+                        text: evil.into(),
+                        colour: [255, 255, 255],
+                        title: evil.into(),
                     }],
                     confidence: 0.5,
                     error: true,

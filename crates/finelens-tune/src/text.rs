@@ -39,37 +39,12 @@ pub fn pad_batch(
     pad_id: u32,
     device: &Device,
 ) -> Result<(TokenBatch, Tensor)> {
-    let t = samples.iter().map(|s| s.ids.len()).max().unwrap_or(0);
-    let n = samples.len();
-    let (mut ids, mut types, mut mask) = (
-        Vec::with_capacity(n * t),
-        Vec::with_capacity(n * t),
-        Vec::with_capacity(n * t),
-    );
-    for s in samples {
-        let pad = t - s.ids.len();
-        ids.extend(
-            s.ids
-                .iter()
-                .copied()
-                .chain(std::iter::repeat_n(pad_id, pad)),
-        );
-        types.extend(
-            s.type_ids
-                .iter()
-                .copied()
-                .chain(std::iter::repeat_n(0, pad)),
-        );
-        mask.extend(std::iter::repeat_n(1u32, s.ids.len()).chain(std::iter::repeat_n(0, pad)));
-    }
+    let ids: Vec<&[u32]> = samples.iter().map(|s| s.ids.as_slice()).collect();
+    let types: Vec<&[u32]> = samples.iter().map(|s| s.type_ids.as_slice()).collect();
     let labels: Vec<u32> = samples.iter().map(|s| s.label as u32).collect();
     Ok((
-        TokenBatch {
-            ids: Tensor::from_vec(ids, (n, t), device)?,
-            type_ids: Tensor::from_vec(types, (n, t), device)?,
-            mask: Tensor::from_vec(mask, (n, t), device)?,
-        },
-        Tensor::from_vec(labels, n, device)?,
+        TokenBatch::padded(&ids, Some(&types), pad_id, device)?,
+        Tensor::from_vec(labels, samples.len(), device)?,
     ))
 }
 

@@ -91,6 +91,8 @@ fn read_delimited(path: &Path, delimiter: u8, columns: &Columns) -> Result<Vec<R
         })
     };
     let (t, l) = (find(&columns.text)?, find(&columns.label)?);
+    // An optional `rationale` column: the spans as JSON, `[[start, end], …]`, empty for none.
+    let r = headers.iter().position(|h| h == RATIONALE_FIELD);
     let mut out = Vec::new();
     for record in reader.records() {
         let record = record.map_err(|e| {
@@ -98,11 +100,18 @@ fn read_delimited(path: &Path, delimiter: u8, columns: &Columns) -> Result<Vec<R
             bad(path, line, csv_reason(&e))
         })?;
         let line = record.position().map_or(0, |p| p.line() as usize);
+        let rationale = match r.map(|r| record[r].trim()) {
+            Some(cell) if !cell.is_empty() => {
+                let v = serde_json::from_str(cell).map_err(|e| not_spans(path, line, e))?;
+                spans(v).map_err(|e| not_spans(path, line, e))?
+            }
+            _ => Vec::new(),
+        };
         out.push(Record {
             text: record[t].to_owned(),
             label: record[l].trim().to_owned(),
             source: format!("{}:{line}", path.display()),
-            rationale: Vec::new(),
+            rationale,
         });
     }
     Ok(out)
@@ -115,6 +124,40 @@ fn csv_reason(e: &csv::Error) -> String {
             expected_len, len, ..
         } => format!("{len} fields where the header has {expected_len}"),
         _ => e.to_string(),
+    }
+}
+
+/// The field or column of a record's rationale: character spans `[[start, end], …]`.
+pub const RATIONALE_FIELD: &str = "rationale";
+
+fn spans(v: serde_json::Value) -> serde_json::Result<Vec<(usize, usize)>> {
+    serde_json::from_value(v)
+}
+
+fn not_spans(path: &Path, line: usize, e: impl std::fmt::Display) -> DataError {
+    bad(
+        path,
+        Some(line),
+        format!("`{RATIONALE_FIELD}` is not a list of [start, end]: {e}"),
+    )
+}
+
+/// A rationale's spans must be non-empty and inside the text (character offsets, end exclusive).
+fn check_rationale(r: &Record) -> Result<()> {
+    let n = r.text.chars().count();
+    match r.rationale.iter().find(|&&(a, b)| a >= b || b > n) {
+        Some(&(a, b)) => Err(DataError::Text {
+            at: r.source.clone(),
+            reason: format!(
+                "rationale span [{a}, {b}) is {} the text's {n} characters",
+                if a >= b {
+                    "empty, not a span of"
+                } else {
+                    "outside"
+                }
+            ),
+        }),
+        None => Ok(()),
     }
 }
 
@@ -138,14 +181,8 @@ fn read_jsonl(path: &Path, columns: &Columns) -> Result<Vec<Record>> {
                 None => Err(bad(path, Some(line), format!("no field `{name}`"))),
             }
         };
-        let rationale = match v.get("rationale") {
-            Some(r) => serde_json::from_value(r.clone()).map_err(|e| {
-                bad(
-                    path,
-                    Some(line),
-                    format!("`rationale` is not a list of [start, end]: {e}"),
-                )
-            })?,
+        let rationale = match v.get(RATIONALE_FIELD) {
+            Some(r) => spans(r.clone()).map_err(|e| not_spans(path, line, e))?,
             None => Vec::new(),
         };
         out.push(Record {
@@ -244,6 +281,7 @@ impl TextSet {
                 skipped.push((r.source, "empty text".to_owned()));
                 continue;
             }
+            check_rationale(&r)?;
             let Some(label) = classes.iter().position(|c| *c == r.label) else {
                 return Err(DataError::Text {
                     at: r.source,
@@ -417,6 +455,47 @@ mod tests {
         let p = write(d.path(), "x.parquet", b"");
         assert!(err(&p).contains("not a text set"));
         assert!(err(&d.path().join("missing.csv")).contains("no such file"));
+        // Rationales: spans inside the text (in characters: "Crème" is 5), in JSONL and CSV.
+        let p = write(
+            d.path(),
+            "outside.jsonl",
+            "{\"text\": \"Crème\", \"label\": \"a\", \"rationale\": [[2, 6]]}\n".as_bytes(),
+        );
+        assert!(
+            err(&p).contains(
+                "outside.jsonl:1: rationale span [2, 6) is outside the text's 5 characters"
+            ),
+            "{}",
+            err(&p)
+        );
+        let p = write(
+            d.path(),
+            "spans.csv",
+            b"text,label,rationale\ngood film,a,\"[[0, 4]]\"\nbad,b,\nmeh,b,\"[[1, 1]]\"\n",
+        );
+        assert!(
+            err(&p).contains("spans.csv:4: rationale span [1, 1) is empty"),
+            "{}",
+            err(&p)
+        );
+        let p = write(
+            d.path(),
+            "notspans.csv",
+            b"text,label,rationale\nok,a,0-4\n",
+        );
+        assert!(
+            err(&p).contains("notspans.csv:2: `rationale` is not a list of [start, end]"),
+            "{}",
+            err(&p)
+        );
+        let good = write(
+            d.path(),
+            "spans2.csv",
+            b"text,label,rationale\ngood film,a,\"[[0, 4], [5, 9]]\"\nbad,b,\n",
+        );
+        let s = TextSet::read(&good, &cols, None).unwrap();
+        assert_eq!(s.samples[0].rationale, vec![(0, 4), (5, 9)]);
+        assert!(s.samples[1].rationale.is_empty());
         for e in [err(&d.path().join("latin1.csv")), err(&p)] {
             assert_eq!(e.lines().count(), 1, "{e}");
         }

@@ -1,15 +1,15 @@
 //! Text for finelens: a Hugging Face `tokenizer.json` read offline with the `tokenizers` crate,
-//! as transformers' fast tokenizers use it, and padded batches of its encodings.
+//! as transformers' fast tokenizers use it.
 //!
 //! Two things differ from what the file alone would do. A `tokenizer.json` may store fixed
 //! padding and truncation (all-MiniLM's pads and cuts every text to 128 tokens); both are cleared,
-//! and texts are cut at the caller's `max_length` and padded per batch. And Rust's `encode` gives
+//! and texts are cut at the caller's `max_length` (batches are padded by
+//! `finelens_models::TokenBatch::padded`, to their longest text). And Rust's `encode` gives
 //! byte offsets where Python gives character offsets: [`TextTokenizer::encode`] gives character
 //! offsets, so spans (rationales, highlighted words) mean the same in both.
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
 use tokenizers::{Tokenizer, TruncationParams};
 
 use crate::error::{DataError, Result};
@@ -34,7 +34,6 @@ pub struct TextTokenizer {
     inner: Tokenizer,
     path: PathBuf,
     max_length: usize,
-    pad_id: u32,
 }
 
 impl TextTokenizer {
@@ -66,15 +65,10 @@ impl TextTokenizer {
                 ..TruncationParams::default()
             }))
             .map_err(|e| bad(e.to_string()))?;
-        let pad_id = inner
-            .token_to_id("[PAD]")
-            .or_else(|| inner.token_to_id("<pad>"))
-            .unwrap_or(0);
         Ok(TextTokenizer {
             inner,
             path: path.to_owned(),
             max_length,
-            pad_id,
         })
     }
 
@@ -110,38 +104,5 @@ impl TextTokenizer {
             word_ids: e.get_word_ids().to_vec(),
             truncated: !e.get_overflowing().is_empty(),
         })
-    }
-
-    /// Texts as one batch padded to its longest: ids, token types and the attention mask
-    /// (1 = token, 0 = padding), each N × T u32.
-    pub fn batch(&self, texts: &[Encoded], device: &Device) -> Result<(Tensor, Tensor, Tensor)> {
-        let t = texts.iter().map(|e| e.ids.len()).max().unwrap_or(0);
-        let n = texts.len();
-        let (mut ids, mut types, mut mask) = (
-            Vec::with_capacity(n * t),
-            Vec::with_capacity(n * t),
-            Vec::with_capacity(n * t),
-        );
-        for e in texts {
-            let pad = t - e.ids.len();
-            ids.extend(
-                e.ids
-                    .iter()
-                    .copied()
-                    .chain(std::iter::repeat_n(self.pad_id, pad)),
-            );
-            types.extend(
-                e.type_ids
-                    .iter()
-                    .copied()
-                    .chain(std::iter::repeat_n(0, pad)),
-            );
-            mask.extend(std::iter::repeat_n(1u32, e.ids.len()).chain(std::iter::repeat_n(0, pad)));
-        }
-        Ok((
-            Tensor::from_vec(ids, (n, t), device)?,
-            Tensor::from_vec(types, (n, t), device)?,
-            Tensor::from_vec(mask, (n, t), device)?,
-        ))
     }
 }
