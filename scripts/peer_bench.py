@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """finelens against its peer (PyTorch + Captum, ../shared/peer-bench/), interleaved in one sitting.
 
-    ~/.cache/peer-venv/bin/python scripts/peer_bench.py [--rounds 3] [--only explain,train] \
+    ~/.cache/peer-venv/bin/python scripts/peer_bench.py [--rounds 3] [--only explain,train,text-explain] \
         [--finelens target/release/finelens] [--peer ../shared/peer-bench] [--out peer-bench.json]
 
 The machine is shared and its speed moves by up to 2x between days, so only ratios measured in
@@ -10,6 +10,10 @@ sizes (64 and 224) and methods, finelens's benchmark and the peer's back to back
 alternating between rounds; the table is the median over rounds of each side's figure and their
 ratio (finelens / peer: below 1 means finelens is faster; for training, peer img/s / finelens
 img/s, so the same reading holds).
+
+`text-explain` compares `finelens bench text-explain` with scripts/peer_text_explain_bench.py
+(Captum's LayerIntegratedGradients and layer gradients on an all-MiniLM-L6-v2-shaped classifier,
+64 tokens; needs transformers too).
 
 Needs the peer's environment (../shared/peer-bench/README.md: torch, torchvision, captum,
 safetensors) and a release build of finelens (`cargo build --release -p finelens-cli`). CI does
@@ -81,6 +85,30 @@ def peer_train(python, peer, optimizer):
     return {int(s): float(v) for s, v in found}
 
 
+TEXT_EXPLAIN = ["forward_ms", "saliency_ms", "gradient_x_input_ms"]
+
+
+def text_rows(doc):
+    row = {k: doc[k] for k in TEXT_EXPLAIN}
+    for b, ms in doc["integrated_gradients_50_by_batch"]:
+        row[f"IG-50, internal batch {b}"] = ms
+    return row
+
+
+def finelens_text_explain(exe, tmp):
+    path = os.path.join(tmp, "text-explain.json")
+    run([exe, "bench", "text-explain", "--repeats", "3", "--ig-batches", "10,50", "--json", path])
+    return text_rows(json.load(open(path)))
+
+
+def peer_text_explain(python, tmp):
+    path = os.path.join(tmp, "captum-text.json")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer_text_explain_bench.py")
+    run([python, script, "--reps", "3", "--ig-batches", "10,50", "--out", path])
+    doc = json.load(open(path))
+    return text_rows(doc), {k: doc[k] for k in ("torch", "captum", "transformers")}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
@@ -110,6 +138,17 @@ def main():
                         for k, v in row.items():
                             theirs.setdefault(("explain", s, k), []).append(v)
                 jobs.append((ex_ours, ex_theirs))
+            if "text-explain" in only:
+                def tx_ours():
+                    for k, v in finelens_text_explain(a.finelens, tmp).items():
+                        ours.setdefault(("text-explain", 64, k), []).append(v)
+
+                def tx_theirs():
+                    row, v = peer_text_explain(sys.executable, tmp)
+                    versions.update(v)
+                    for k, v in row.items():
+                        theirs.setdefault(("text-explain", 64, k), []).append(v)
+                jobs.append((tx_ours, tx_theirs))
             if "train" in only:
                 for opt in OPTIMIZERS:
                     def tr_ours(opt=opt):
@@ -132,12 +171,14 @@ def main():
         # Below 1, finelens is faster: time over time, or the peer's throughput over ours.
         ratio = p / f if kind == "train" else f / p
         rows.append({"kind": kind, "size": size, "line": line, "finelens": f, "peer": p, "ratio": ratio})
-    print(f"\nresnet18, {a.rounds} interleaved rounds, medians; {platform.node()}, {versions.get('cpu', '?')}, "
+    print(f"\nresnet18 (text-explain: all-MiniLM-L6-v2's shape, 64 tokens), {a.rounds} interleaved rounds, medians; {platform.node()}, {versions.get('cpu', '?')}, "
           f"torch {versions.get('torch', '?')}, captum {versions.get('captum', '?')}")
     print("\n| what | size | finelens | PyTorch + Captum | ratio |\n|---|---|---|---|---|")
     for r in rows:
         unit = "img/s" if r["kind"] == "train" else "ms"
         what = f"train ({r['line']}), batch 32" if r["kind"] == "train" else r["line"]
+        if r["kind"] == "text-explain":
+            what = f"text: {what.removesuffix('_ms').replace('_', ' ')}"
         print(f"| {what} | {r['size']} | {r['finelens']:.1f} {unit} | {r['peer']:.1f} {unit} | {r['ratio']:.2f} |")
     if a.out:
         json.dump({"rounds": a.rounds, "versions": versions, "rows": rows}, open(a.out, "w"), indent=1)

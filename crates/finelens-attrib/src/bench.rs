@@ -37,7 +37,8 @@ pub struct ExplainTimings {
     pub peak_rss_bytes: Option<u64>,
 }
 
-fn median_ms(repeats: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+/// The median of `repeats` timings of `f` in ms, after one warm-up call.
+pub fn median_ms(repeats: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     f()?; // warm-up: first-touch allocations, thread pool start
     let mut t = Vec::with_capacity(repeats);
     for _ in 0..repeats {

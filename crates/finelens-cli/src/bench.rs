@@ -5,25 +5,26 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use finelens_pipeline::bench::{DriftBenchSettings, ExplainBench, TextBench, TrainBench};
+use finelens_pipeline::bench::{
+    DriftBenchSettings, ExplainBench, TextBench, TextExplainBench, TrainBench,
+};
 use finelens_pipeline::{bench, write_json};
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
     /// Training throughput (images/s) for resnet-mini at 64×64 and resnet18 at 224×224, batch 32.
     Train(WithJson<TrainBench>),
-    /// Explanation speed (ms/image, batch 1) for resnet18 at 224×224 and resnet-mini at 64×64:
-    /// forward, forward + backward to the input, saliency, SmoothGrad-20, IG-50, Grad-CAM.
+    /// Explanation speed (ms/image, batch 1), resnet18 at 224 and 64, resnet-mini at 64.
     Explain(WithJson<ExplainBench>),
-    /// The demo end to end (fine-tuning both tasks, explaining, drift, both audits, the page),
-    /// timed: the target is under 5 minutes on 2 cores.
+    /// The demo end to end, timed (target: under 5 minutes on 2 cores).
     Demo(BenchDemoArgs),
-    /// Weight drift over two generated checkpoints (GB/s, peak resident memory) and minibatch
-    /// CKA over 2,000 probe images for resnet-mini's five tapped layers (seconds).
+    /// Weight drift (GB/s, peak memory) and minibatch CKA over 2,000 probe images (seconds).
     Drift(WithJson<DriftBenchSettings>),
     /// Text fine-tuning throughput (sentences/s, peak memory) for all-MiniLM-L6-v2's shape at
     /// 64 tokens, batch 16; scripts/peer_text_bench.py is the PyTorch peer.
     Text(WithJson<TextBench>),
+    /// Token attributions of all-MiniLM-L6-v2's shape (Captum: scripts/peer_text_explain_bench.py).
+    TextExplain(WithJson<TextExplainBench>),
 }
 
 #[derive(Args)]
@@ -61,6 +62,7 @@ pub fn bench(command: BenchCommand) -> Result<()> {
         BenchCommand::Explain(a) => run(a, bench::explain),
         BenchCommand::Drift(a) => run(a, bench::drift),
         BenchCommand::Text(a) => run(a, bench::text),
+        BenchCommand::TextExplain(a) => run(a, bench::text_explain),
         BenchCommand::Demo(a) => crate::bench_demo(a.out),
     }
 }

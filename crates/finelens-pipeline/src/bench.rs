@@ -218,3 +218,145 @@ pub fn text(s: &TextBench, progress: Progress) -> Result<finelens_tune::bench::T
     progress(Event::Info(t.to_string()));
     Ok(t)
 }
+
+/// Token attribution speed (ms per sentence) for an all-MiniLM-L6-v2-shaped classifier.
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct TextExplainBench {
+    /// Timed repeats per figure (the median is printed), after one warm-up run.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 3))]
+    pub repeats: usize,
+    /// Tokens in the sentence ([CLS] and [SEP] included).
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 64))]
+    pub tokens: usize,
+    /// Internal batch sizes to time IG-50 with.
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, value_delimiter = ',', default_value = "10,50")
+    )]
+    pub ig_batches: Vec<usize>,
+}
+
+/// What [`text_explain`] measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct TextExplainTimings {
+    pub model: String,
+    pub tokens: usize,
+    pub repeats: usize,
+    pub forward_ms: f64,
+    pub saliency_ms: f64,
+    pub gradient_x_input_ms: f64,
+    /// Integrated gradients, Gauss–Legendre 50, `pad` baseline, per internal batch.
+    pub integrated_gradients_50_by_batch: Vec<(usize, f64)>,
+    pub peak_rss_bytes: Option<u64>,
+}
+
+impl std::fmt::Display for TextExplainTimings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "  {} · {} tokens", self.model, self.tokens)?;
+        writeln!(
+            f,
+            "    forward                      {:>9.1} ms",
+            self.forward_ms
+        )?;
+        writeln!(
+            f,
+            "    saliency                     {:>9.1} ms",
+            self.saliency_ms
+        )?;
+        writeln!(
+            f,
+            "    gradient × input             {:>9.1} ms",
+            self.gradient_x_input_ms
+        )?;
+        for (b, ms) in &self.integrated_gradients_50_by_batch {
+            writeln!(f, "    IG-50, internal batch {b:<6} {ms:>9.1} ms")?;
+        }
+        write!(
+            f,
+            "    peak resident memory         {:>9}",
+            finelens_models::memory::mib(self.peak_rss_bytes)
+        )
+    }
+}
+
+/// Token attributions on the word embeddings of a randomly initialised classifier of
+/// all-MiniLM-L6-v2's shape (2 classes; speed does not depend on the weights) for one sentence of
+/// random word tokens between [CLS] and [SEP]: the methods `finelens explain` runs on a text
+/// model folder. Compare with `scripts/peer_text_explain_bench.py` (Captum), interleaved by
+/// `scripts/peer_bench.py --only text-explain`.
+pub fn text_explain(s: &TextExplainBench, progress: Progress) -> Result<TextExplainTimings> {
+    use candle_core::{DType, Device};
+    use finelens_attrib::{BaselineSpec, Method, MethodSpec, TokenBaseline};
+    use finelens_models::bert::{Bert, BertConfig, BertSpec, TextHead};
+    use finelens_models::{Classifier, Mode, ParamStore};
+
+    if s.repeats == 0 || s.ig_batches.is_empty() || s.ig_batches.contains(&0) {
+        return Err(settings(
+            "bench: repeats and every IG internal batch must be at least 1",
+        ));
+    }
+    let config = BertConfig::all_minilm_l6();
+    if !(3..=config.max_position_embeddings).contains(&s.tokens) {
+        return Err(settings(format!(
+            "bench: tokens must be between 3 and {}",
+            config.max_position_embeddings
+        )));
+    }
+    progress(Event::Info(format!(
+        "token attribution time, ms per sentence (median of {}), {} rayon threads",
+        s.repeats,
+        rayon_threads()
+    )));
+    finelens_models::memory::reset_peak_rss();
+    let spec = BertSpec {
+        config,
+        classes: 2,
+        head: TextHead::Cls,
+    };
+    let store = ParamStore::init(&spec.param_specs(), 0, &Device::Cpu)?;
+    let bert = Bert::new(spec, &store.frozen_as(DType::F32)?)?;
+    // [CLS] = 101, [SEP] = 102, [PAD] = 0 as in BERT's vocabulary; word tokens from a fixed
+    // linear congruence over the word-piece range.
+    let ids: Vec<u32> = std::iter::once(101)
+        .chain((1..s.tokens - 1).map(|i| 1000 + (i as u32 * 7919) % 29000))
+        .chain(std::iter::once(102))
+        .collect();
+    let word_ids: Vec<Option<u32>> = (0..s.tokens)
+        .map(|i| (i > 0 && i + 1 < s.tokens).then_some(i as u32))
+        .collect();
+    let input = crate::text_explain::TextInput::new(&bert, &ids, &vec![0; s.tokens], &word_ids)?;
+    let time = |spec: &MethodSpec| -> Result<f64> {
+        let m = input.methods([spec], 0, None)?.remove(0);
+        Ok(finelens_attrib::bench::median_ms(s.repeats, || {
+            m.attribute(&input.model, &input.x, &[1])?;
+            Ok(())
+        })?)
+    };
+    let forward_ms = finelens_attrib::bench::median_ms(s.repeats, || {
+        input.model.forward(&input.x, Mode::Eval)?;
+        Ok(())
+    })?;
+    let saliency_ms = time(&MethodSpec::new(Method::Saliency))?;
+    let gradient_x_input_ms = time(&MethodSpec::new(Method::GradientXInput))?;
+    let mut by_batch = Vec::new();
+    for &b in &s.ig_batches {
+        let mut spec = MethodSpec::new(Method::IntegratedGradients);
+        spec.options.steps = Some(50);
+        spec.options.baseline = Some(BaselineSpec::Tokens(TokenBaseline::Pad));
+        spec.options.internal_batch = Some(b);
+        by_batch.push((b, time(&spec)?));
+    }
+    let t = TextExplainTimings {
+        model: "all-MiniLM-L6-v2 (random weights)".into(),
+        tokens: s.tokens,
+        repeats: s.repeats,
+        forward_ms,
+        saliency_ms,
+        gradient_x_input_ms,
+        integrated_gradients_50_by_batch: by_batch,
+        peak_rss_bytes: finelens_models::memory::peak_rss_bytes(),
+    };
+    progress(Event::Info(t.to_string()));
+    Ok(t)
+}
