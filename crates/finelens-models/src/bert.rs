@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::describe::{InputKind, ModelDescription, Stage};
 use crate::error::{ModelError, Result};
-use crate::nn::{gelu_erf, layer_norm, softmax_last_dim, Linear, Mode};
+use crate::nn::{attention_softmax, gelu_erf, layer_norm, Linear, Mode};
 use crate::params::{Init, ParamSpec, ParamStore};
 use crate::resnet::Hook;
 
@@ -575,14 +575,17 @@ impl Bert {
         let mut x = self.dropout(&x, c.hidden_dropout_prob, mode)?;
         x = tap(&mut hook, "embeddings", x)?;
 
-        // Padding gets the dtype's lowest value added to its attention scores (transformers'
-        // extended mask), so its softmax weight is exactly 0.
+        // Padding keys get attention weight exactly 0, as transformers' additive mask of the
+        // dtype's lowest value gives them; without padding nothing is masked.
         let mask = mask.to_dtype(dtype)?;
-        let lowest = match dtype {
-            DType::F64 => f64::MIN,
-            _ => f32::MIN as f64,
-        };
-        let additive = ((1.0 - &mask)? * lowest)?.reshape((n, 1, 1, t))?;
+        let keep: Vec<bool> = mask
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(|m| m > 0.5)
+            .collect();
+        let keep = (!keep.iter().all(|&k| k)).then(|| std::sync::Arc::new(keep));
         let heads = c.num_attention_heads;
         let dh = h / heads;
         let split = |y: Tensor| -> Result<Tensor> {
@@ -594,9 +597,8 @@ impl Bert {
             let q = split(layer.query.forward_nd(&x)?)?;
             let k = split(layer.key.forward_nd(&x)?)?;
             let v = split(layer.value.forward_nd(&x)?)?;
-            let scores = (q.matmul(&k.t()?.contiguous()?)? / (dh as f64).sqrt())?
-                .broadcast_add(&additive)?;
-            let probs = softmax_last_dim(&scores)?;
+            let scores = q.matmul(&k.t()?.contiguous()?)?;
+            let probs = attention_softmax(&scores, 1.0 / (dh as f64).sqrt(), keep.clone())?;
             let probs = tap(&mut hook, &format!("encoder.layer.{i}.attention"), probs)?;
             let probs = self.dropout(&probs, c.attention_probs_dropout_prob, mode)?;
             let context = probs

@@ -230,6 +230,16 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     Ok(crate::softmax::softmax_last_dim(x)?)
 }
 
+/// Attention weights: softmax(scale·scores) over the keys, padding keys (`keep` false, N × keys)
+/// at weight 0, as one op ([`crate::softmax::attention_softmax`]).
+pub fn attention_softmax(
+    scores: &Tensor,
+    scale: f64,
+    keep: Option<std::sync::Arc<Vec<bool>>>,
+) -> Result<Tensor> {
+    Ok(crate::softmax::attention_softmax(scores, scale, keep)?)
+}
+
 /// GELU with the exact erf form, x·½(1 + erf(x/√2)) (Hendrycks & Gimpel 2016; BERT's `gelu`), as
 /// one op with the exact derivative ([`crate::gelu`]): candle's fused `gelu_erf` backward rounds
 /// 1/√(2π) to six digits.

@@ -2,7 +2,11 @@
 //!
 //! Composed of candle ops (max, subtract, exp, sum, divide) it is five passes forward and more
 //! backward over every attention score; here each row is one pass each way, rows in parallel.
-//! With y = softmax(x) over a row, the backward is dx = y ⊙ (dy − ⟨dy, y⟩), read off the output.
+//! With y = softmax(s·x) over a row, the backward is dx = s·y ⊙ (dy − ⟨dy, y⟩), read off the
+//! output. Attention's form ([`attention_softmax`]) also takes the scores' scale 1/√d and the
+//! padding mask, which would otherwise be two more passes each way over every score.
+
+use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use num_traits::Float;
@@ -16,36 +20,95 @@ const MIN_VALUES_PER_TASK: usize = 4096;
 /// softmax(x) over the last dimension, differentiable.
 pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
     let d = x.dim(candle_core::D::Minus1)?;
+    apply(
+        x,
+        Softmax {
+            d,
+            scale: 1.0,
+            keys: None,
+        },
+    )
+}
+
+/// Attention weights from the scores `x` (N × heads × queries × keys): softmax(scale·x) over
+/// the keys, with the keys `keep` marks false (N × keys, row-major; `None`: every key) given
+/// weight exactly 0 — what transformers' additive mask of the dtype's lowest value gives.
+/// Differentiable in `x`.
+pub fn attention_softmax(
+    x: &Tensor,
+    scale: f64,
+    keep: Option<Arc<Vec<bool>>>,
+) -> candle_core::Result<Tensor> {
+    let (n, _, _, d) = x.dims4()?;
+    // max(s·x) = s·max(x) only for s > 0.
+    if scale.is_nan() || scale <= 0.0 {
+        candle_core::bail!("attention_softmax: the scale must be positive, got {scale}");
+    }
+    if keep.as_ref().is_some_and(|k| k.len() != n * d) {
+        candle_core::bail!("attention_softmax: the mask is not N × keys");
+    }
+    apply(
+        x,
+        Softmax {
+            d,
+            scale,
+            keys: keep.map(|k| (k, x.elem_count() / (n * d).max(1))),
+        },
+    )
+}
+
+fn apply(x: &Tensor, op: Softmax) -> candle_core::Result<Tensor> {
     let x = x.contiguous()?;
     if x.track_op() {
-        x.apply_op1(Softmax { d })
+        x.apply_op1(op)
     } else {
-        x.apply_op1_no_bwd(&Softmax { d })
+        x.apply_op1_no_bwd(&op)
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Softmax {
     d: usize,
+    scale: f64,
+    /// The keys' mask (N × keys) and the rows of scores per item (heads × queries).
+    keys: Option<(Arc<Vec<bool>>, usize)>,
 }
 
 impl Softmax {
+    /// The mask of row `r`'s keys, `None` when every key counts.
+    fn keep(&self, r: usize) -> Option<&[bool]> {
+        self.keys
+            .as_ref()
+            .map(|(k, rows)| &k[(r / rows) * self.d..][..self.d])
+    }
+
     fn min_rows(&self) -> usize {
         (MIN_VALUES_PER_TASK / self.d.max(1)).max(1)
     }
 
     fn forward<T: Float + Send + Sync>(&self, x: &[T]) -> Vec<T> {
+        let scale = T::from(self.scale).unwrap();
         let mut y = vec![T::zero(); x.len()];
         y.par_chunks_mut(self.d.max(1))
             .zip(x.par_chunks(self.d.max(1)))
+            .enumerate()
             .with_min_len(self.min_rows())
-            .for_each(|(y, x)| {
+            .for_each(|(r, (y, x))| {
+                // A row with no key to attend to is uniform, as transformers' mask leaves it.
+                let keep = self.keep(r).filter(|k| k.contains(&true));
+                let kept = |j: usize| keep.is_none_or(|k| k[j]);
                 // Subtracting the row's maximum keeps exp in range; softmax does not change.
-                let max = x.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
+                let max = x
+                    .iter()
+                    .enumerate()
+                    .filter(|&(j, _)| kept(j))
+                    .fold(T::neg_infinity(), |m, (_, &v)| m.max(v));
                 let mut sum = T::zero();
-                for (y, &v) in y.iter_mut().zip(x) {
-                    *y = (v - max).exp();
-                    sum = sum + *y;
+                for (j, (y, &v)) in y.iter_mut().zip(x).enumerate() {
+                    if kept(j) {
+                        *y = (scale * (v - max)).exp();
+                        sum = sum + *y;
+                    }
                 }
                 for y in y.iter_mut() {
                     *y = *y / sum;
@@ -55,6 +118,7 @@ impl Softmax {
     }
 
     fn backward<T: Float + Send + Sync>(&self, y: &[T], dy: &[T]) -> Vec<T> {
+        let scale = T::from(self.scale).unwrap();
         let mut dx = vec![T::zero(); y.len()];
         dx.par_chunks_mut(self.d.max(1))
             .zip(
@@ -65,7 +129,7 @@ impl Softmax {
             .for_each(|(dx, (y, dy))| {
                 let dot = y.iter().zip(dy).fold(T::zero(), |s, (&a, &b)| s + a * b);
                 for ((dx, &y), &dy) in dx.iter_mut().zip(y).zip(dy) {
-                    *dx = y * (dy - dot);
+                    *dx = scale * y * (dy - dot);
                 }
             });
         dx
@@ -89,7 +153,10 @@ impl CustomOp1 for Softmax {
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let grad = grad.detach().contiguous()?;
-        Ok(Some(y.detach().apply_op2_no_bwd(&grad, &Backward(*self))?))
+        Ok(Some(
+            y.detach()
+                .apply_op2_no_bwd(&grad, &Backward(self.clone()))?,
+        ))
     }
 }
 
@@ -182,5 +249,78 @@ mod tests {
         let p: Vec<Vec<f32>> = softmax_last_dim(&m).unwrap().to_vec2().unwrap();
         assert_eq!(p[0][1], 0.0);
         assert!((p[0][0] + p[0][2] - 1.0).abs() < 1e-6);
+    }
+
+    /// Attention's form: softmax(s·x + additive mask) as transformers composes it, the masked
+    /// keys at the dtype's lowest value — in value and gradient, and by finite differences.
+    #[test]
+    fn attention_form_scales_and_masks_as_the_composed_ops() {
+        let (n, heads, q, k) = (2, 3, 4, 5);
+        // Item 0 sees every key; item 1 not keys 1 and 4.
+        let keep: Vec<bool> = (0..n * k).map(|i| !matches!(i, 6 | 9)).collect();
+        let scale = 1.0 / 8f64.sqrt();
+        let composed_attention = |x: &Tensor| -> Tensor {
+            let lowest = if x.dtype() == DType::F64 {
+                f64::MIN
+            } else {
+                f32::MIN as f64
+            };
+            let additive: Vec<f64> = keep.iter().map(|&b| if b { 0.0 } else { lowest }).collect();
+            let additive = Tensor::from_vec(additive, (n, 1, 1, k), x.device())
+                .unwrap()
+                .to_dtype(x.dtype())
+                .unwrap();
+            composed(&(x * scale).unwrap().broadcast_add(&additive).unwrap())
+        };
+        let mask = Some(Arc::new(keep.clone()));
+        for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+            let x = Var::from_tensor(&randn((n, heads, q, k), 0.0, 3.0, dtype, 5)).unwrap();
+            let r = randn((n, heads, q, k), 0.0, 1.0, dtype, 6);
+            let ours = attention_softmax(&x, scale, mask.clone()).unwrap();
+            let reference = composed_attention(&x);
+            assert!(max_rel_diff(&ours, &reference) < tol);
+            let p: Vec<f64> = ours
+                .to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert!(p[(heads * q) * k..]
+                .chunks(k)
+                .all(|row| row[1] == 0.0 && row[4] == 0.0));
+            let g0 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g1 = (&reference * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            assert!(max_rel_diff(g0.get(&x).unwrap(), g1.get(&x).unwrap()) < tol);
+        }
+        let x = randn((n, heads, q, k), 0.0, 1.0, DType::F64, 7);
+        let r = randn((n, heads, q, k), 0.0, 1.0, DType::F64, 8);
+        let v = Var::from_tensor(&x).unwrap();
+        let g = (attention_softmax(&v, scale, mask.clone()).unwrap() * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let ours: Vec<f64> = g.get(&v).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let flat: Vec<f64> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let mut f = |p: &[f64]| -> f64 {
+            let t = Tensor::from_slice(p, (n, heads, q, k), x.device()).unwrap();
+            (attention_softmax(&t, scale, mask.clone()).unwrap() * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        for (j, a) in ours.iter().enumerate().step_by(7) {
+            let e = central_difference(&mut f, &flat, j);
+            assert!((a - e).abs() < 1e-7 * (1.0 + e.abs()), "x[{j}]: {a} vs {e}");
+        }
     }
 }

@@ -142,6 +142,19 @@ fn token_attributions_match_captum() {
             (s0 - s1).abs() <= 0.01 * s1.abs(),
             "{text}: IG sum {s0} vs {s1}"
         );
+        // Completeness to float precision: a BERT is smooth along the path, so Gauss–Legendre
+        // converges fast (Captum's own delta for GL-50 is in the reference).
+        let c = ig.completeness.as_ref().expect("IG reports completeness");
+        eprintln!(
+            "{text}: GL-50 delta {:.2e} (relative {:.2e}; Captum's {:.2e})",
+            c.delta,
+            c.relative_delta,
+            case["integrated_gradients_delta"].as_f64().unwrap().abs()
+        );
+        assert!(
+            c.delta < 1e-5 + 1e-3 * c.output_difference.abs(),
+            "{text}: {c:?}"
+        );
         for (kind, key, norm) in [
             (GradientKind::Absolute, "saliency", true),
             (GradientKind::TimesInput, "gradient_x_input", false),
