@@ -518,8 +518,8 @@ fn demo_evaluates_the_shipped_fixture() {
     assert_eq!(child.meta.parent_sha256, Some(parent.sha256));
     assert!(out.contains("best epoch"), "{out}");
 
-    // The fine-tuned model's explanations: two test images per class, five methods, and the
-    // model gets most of them right.
+    // The fine-tuned model's explanations: two test images per class, six methods, and the
+    // model gets most of them right; DeepLIFT sums to F(x) − F(x′) as IG nearly does.
     let ex = read_json(&d.path().join("out/explain/explain.json"));
     let images = ex["images"].as_array().unwrap();
     assert_eq!(images.len(), 8);
@@ -532,10 +532,17 @@ fn demo_evaluates_the_shipped_fixture() {
         "saliency",
         "smoothgrad",
         "integrated_gradients",
+        "deeplift",
         "grad_cam",
         "occlusion",
     ] {
         assert!(images[0]["methods"][m]["npy"].is_string(), "{m}");
+    }
+    for image in images {
+        let rel = image["methods"]["deeplift"]["completeness"]["relative_delta"]
+            .as_f64()
+            .unwrap();
+        assert!(rel < 1e-3, "DeepLIFT summation-to-delta off by {rel}");
     }
 
     // Drift from the fixture: a new head, the body moved, deeper representations moved more.
@@ -2249,7 +2256,7 @@ fn text_audit_report_escapes_data_and_renders_in_a_browser() {
     let bad = d.path().join("bad.jsonl");
     std::fs::write(
         &bad,
-        format!("{{\"text\": \"fine\", \"label\": \"positive\", \"rationale\": [[0, 9]]}}\n"),
+        "{\"text\": \"fine\", \"label\": \"positive\", \"rationale\": [[0, 9]]}\n",
     )
     .unwrap();
     let o = audit(&d.path().join("x"), &bad, &[]);

@@ -18,6 +18,7 @@ pub mod integrated_gradients;
 pub mod occlusion;
 pub mod quadrature;
 pub mod registry;
+pub mod rules;
 pub mod saliency;
 pub mod target;
 #[cfg(test)]

@@ -15,10 +15,12 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{settings, AttribError, Result};
+use crate::rules::{DeepLift, GuidedGradCam, GuidedGradient};
 use crate::{
     Aggregate, Attributor, Baseline, Fill, GradCam, GradientKind, IntegratedGradients,
     Normalisation, Occlusion, Rule, Saliency, SmoothGrad,
 };
+use finelens_models::rules::BackwardRule;
 
 /// Integrated gradients' quadrature nodes. 64 Gauss–Legendre nodes keep the completeness gap
 /// under 2% on the trained resnet-mini (the README's table) and under the audit's 5% gate.
@@ -29,6 +31,9 @@ pub const DEFAULT_IG_RULE: Rule = Rule::GaussLegendre;
 pub const DEFAULT_SMOOTHGRAD_SAMPLES: usize = 20;
 /// SmoothGrad's noise σ as a share of the input's value range: the paper's 10–20% sweet spot.
 pub const DEFAULT_SMOOTHGRAD_NOISE: f32 = 0.15;
+/// DeepLiftShap's baseline distribution when none is given: this many seeded uniform-noise
+/// images (Captum leaves the distribution to the caller; noise is the input-free choice).
+pub const DEFAULT_DEEPLIFT_SHAP_BASELINES: u64 = 8;
 /// Occlusion's window, as a share of the input side (an eighth: objects span several windows).
 pub const DEFAULT_OCCLUSION_WINDOW_DIVISOR: usize = 8;
 
@@ -45,6 +50,16 @@ pub enum Method {
     IntegratedGradients,
     GradCam,
     Occlusion,
+    /// DeepLIFT, rescale rule (ReLU networks).
+    Deeplift,
+    /// DeepLIFT averaged over a distribution of baselines (ReLU networks).
+    DeepliftShap,
+    /// Guided backpropagation (ReLU networks).
+    GuidedBackprop,
+    /// Deconvolution (ReLU networks).
+    Deconvolution,
+    /// Guided backpropagation × Grad-CAM (ReLU networks).
+    GuidedGradCam,
     /// Text models: the attention the classifier's token pays in the last layer.
     Attention,
     /// Text models: attention rollout (Abnar & Zuidema 2020).
@@ -54,7 +69,7 @@ pub enum Method {
 }
 
 impl Method {
-    pub const ALL: [Method; 9] = [
+    pub const ALL: [Method; 14] = [
         Method::Gradient,
         Method::Saliency,
         Method::GradientXInput,
@@ -64,6 +79,21 @@ impl Method {
         Method::IntegratedGradients,
         Method::GradCam,
         Method::Occlusion,
+        Method::Deeplift,
+        Method::DeepliftShap,
+        Method::GuidedBackprop,
+        Method::Deconvolution,
+        Method::GuidedGradCam,
+    ];
+
+    /// The methods defined by backward rules on ReLU and max-pool ([`crate::rules`]): for
+    /// ReLU networks (the ResNets), not for text models.
+    pub const RELU_RULES: [Method; 5] = [
+        Method::Deeplift,
+        Method::DeepliftShap,
+        Method::GuidedBackprop,
+        Method::Deconvolution,
+        Method::GuidedGradCam,
     ];
 
     /// The attention views, which only text models (transformers) have.
@@ -87,6 +117,11 @@ impl Method {
             Method::IntegratedGradients => "integrated_gradients",
             Method::GradCam => "grad_cam",
             Method::Occlusion => "occlusion",
+            Method::Deeplift => "deeplift",
+            Method::DeepliftShap => "deeplift_shap",
+            Method::GuidedBackprop => "guided_backprop",
+            Method::Deconvolution => "deconvolution",
+            Method::GuidedGradCam => "guided_grad_cam",
         }
     }
 
@@ -98,7 +133,9 @@ impl Method {
                 &["samples", "noise", "seed", "internal_batch"]
             }
             Method::IntegratedGradients => &["steps", "rule", "baseline", "seed", "internal_batch"],
-            Method::GradCam => &["layer"],
+            Method::GradCam | Method::GuidedGradCam => &["layer"],
+            Method::Deeplift | Method::DeepliftShap => &["baseline", "seed"],
+            Method::GuidedBackprop | Method::Deconvolution => &[],
             Method::Attention | Method::AttentionRollout | Method::GradAttention => &[],
             Method::Occlusion => &[
                 "window",
@@ -112,10 +149,16 @@ impl Method {
     }
 
     fn names() -> String {
+        let of = |ms: &[Method]| ms.iter().map(|m| m.name()).collect::<Vec<_>>().join(", ");
+        let general: Vec<Method> = Method::ALL
+            .into_iter()
+            .filter(|m| !Method::RELU_RULES.contains(m))
+            .collect();
         format!(
-            "{} (images and text); {} (text)",
-            Method::ALL.map(Method::name).join(", "),
-            Method::TEXT_ONLY.map(Method::name).join(", ")
+            "{} (images and text); {} (ReLU networks: the ResNets); {} (text)",
+            of(&general),
+            of(&Method::RELU_RULES),
+            of(&Method::TEXT_ONLY)
         )
     }
 }
@@ -141,6 +184,11 @@ impl FromStr for Method {
             "integrated_gradients" | "ig" => Method::IntegratedGradients,
             "grad_cam" | "gradcam" => Method::GradCam,
             "occlusion" => Method::Occlusion,
+            "deeplift" | "deep_lift" => Method::Deeplift,
+            "deeplift_shap" | "deep_lift_shap" => Method::DeepliftShap,
+            "guided_backprop" | "guided_backpropagation" => Method::GuidedBackprop,
+            "deconvolution" => Method::Deconvolution,
+            "guided_grad_cam" | "guided_gradcam" => Method::GuidedGradCam,
             "attention" => Method::Attention,
             "attention_rollout" | "rollout" => Method::AttentionRollout,
             "grad_attention" => Method::GradAttention,
@@ -577,6 +625,38 @@ pub fn build(spec: &MethodSpec, ctx: &BuildContext) -> Result<Box<dyn Attributor
         }),
         Method::GradCam => Box::new(GradCam {
             layer: o.layer.clone(),
+        }),
+        m if Method::RELU_RULES.contains(&m) && ctx.tokens.is_some() => {
+            return Err(settings(
+                m.name(),
+                "its backward rules are ReLU's and max-pool's: it explains ReLU networks (the ResNets), not a transformer's GELU, softmax and LayerNorm",
+            ))
+        }
+        Method::Deeplift => Box::new(DeepLift {
+            baseline: baseline()?,
+            normalisation: ctx.normalisation,
+            name: "deeplift",
+        }),
+        Method::DeepliftShap => Box::new(DeepLift {
+            baseline: ctx.baseline(
+                o.baseline
+                    .as_ref()
+                    .unwrap_or(&BaselineSpec::Noise(DEFAULT_DEEPLIFT_SHAP_BASELINES)),
+                seed,
+            )?,
+            normalisation: ctx.normalisation,
+            name: "deeplift_shap",
+        }),
+        Method::GuidedBackprop => Box::new(GuidedGradient {
+            rule: BackwardRule::GuidedBackprop,
+        }),
+        Method::Deconvolution => Box::new(GuidedGradient {
+            rule: BackwardRule::Deconvolution,
+        }),
+        Method::GuidedGradCam => Box::new(GuidedGradCam {
+            grad_cam: GradCam {
+                layer: o.layer.clone(),
+            },
         }),
         Method::Occlusion => {
             let window = o

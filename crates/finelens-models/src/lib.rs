@@ -20,6 +20,7 @@ pub mod params;
 pub mod pool;
 pub mod relu;
 pub mod resnet;
+pub mod rules;
 pub mod softmax;
 #[cfg(test)]
 mod testutil;

@@ -11,6 +11,7 @@
 //! input cells it covers (`count_include_pad=False`).
 
 use crate::kernel::contiguous;
+use crate::rules::{backward_rule, BackwardRule};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType};
 use num_traits::Float;
@@ -128,7 +129,11 @@ fn argmax<T: Float>(
     best.map(|(i, _)| i)
 }
 
-struct MaxPool2d(Pool2d);
+struct MaxPool2d {
+    pool: Pool2d,
+    /// Backward by DeepLIFT's rescale rule (the batch: inputs, then references).
+    rescale: bool,
+}
 
 impl PlaneKernel for MaxPool2d {
     fn run<T: Float + WithDType + std::ops::AddAssign>(
@@ -136,7 +141,7 @@ impl PlaneKernel for MaxPool2d {
         x: &[T],
         (n, c, h, w): (usize, usize, usize, usize),
     ) -> candle_core::Result<(Vec<T>, Shape)> {
-        let p = self.0;
+        let p = self.pool;
         let (oh, ow) = (p.out_len(h)?, p.out_len(w)?);
         let mut out = vec![T::zero(); n * c * oh * ow];
         out.par_chunks_mut(oh * ow)
@@ -173,16 +178,87 @@ impl CustomOp1 for MaxPool2d {
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         let grad_res = grad_res.contiguous()?;
-        Ok(Some(
-            arg.apply_op2_no_bwd(&grad_res, &MaxPool2dBackward(self.0))?,
-        ))
+        Ok(Some(arg.apply_op2_no_bwd(
+            &grad_res,
+            &MaxPool2dBackward {
+                pool: self.pool,
+                rescale: self.rescale,
+            },
+        )?))
     }
 }
 
-/// Scatters each output gradient to its window's first maximum in the (saved) input.
-struct MaxPool2dBackward(Pool2d);
+/// Scatters each output gradient to its window's first maximum in the (saved) input — or, by
+/// DeepLIFT's rescale rule (Captum's `maxpool` rule), for each pair of an input plane and its
+/// reference plane, sends g·(M − y′) to the input's maximum and g′·(y − M) to the reference's
+/// (M = max(y, y′), so the two sum to g·(y − y′) when g = g′, as the rule keeps them), and
+/// divides what each position got by its Δx (the gradient where |Δx| < eps).
+struct MaxPool2dBackward {
+    pool: Pool2d,
+    rescale: bool,
+}
 
 impl MaxPool2dBackward {
+    /// The rescale rule over planes `[inputs…, references…]`.
+    fn rescale<T: Float + WithDType + std::ops::AddAssign>(
+        &self,
+        x: &[T],
+        g: &[T],
+        (planes, h, w): (usize, usize, usize),
+        (oh, ow): (usize, usize),
+    ) -> Vec<T> {
+        let p = self.pool;
+        let half = planes / 2;
+        let eps = T::from(crate::rules::DEEPLIFT_EPS).unwrap();
+        let pairs: Vec<(Vec<T>, Vec<T>)> = (0..half)
+            .into_par_iter()
+            .map(|k| {
+                let (a, b) = (&x[k * h * w..][..h * w], &x[(k + half) * h * w..][..h * w]);
+                let (ga, gb) = (
+                    &g[k * oh * ow..][..oh * ow],
+                    &g[(k + half) * oh * ow..][..oh * ow],
+                );
+                // What the rule sends to each position, and the plain gradients.
+                let (mut sent, mut da, mut db) = (
+                    vec![T::zero(); h * w],
+                    vec![T::zero(); h * w],
+                    vec![T::zero(); h * w],
+                );
+                for oy in 0..oh {
+                    let (y0, y1, _) = p.window(oy, h);
+                    for ox in 0..ow {
+                        let (x0, x1, _) = p.window(ox, w);
+                        let o = oy * ow + ox;
+                        if let (Some(ia), Some(ib)) = (
+                            argmax(a, w, (y0, y1), (x0, x1)),
+                            argmax(b, w, (y0, y1), (x0, x1)),
+                        ) {
+                            let m = Float::max(a[ia], b[ib]);
+                            sent[ia] += ga[o] * (m - b[ib]);
+                            sent[ib] += gb[o] * (a[ia] - m);
+                            da[ia] += ga[o];
+                            db[ib] += gb[o];
+                        }
+                    }
+                }
+                for i in 0..h * w {
+                    let d = a[i] - b[i];
+                    if d.abs() >= eps {
+                        da[i] = sent[i] / d;
+                        db[i] = sent[i] / d;
+                    }
+                }
+                (da, db)
+            })
+            .collect();
+        let mut dx = vec![T::zero(); x.len()];
+        for (k, (da, db)) in pairs.into_iter().enumerate() {
+            dx[k * h * w..][..h * w].copy_from_slice(&da);
+            dx[(k + half) * h * w..][..h * w].copy_from_slice(&db);
+        }
+        dx
+    }
+
     fn bwd<T: Float + WithDType + std::ops::AddAssign>(
         &self,
         x: &[T],
@@ -192,7 +268,7 @@ impl MaxPool2dBackward {
         h: usize,
         w: usize,
     ) -> candle_core::Result<Vec<T>> {
-        let p = self.0;
+        let p = self.pool;
         let (oh, ow) = (p.out_len(h)?, p.out_len(w)?);
         if g.len() != n * c * oh * ow {
             candle_core::bail!(
@@ -200,6 +276,9 @@ impl MaxPool2dBackward {
                 g.len(),
                 n * c * oh * ow
             );
+        }
+        if self.rescale {
+            return Ok(self.rescale(x, g, (n * c, h, w), (oh, ow)));
         }
         let mut dx = vec![T::zero(); n * c * h * w];
         dx.par_chunks_mut(h * w)
@@ -391,9 +470,16 @@ impl CustomOp1 for AvgPool2dBackward {
     }
 }
 
-/// Max pooling over an N×C×H×W tensor (PyTorch semantics, floor mode), differentiable.
+/// Max pooling over an N×C×H×W tensor (PyTorch semantics, floor mode), differentiable; under
+/// DeepLIFT's rule ([`crate::rules`]) its backward is the rescale rule's.
 pub fn max_pool2d(x: &Tensor, pool: Pool2d) -> candle_core::Result<Tensor> {
-    x.contiguous()?.apply_op1(MaxPool2d(pool))
+    let rescale = backward_rule() == BackwardRule::DeepLiftRescale;
+    if rescale && x.dims().first().is_none_or(|n| n % 2 != 0) {
+        candle_core::bail!(
+            "max-pool2d: DeepLIFT needs a batch of inputs followed by as many references"
+        );
+    }
+    x.contiguous()?.apply_op1(MaxPool2d { pool, rescale })
 }
 
 /// Average pooling over an N×C×H×W tensor (PyTorch semantics, floor mode), differentiable.
@@ -551,5 +637,45 @@ mod tests {
             Pool2d::new(1, 1, 0)
         )
         .is_err());
+    }
+
+    /// DeepLIFT's rule through max-pool alone: with the same output gradient r on an input and
+    /// its reference, Σ (x − x′) ⊙ dx = Σ r ⊙ (y − y′) exactly (Captum's `maxpool` rule), with
+    /// the ResNet stem's padded 3×3/2 window and odd sizes; the rule is off again afterwards.
+    #[test]
+    fn deeplift_rule_sums_to_the_output_difference() {
+        use crate::rules::{backward_rule, with_backward_rule, BackwardRule};
+        let pool = Pool2d::new(3, 2, 1);
+        let x = randn((4, 3, 9, 11), 0.0, 1.0, DType::F64, 21);
+        let v = Var::from_tensor(&x).unwrap();
+        let y = with_backward_rule(BackwardRule::DeepLiftRescale, || max_pool2d(&v, pool)).unwrap();
+        assert_eq!(backward_rule(), BackwardRule::Gradient);
+        let r = randn((2, 3, 5, 6), 0.0, 1.0, DType::F64, 22);
+        let r2 = Tensor::cat(&[&r, &r], 0).unwrap();
+        let g = (&y * &r2).unwrap().sum_all().unwrap().backward().unwrap();
+        let dx = g.get(&v).unwrap();
+        let (xi, xr) = (x.narrow(0, 0, 2).unwrap(), x.narrow(0, 2, 2).unwrap());
+        let (yi, yr) = (y.narrow(0, 0, 2).unwrap(), y.narrow(0, 2, 2).unwrap());
+        let lhs: f64 = ((xi - xr).unwrap() * dx.narrow(0, 0, 2).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        let rhs: f64 = ((yi - yr).unwrap() * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(
+            (lhs - rhs).abs() < 1e-12 * (1.0 + rhs.abs()),
+            "{lhs} vs {rhs}"
+        );
+        // An odd batch cannot hold inputs and their references.
+        let odd = randn((3, 1, 4, 4), 0.0, 1.0, DType::F64, 23);
+        assert!(
+            with_backward_rule(BackwardRule::DeepLiftRescale, || max_pool2d(&odd, pool)).is_err()
+        );
     }
 }

@@ -11,13 +11,26 @@ use num_traits::Float;
 use rayon::prelude::*;
 
 use crate::kernel::Pointwise;
+use crate::rules::{backward_rule, BackwardRule, DEEPLIFT_EPS};
 
 /// Values per rayon task: small tensors are not worth a split.
 const CHUNK: usize = 1 << 14;
 
-/// max(x, 0), element-wise.
+/// max(x, 0), element-wise; its backward follows the thread's [`BackwardRule`].
 pub fn relu(x: &Tensor) -> candle_core::Result<Tensor> {
-    OP.apply(x)
+    match backward_rule() {
+        BackwardRule::Gradient => OP.apply(x),
+        BackwardRule::GuidedBackprop => GUIDED.apply(x),
+        BackwardRule::Deconvolution => DECONVOLUTION.apply(x),
+        BackwardRule::DeepLiftRescale => {
+            if x.dims().first().is_none_or(|n| !n.is_multiple_of(2)) {
+                candle_core::bail!(
+                    "relu: DeepLIFT needs a batch of inputs followed by as many references"
+                );
+            }
+            RESCALE.apply(x)
+        }
+    }
 }
 
 static OP: Pointwise = Pointwise {
@@ -25,6 +38,27 @@ static OP: Pointwise = Pointwise {
     from_output: true,
     forward: (forward, forward),
     backward: (backward, backward),
+};
+
+static GUIDED: Pointwise = Pointwise {
+    names: ("finelens-relu", "finelens-relu-guided-backward"),
+    from_output: true,
+    forward: (forward, forward),
+    backward: (guided, guided),
+};
+
+static DECONVOLUTION: Pointwise = Pointwise {
+    names: ("finelens-relu", "finelens-relu-deconvolution-backward"),
+    from_output: true,
+    forward: (forward, forward),
+    backward: (deconvolution, deconvolution),
+};
+
+static RESCALE: Pointwise = Pointwise {
+    names: ("finelens-relu", "finelens-relu-rescale-backward"),
+    from_output: false,
+    forward: (forward, forward),
+    backward: (rescale, rescale),
 };
 
 fn forward<T: Float + Send + Sync>(x: &[T]) -> Vec<T> {
@@ -48,6 +82,63 @@ fn backward<T: Float + Send + Sync>(y: &[T], dy: &[T]) -> Vec<T> {
                 *o = if y > T::zero() { d } else { T::zero() };
             }
         });
+    out
+}
+
+/// dx = dy·[y > 0]·[dy > 0].
+fn guided<T: Float + Send + Sync>(y: &[T], dy: &[T]) -> Vec<T> {
+    let mut out = vec![T::zero(); y.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(y.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
+        .for_each(|(o, (y, dy))| {
+            for ((o, &y), &d) in o.iter_mut().zip(y).zip(dy) {
+                *o = if y > T::zero() && d > T::zero() {
+                    d
+                } else {
+                    T::zero()
+                };
+            }
+        });
+    out
+}
+
+/// dx = max(dy, 0).
+fn deconvolution<T: Float + Send + Sync>(_y: &[T], dy: &[T]) -> Vec<T> {
+    forward(dy)
+}
+
+/// DeepLIFT's rescale rule over a batch of inputs and then references: both halves get the
+/// multiplier (relu(x) − relu(x′)) / (x − x′) of their pair, or the gradient's [x > 0] where
+/// |x − x′| < eps.
+fn rescale<T: Float + Send + Sync>(x: &[T], dy: &[T]) -> Vec<T> {
+    let half = x.len() / 2;
+    let eps = T::from(DEEPLIFT_EPS).unwrap();
+    let relu = |v: T| if v > T::zero() { v } else { T::zero() };
+    let (xi, xr) = x.split_at(half);
+    let multipliers: Vec<T> = xi
+        .par_iter()
+        .zip(xr)
+        .with_min_len(CHUNK)
+        .map(|(&a, &b)| {
+            let d = a - b;
+            if d.abs() < eps {
+                if a > T::zero() {
+                    T::one()
+                } else {
+                    T::zero()
+                }
+            } else {
+                (relu(a) - relu(b)) / d
+            }
+        })
+        .collect();
+    let mut out = vec![T::zero(); x.len()];
+    for (o, dy) in out.chunks_mut(half.max(1)).zip(dy.chunks(half.max(1))) {
+        o.par_iter_mut()
+            .zip(dy.par_iter().zip(&multipliers))
+            .with_min_len(CHUNK)
+            .for_each(|(o, (&d, &m))| *o = d * m);
+    }
     out
 }
 
@@ -85,5 +176,40 @@ mod tests {
             vec![0.0, 0.0, 1.0]
         );
         assert!(!relu(&x.as_tensor().detach()).unwrap().track_op());
+    }
+
+    /// The rules' backward passes, element by element: guided dy·[y > 0]·[dy > 0],
+    /// deconvolution max(dy, 0), and DeepLIFT's (relu(x) − relu(x′))/(x − x′) for both halves of
+    /// an input–reference batch, the gradient's [x > 0] where x = x′.
+    #[test]
+    fn the_rules_backward_passes_have_their_closed_forms() {
+        use crate::rules::{with_backward_rule, BackwardRule};
+        let dev = &candle_core::Device::Cpu;
+        // Inputs, then references: crossing zero, both positive, both negative, equal.
+        let x = Tensor::new(&[[2.0f64, 3.0, -1.0, 0.5], [-2.0, 1.0, -4.0, 0.5]], dev).unwrap();
+        let dy = Tensor::new(&[[1.0f64, -2.0, 3.0, 4.0], [0.5, 0.5, 0.5, -1.0]], dev).unwrap();
+        let grad = |rule| -> Vec<Vec<f64>> {
+            let v = Var::from_tensor(&x).unwrap();
+            let y = with_backward_rule(rule, || relu(&v)).unwrap();
+            let g = (y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+            g.get(&v).unwrap().to_vec2().unwrap()
+        };
+        assert_eq!(
+            grad(BackwardRule::GuidedBackprop),
+            [[1.0, 0.0, 0.0, 4.0], [0.0, 0.5, 0.0, 0.0]]
+        );
+        assert_eq!(
+            grad(BackwardRule::Deconvolution),
+            [[1.0, 0.0, 3.0, 4.0], [0.5, 0.5, 0.5, 0.0]]
+        );
+        // Multipliers: (2 − 0)/(2 − −2) = ½, (3 − 1)/(3 − 1) = 1, 0, and [0.5 > 0] = 1.
+        let m = [0.5, 1.0, 0.0, 1.0];
+        let want: Vec<Vec<f64>> = dy
+            .to_vec2::<f64>()
+            .unwrap()
+            .iter()
+            .map(|row| row.iter().zip(m).map(|(d, m)| d * m).collect())
+            .collect();
+        assert_eq!(grad(BackwardRule::DeepLiftRescale), want);
     }
 }

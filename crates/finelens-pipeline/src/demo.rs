@@ -33,7 +33,7 @@ pub const LR: f64 = 0.005;
 /// Test images the demo explains: two per class of the fine-tuning task.
 pub const EXPLAIN_IMAGES: usize = 8;
 /// The methods the demo explains with.
-pub const METHODS: &str = "saliency,smoothgrad,integrated_gradients,grad_cam,occlusion";
+pub const METHODS: &str = "saliency,smoothgrad,integrated_gradients,deeplift,grad_cam,occlusion";
 /// The audit's methods; the first is the one the policy gates on.
 pub const AUDIT_METHODS: &str = "integrated_gradients,saliency,grad_cam";
 

@@ -134,7 +134,7 @@ pub struct MethodOutput {
     pub heatmap: String,
     pub overlay: String,
     pub seconds: f64,
-    /// Integrated gradients' completeness check.
+    /// The completeness check of integrated gradients and DeepLIFT (Σ attributions against F(x) − F(x′)).
     pub completeness: Option<Completeness>,
 }
 

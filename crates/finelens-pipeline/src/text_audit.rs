@@ -395,7 +395,11 @@ pub fn audit_text(job: &AuditJob, progress: Progress) -> Result<TextAuditReport>
     let first = job
         .methods
         .iter()
-        .find(|s| !matches!(s.method, Method::GradCam | Method::Occlusion) && !Method::TEXT_ONLY.contains(&s.method))
+        .find(|s| {
+            !matches!(s.method, Method::GradCam | Method::Occlusion)
+                && !Method::TEXT_ONLY.contains(&s.method)
+                && !Method::RELU_RULES.contains(&s.method)
+        })
         .ok_or_else(|| settings("audit: no gradient method to gate on (integrated_gradients, saliency, gradient_x_input…)"))?;
     let mut spec = MethodSpec {
         method: first.method,

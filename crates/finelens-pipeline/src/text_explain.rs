@@ -115,6 +115,7 @@ enum Kind {
 fn kind(m: Method) -> Kind {
     match m {
         Method::GradCam => Kind::None,
+        m if Method::RELU_RULES.contains(&m) => Kind::None,
         Method::Occlusion => Kind::Occlusion,
         Method::Attention | Method::AttentionRollout | Method::GradAttention => Kind::Attention,
         _ => Kind::Embeddings,
@@ -341,7 +342,7 @@ pub fn explain_text(s: &ExplainSettings, progress: Progress) -> Result<TextExpla
     }
     if specs.is_empty() {
         return Err(settings(
-            "none of the methods applies to text (all but grad_cam do)",
+            "none of the methods applies to text (grad_cam and the ReLU-rule methods do not)",
         ));
     }
     for spec in &mut specs {
@@ -834,13 +835,9 @@ mod tests {
             let (tokens, words) = views.occlusion(Occluder::Delete { pad: 0 }, 3).unwrap();
             let close = |a: f32, b: f32| (a - b).abs() < 1e-5 * (1.0 + b.abs());
             assert_eq!((tokens[0], tokens[5]), (0.0, 0.0), "special tokens stay");
-            for i in 1..5 {
+            for (i, &got) in tokens.iter().enumerate().take(5).skip(1) {
                 let want = full - logit(&without(&[i]));
-                assert!(
-                    close(tokens[i], want),
-                    "{head} token {i}: {} vs {want}",
-                    tokens[i]
-                );
+                assert!(close(got, want), "{head} token {i}: {got} vs {want}");
             }
             for (w, hide) in [vec![1], vec![2, 3], vec![4]].iter().enumerate() {
                 let want = full - logit(&without(hide));
