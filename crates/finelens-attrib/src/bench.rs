@@ -11,10 +11,12 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
 use crate::error::Result;
+use crate::rules::{DeepLift, GuidedGradCam, GuidedGradient};
 use crate::{
-    input_gradients, Aggregate, Attributor, GradCam, GradientKind, IntegratedGradients,
+    input_gradients, Aggregate, Attributor, Baseline, GradCam, GradientKind, IntegratedGradients,
     Normalisation, Saliency, SmoothGrad,
 };
+use finelens_models::rules::BackwardRule;
 
 /// What one benchmark measured; times are the median over repeats, in ms per image.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -33,6 +35,10 @@ pub struct ExplainTimings {
     /// IG-50 time for every internal batch tried.
     pub integrated_gradients_50_by_batch: Vec<(usize, f64)>,
     pub grad_cam_ms: f64,
+    /// DeepLIFT (rescale rule, zero baseline): one forward and backward over input and reference.
+    pub deeplift_ms: f64,
+    pub guided_backprop_ms: f64,
+    pub guided_grad_cam_ms: f64,
     /// Peak resident memory while this model was benchmarked (Linux).
     pub peak_rss_bytes: Option<u64>,
 }
@@ -105,6 +111,23 @@ pub fn explain_timings(
         .min_by(|a, b| a.1.total_cmp(&b.1))
         .unwrap_or(&(0, f64::NAN));
     let grad_cam_ms = median_ms(repeats, || run(&GradCam::default()))?;
+    let deeplift_ms = median_ms(repeats, || {
+        run(&DeepLift {
+            baseline: Baseline::Zeros,
+            normalisation: norm,
+            name: "deeplift",
+        })
+    })?;
+    let guided_backprop_ms = median_ms(repeats, || {
+        run(&GuidedGradient {
+            rule: BackwardRule::GuidedBackprop,
+        })
+    })?;
+    let guided_grad_cam_ms = median_ms(repeats, || {
+        run(&GuidedGradCam {
+            grad_cam: GradCam::default(),
+        })
+    })?;
     Ok(ExplainTimings {
         arch: arch.name().into(),
         size,
@@ -118,6 +141,9 @@ pub fn explain_timings(
         integrated_gradients_50_batch: best_batch,
         integrated_gradients_50_by_batch: by_batch,
         grad_cam_ms,
+        deeplift_ms,
+        guided_backprop_ms,
+        guided_grad_cam_ms,
         peak_rss_bytes: finelens_models::memory::peak_rss_bytes(),
     })
 }
@@ -161,6 +187,21 @@ impl std::fmt::Display for ExplainTimings {
             f,
             "    Grad-CAM                     {:>9.1}",
             self.grad_cam_ms
+        )?;
+        writeln!(
+            f,
+            "    DeepLIFT                     {:>9.1}",
+            self.deeplift_ms
+        )?;
+        writeln!(
+            f,
+            "    guided backprop              {:>9.1}",
+            self.guided_backprop_ms
+        )?;
+        writeln!(
+            f,
+            "    guided Grad-CAM              {:>9.1}",
+            self.guided_grad_cam_ms
         )?;
         write!(
             f,
