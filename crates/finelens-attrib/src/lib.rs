@@ -14,6 +14,7 @@ pub mod baseline;
 pub mod bench;
 pub mod error;
 pub mod grad_cam;
+pub mod gradient_shap;
 pub mod integrated_gradients;
 pub mod occlusion;
 pub mod quadrature;

@@ -15,6 +15,7 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{settings, AttribError, Result};
+use crate::gradient_shap::GradientShap;
 use crate::rules::{DeepLift, GuidedGradCam, GuidedGradient};
 use crate::{
     Aggregate, Attributor, Baseline, Fill, GradCam, GradientKind, IntegratedGradients,
@@ -31,9 +32,12 @@ pub const DEFAULT_IG_RULE: Rule = Rule::GaussLegendre;
 pub const DEFAULT_SMOOTHGRAD_SAMPLES: usize = 20;
 /// SmoothGrad's noise σ as a share of the input's value range: the paper's 10–20% sweet spot.
 pub const DEFAULT_SMOOTHGRAD_NOISE: f32 = 0.15;
-/// DeepLiftShap's baseline distribution when none is given: this many seeded uniform-noise
+/// DeepLiftShap's and GradientSHAP's baseline distribution when none is given (a text model's:
+/// `pad`): this many seeded uniform-noise
 /// images (Captum leaves the distribution to the caller; noise is the input-free choice).
-pub const DEFAULT_DEEPLIFT_SHAP_BASELINES: u64 = 8;
+pub const DEFAULT_SHAP_BASELINES: u64 = 8;
+/// GradientSHAP's samples (Captum's default is 5; as many as SmoothGrad's for a steadier map).
+pub const DEFAULT_GRADIENT_SHAP_SAMPLES: usize = 20;
 /// Occlusion's window, as a share of the input side (an eighth: objects span several windows).
 pub const DEFAULT_OCCLUSION_WINDOW_DIVISOR: usize = 8;
 
@@ -48,6 +52,8 @@ pub enum Method {
     SmoothgradSq,
     Vargrad,
     IntegratedGradients,
+    /// Integrated gradients' expectation over a baseline distribution and random points.
+    GradientShap,
     GradCam,
     Occlusion,
     /// DeepLIFT, rescale rule (ReLU networks).
@@ -69,7 +75,7 @@ pub enum Method {
 }
 
 impl Method {
-    pub const ALL: [Method; 14] = [
+    pub const ALL: [Method; 15] = [
         Method::Gradient,
         Method::Saliency,
         Method::GradientXInput,
@@ -77,6 +83,7 @@ impl Method {
         Method::SmoothgradSq,
         Method::Vargrad,
         Method::IntegratedGradients,
+        Method::GradientShap,
         Method::GradCam,
         Method::Occlusion,
         Method::Deeplift,
@@ -115,6 +122,7 @@ impl Method {
             Method::SmoothgradSq => "smoothgrad_sq",
             Method::Vargrad => "vargrad",
             Method::IntegratedGradients => "integrated_gradients",
+            Method::GradientShap => "gradient_shap",
             Method::GradCam => "grad_cam",
             Method::Occlusion => "occlusion",
             Method::Deeplift => "deeplift",
@@ -133,6 +141,7 @@ impl Method {
                 &["samples", "noise", "seed", "internal_batch"]
             }
             Method::IntegratedGradients => &["steps", "rule", "baseline", "seed", "internal_batch"],
+            Method::GradientShap => &["samples", "noise", "baseline", "seed", "internal_batch"],
             Method::GradCam | Method::GuidedGradCam => &["layer"],
             Method::Deeplift | Method::DeepliftShap => &["baseline", "seed"],
             Method::GuidedBackprop | Method::Deconvolution => &[],
@@ -182,6 +191,7 @@ impl FromStr for Method {
             "smoothgrad_sq" => Method::SmoothgradSq,
             "vargrad" => Method::Vargrad,
             "integrated_gradients" | "ig" => Method::IntegratedGradients,
+            "gradient_shap" | "gradientshap" => Method::GradientShap,
             "grad_cam" | "gradcam" => Method::GradCam,
             "occlusion" => Method::Occlusion,
             "deeplift" | "deep_lift" => Method::Deeplift,
@@ -626,6 +636,21 @@ pub fn build(spec: &MethodSpec, ctx: &BuildContext) -> Result<Box<dyn Attributor
         Method::GradCam => Box::new(GradCam {
             layer: o.layer.clone(),
         }),
+        Method::GradientShap => {
+            let distribution = match (&o.baseline, ctx.tokens.is_some()) {
+                (Some(b), _) => b.clone(),
+                (None, true) => BaselineSpec::Tokens(TokenBaseline::Pad),
+                (None, false) => BaselineSpec::Noise(DEFAULT_SHAP_BASELINES),
+            };
+            Box::new(GradientShap {
+                samples: o.samples.unwrap_or(DEFAULT_GRADIENT_SHAP_SAMPLES),
+                noise: o.noise.unwrap_or(0.0),
+                baseline: ctx.baseline(&distribution, seed)?,
+                normalisation: ctx.normalisation,
+                seed,
+                internal_batch: o.internal_batch,
+            })
+        }
         m if Method::RELU_RULES.contains(&m) && ctx.tokens.is_some() => {
             return Err(settings(
                 m.name(),
@@ -641,7 +666,7 @@ pub fn build(spec: &MethodSpec, ctx: &BuildContext) -> Result<Box<dyn Attributor
             baseline: ctx.baseline(
                 o.baseline
                     .as_ref()
-                    .unwrap_or(&BaselineSpec::Noise(DEFAULT_DEEPLIFT_SHAP_BASELINES)),
+                    .unwrap_or(&BaselineSpec::Noise(DEFAULT_SHAP_BASELINES)),
                 seed,
             )?,
             normalisation: ctx.normalisation,
