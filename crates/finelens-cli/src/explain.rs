@@ -22,9 +22,9 @@ pub struct ExplainArgs {
     ckpt: CheckpointArgs,
     #[command(flatten)]
     pre: PreprocessSettings,
-    /// Specs or `all`: gradient, saliency, gradient_x_input, smoothgrad(_sq), vargrad, ig, grad_cam,
-    /// gradient_shap, occlusion; deeplift(_shap), guided_backprop, deconvolution, guided_grad_cam
-    /// (ReLU nets); attention(_rollout), grad_attention (text). Spec settings: `ig:steps=32`.
+    /// Specs or `all`: gradient, saliency, gradient_x_input, smoothgrad(_sq), vargrad, ig,
+    /// grad_cam, gradient_shap, occlusion; deeplift(_shap), guided_backprop, deconvolution,
+    /// guided_grad_cam (ReLU nets); attention(_rollout), grad_attention (text). E.g. `ig:steps=32`.
     #[arg(long, default_value = "saliency,integrated_gradients,grad_cam")]
     methods: String,
     #[command(flatten)]
