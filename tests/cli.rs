@@ -1469,7 +1469,10 @@ fn audit_exit_status_gates_and_bad_input() {
         p
     };
     // An impossible threshold fails the gate: exit 1, and the report says which check.
-    let strict = policy("strict.toml", "[localisation]\nmin_pointing_game = 1.5\n");
+    let strict = policy(
+        "strict.toml",
+        "[localisation]\nmin_pointing_game = 1.5\n[complexity]\nmin_sparseness = 0.999\n",
+    );
     let out = d.path().join("strict");
     let o = audit(&out, &["--policy", strict.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
@@ -1477,6 +1480,24 @@ fn audit_exit_status_gates_and_bad_input() {
     let j = read_json(&out.join("report.json"));
     assert_eq!(j["pass"], false);
     assert_eq!(j["audit"]["methods"][0]["localisation"]["images"], 6);
+    // Quantus's complexity figures, per method, gated like any other: a saliency map is not
+    // one pixel's (sparseness < 0.999 fails the strict policy) nor spread evenly.
+    let c = &j["audit"]["methods"][0]["complexity"];
+    assert_eq!(c["maps"], 6);
+    let sparseness = c["mean_sparseness"].as_f64().unwrap();
+    assert!(sparseness > 0.0 && sparseness < 0.999, "{c}");
+    assert!(stdout(&o).contains("min_sparseness"), "{}", stdout(&o));
+    let failed: Vec<&str> = j["verdicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["pass"] == false)
+        .map(|v| v["key"].as_str().unwrap())
+        .collect();
+    assert!(
+        failed.contains(&"min_pointing_game") && failed.contains(&"min_sparseness"),
+        "{failed:?}"
+    );
     // Without a terminal the audit logs every step: which stage, which image, and the time left.
     let log = stderr(&o);
     let steps: Vec<&str> = log
@@ -2188,6 +2209,10 @@ fn text_audit_report_escapes_data_and_renders_in_a_browser() {
     assert!(matches!(o.status.code(), Some(0 | 1)), "{}", stderr(&o));
     let r = read_json(&report.join("report.json"));
     assert_eq!(r["schema_version"], "finelens-text-audit/2");
+    let c = &r["complexity"];
+    assert_eq!(c["maps"], 6, "{c}");
+    let rel = c["mean_relative_complexity"].as_f64().unwrap();
+    assert!(rel > 0.0 && rel <= 1.0, "{c}");
     let stages = [
         "head",
         "pooler",

@@ -1,7 +1,9 @@
 //! The audit a fine-tuned model goes through before it ships: are its explanations about the
 //! model ([`sanity`]), faithful to it ([`faithfulness`]), on the object ([`localisation`]), free
-//! of shortcuts ([`shortcut`]) — and does it pass the team's thresholds ([`policy`])?
+//! of shortcuts ([`shortcut`]), how concentrated ([`complexity`]) — and does it pass the team's
+//! thresholds ([`policy`])?
 
+pub mod complexity;
 pub mod error;
 pub mod faithfulness;
 pub mod localisation;

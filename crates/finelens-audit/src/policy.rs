@@ -38,10 +38,12 @@ pub enum Figure {
     ShortcutMaxHotspotConcentration,
     CompletenessMaxMeanRelativeDelta,
     DriftMinCkaPenultimate,
+    ComplexityMinSparseness,
+    ComplexityMaxRelativeEntropy,
 }
 
 impl Figure {
-    pub const ALL: [Figure; 8] = [
+    pub const ALL: [Figure; 10] = [
         Figure::SanityMaxSpearman,
         Figure::FaithfulnessMinGain,
         Figure::LocalisationMinMassAccuracy,
@@ -50,6 +52,8 @@ impl Figure {
         Figure::ShortcutMaxHotspotConcentration,
         Figure::CompletenessMaxMeanRelativeDelta,
         Figure::DriftMinCkaPenultimate,
+        Figure::ComplexityMinSparseness,
+        Figure::ComplexityMaxRelativeEntropy,
     ];
 
     /// The figure's definition.
@@ -161,6 +165,23 @@ pub const RULES: &[Rule] = &[
         bound: Bound::Min,
         default: 0.2,
         meaning: "linear CKA between the base and the fine-tuned model's penultimate representations; near 0, fine-tuning replaced what the base model knew",
+    },
+    // Report-only by default (no explanation fails them); a team that wants concise maps sets them.
+    Rule {
+        figure: Figure::ComplexityMinSparseness,
+        check: "complexity",
+        key: "min_sparseness",
+        bound: Bound::Min,
+        default: 0.0,
+        meaning: "mean Gini index of |attribution| (Chalasani et al. 2020): 0 when spread evenly over the input, near 1 when a few pixels or tokens hold it",
+    },
+    Rule {
+        figure: Figure::ComplexityMaxRelativeEntropy,
+        check: "complexity",
+        key: "max_relative_entropy",
+        bound: Bound::Max,
+        default: 1.0,
+        meaning: "mean entropy of |attribution| as a distribution, relative to its maximum ln n (Bhatt et al. 2020's complexity): 1 when spread evenly, 0 when one pixel or token holds it all",
     },
 ];
 

@@ -9,6 +9,7 @@ use finelens_models::{Classifier, ParamSpec, ParamStore};
 use ndarray::Array2;
 use serde::{Deserialize, Serialize};
 
+use crate::complexity::{Complexity, MapComplexity};
 use crate::error::{AuditError, Result};
 use crate::faithfulness::{self, Curves, Faithfulness};
 use crate::localisation::{
@@ -77,6 +78,9 @@ pub struct MethodFindings {
     pub curves: Curves,
     /// With a mask.
     pub localisation: Option<ImageLocalisation>,
+    /// Sparseness and complexity of |relevance|; `None` for a map of zeros.
+    #[serde(default)]
+    pub complexity: Option<MapComplexity>,
     /// For the images the randomisation check uses.
     pub sanity: Option<ImageSanity>,
 }
@@ -164,6 +168,8 @@ pub struct MethodResult {
     pub sanity: Sanity,
     pub faithfulness: Faithfulness,
     pub localisation: Option<Localisation>,
+    #[serde(default)]
+    pub complexity: Option<Complexity>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -241,7 +247,8 @@ pub fn examine(
         for (k, img) in images.iter().enumerate() {
             let target = results[k].predicted;
             let a = method.attribute(model, &img.x, &[target])?.remove(0);
-            if let Some(c) = a.completeness {
+            // The completeness gate is integrated gradients' (DeepLIFT reports one too).
+            if let (Some(c), "integrated_gradients") = (a.completeness, method.name()) {
                 results[k].completeness = Some(c);
             }
             let rel = relevance_of(&a.map);
@@ -298,6 +305,7 @@ pub fn examine(
                     .mask
                     .as_ref()
                     .map(|m| ImageLocalisation::of(&rel, m, settings.pointing_tolerance)),
+                complexity: MapComplexity::of(rel.iter().copied()),
                 sanity: None,
             });
             maps.push(rel);
@@ -393,6 +401,12 @@ pub fn summarise(partial: AuditPartial, class_names: &[String]) -> Result<AuditR
             sanity: Sanity::summarise(&info.name, &partial.stages, &sanity),
             faithfulness: faithfulness::summarise(&curves),
             localisation: (!located.is_empty()).then(|| localisation(&located)),
+            complexity: Complexity::summarise(
+                &images
+                    .iter()
+                    .filter_map(|i| i.methods[mi].complexity)
+                    .collect::<Vec<_>>(),
+            ),
         });
     }
 
@@ -428,6 +442,13 @@ pub fn summarise(partial: AuditPartial, class_names: &[String]) -> Result<AuditR
         Figure::FaithfulnessMinGain,
         first.faithfulness.gain_over_random,
     );
+    if let Some(c) = &first.complexity {
+        figures.insert(Figure::ComplexityMinSparseness, c.mean_sparseness);
+        figures.insert(
+            Figure::ComplexityMaxRelativeEntropy,
+            c.mean_relative_complexity,
+        );
+    }
     if let Some(l) = &first.localisation {
         figures.insert(
             Figure::LocalisationMinMassAccuracy,

@@ -279,7 +279,9 @@ pub fn audit_blocks(p: &PageInput) -> Result<Vec<Block>> {
          those of the model with every weight re-initialised; low means the maps depend on the \
          model. Faithfulness (Petsiuk et al. 2018): deletion AUC (low is good) and insertion AUC \
          (high is good), each against a random pixel order. Localisation: pointing game, \
-         relevance mass and rank accuracy against the object masks."
+         relevance mass and rank accuracy against the object masks. Complexity (Quantus): the \
+         Gini index of |attribution| (sparseness, Chalasani et al. 2020) and its entropy relative \
+         to the maximum (Bhatt et al. 2020)."
             .into(),
     ));
     let rows = r
@@ -300,6 +302,12 @@ pub fn audit_blocks(p: &PageInput) -> Result<Vec<Block>> {
                 Cell::Number(loc.map_or(f64::NAN, |l| l.pointing_game_hit_rate), 3),
                 Cell::Number(loc.map_or(f64::NAN, |l| l.relevance_mass_accuracy), 3),
                 Cell::Number(loc.map_or(f64::NAN, |l| l.relevance_rank_accuracy), 3),
+                Cell::Number(m.complexity.map_or(f64::NAN, |c| c.mean_sparseness), 3),
+                Cell::Number(
+                    m.complexity
+                        .map_or(f64::NAN, |c| c.mean_relative_complexity),
+                    3,
+                ),
             ]
         })
         .collect();
@@ -315,6 +323,8 @@ pub fn audit_blocks(p: &PageInput) -> Result<Vec<Block>> {
             "pointing game",
             "mass accuracy",
             "rank accuracy",
+            "sparseness",
+            "relative entropy",
         ]
         .map(String::from)
         .to_vec(),

@@ -33,6 +33,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use finelens_attrib::{BaselineSpec, Method, MethodSpec, TokenBaseline};
+use finelens_audit::complexity::{Complexity, MapComplexity};
 use finelens_audit::policy::{all_pass, Figure, Figures, Policy, Verdict};
 use finelens_data::text::{Columns, TextSet, TextTokenizer};
 use finelens_drift::cka::RepresentationDrift;
@@ -86,6 +87,9 @@ pub struct AuditedText {
     pub auprc: Option<f64>,
     /// Integrated gradients: |Σ attributions − ΔF| and |ΔF|.
     pub completeness: Option<(f64, f64)>,
+    /// Sparseness and complexity of |relevance| over the word tokens.
+    #[serde(default)]
+    pub complexity: Option<MapComplexity>,
 }
 
 /// ERASER's figures at one k.
@@ -175,6 +179,8 @@ pub struct TextAuditReport {
     pub figures: BTreeMap<String, f64>,
     pub sanity: TextSanity,
     pub eraser: Vec<Eraser>,
+    /// The gated method's complexity over the texts (Quantus's sparseness and complexity).
+    pub complexity: Option<Complexity>,
     pub shortcut: Vec<ClassShortcut>,
     pub drift: Option<TextAuditDrift>,
     pub texts: Vec<AuditedText>,
@@ -508,7 +514,9 @@ pub fn audit_text(job: &AuditJob, progress: Progress) -> Result<TextAuditReport>
                 ap = average_precision(&w_scores, &w_labels);
             }
         }
+        let complexity = MapComplexity::of(words.iter().map(|&i| relevance[i]));
         texts.push(AuditedText {
+            complexity,
             source: s.source.clone(),
             text: s.text.clone(),
             label: m.classes[s.label].clone(),
@@ -701,6 +709,19 @@ pub fn audit_text(job: &AuditJob, progress: Progress) -> Result<TextAuditReport>
     {
         figures.insert(Figure::ShortcutMaxHotspotConcentration, v);
     }
+    let complexity = Complexity::summarise(
+        &texts
+            .iter()
+            .filter_map(|t| t.complexity)
+            .collect::<Vec<_>>(),
+    );
+    if let Some(c) = &complexity {
+        figures.insert(Figure::ComplexityMinSparseness, c.mean_sparseness);
+        figures.insert(
+            Figure::ComplexityMaxRelativeEntropy,
+            c.mean_relative_complexity,
+        );
+    }
     let (deltas, diffs): (f64, f64) = texts
         .iter()
         .filter_map(|t| t.completeness)
@@ -755,6 +776,7 @@ pub fn audit_text(job: &AuditJob, progress: Progress) -> Result<TextAuditReport>
         verdicts,
         sanity,
         eraser,
+        complexity,
         shortcut,
         drift,
         texts,
@@ -1042,6 +1064,14 @@ pub fn blocks(r: &TextAuditReport) -> Result<Vec<Block>> {
             })
             .collect(),
     ));
+    if let Some(c) = &r.complexity {
+        b.push(Block::Paragraph(format!(
+            "Complexity of |{}| over the word tokens (Quantus; mean of {} texts): sparseness (Gini \
+             index, Chalasani et al. 2020) {:.3}; entropy {:.3} nats, {:.3} of its maximum \
+             (Bhatt et al. 2020).",
+            r.method, c.maps, c.mean_sparseness, c.mean_complexity, c.mean_relative_complexity
+        )));
+    }
     b.push(Block::Heading(3, "Sanity: parameter randomisation".into()));
     b.push(Block::Paragraph(
         "Spearman ρ of |token scores| between the trained model and the model with stages \
