@@ -569,6 +569,11 @@ fn demo_evaluates_the_shipped_fixture() {
     // The same recipe on the shortcut task: the clean model passes the audit, the shortcut model
     // is flagged by the shortcut and localisation checks, with its hotspot on the planted patch.
     let clean = read_json(&d.path().join("out/audit-finetune/report.json"));
+    // ROAD (imputed removal): the clean model's IG map ranks its evidence far better than its
+    // reverse.
+    let road = &clean["audit"]["methods"][0]["road"];
+    assert_eq!(road["images"], 48, "{road}");
+    assert!(road["gap"].as_f64().unwrap() > 0.2, "{road}");
     assert_eq!(clean["pass"], true, "{}", clean["verdicts"]);
     let sc = read_json(&d.path().join("out/audit-shortcut/report.json"));
     assert_eq!(sc["pass"], false);

@@ -8,6 +8,7 @@ pub mod error;
 pub mod faithfulness;
 pub mod localisation;
 pub mod policy;
+pub mod road;
 pub mod run;
 pub mod sanity;
 pub mod shortcut;

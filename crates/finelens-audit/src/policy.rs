@@ -40,10 +40,11 @@ pub enum Figure {
     DriftMinCkaPenultimate,
     ComplexityMinSparseness,
     ComplexityMaxRelativeEntropy,
+    FaithfulnessMinRoadGap,
 }
 
 impl Figure {
-    pub const ALL: [Figure; 10] = [
+    pub const ALL: [Figure; 11] = [
         Figure::SanityMaxSpearman,
         Figure::FaithfulnessMinGain,
         Figure::LocalisationMinMassAccuracy,
@@ -54,6 +55,7 @@ impl Figure {
         Figure::DriftMinCkaPenultimate,
         Figure::ComplexityMinSparseness,
         Figure::ComplexityMaxRelativeEntropy,
+        Figure::FaithfulnessMinRoadGap,
     ];
 
     /// The figure's definition.
@@ -165,6 +167,14 @@ pub const RULES: &[Rule] = &[
         bound: Bound::Min,
         default: 0.2,
         meaning: "linear CKA between the base and the fine-tuned model's penultimate representations; near 0, fine-tuning replaced what the base model knew",
+    },
+    Rule {
+        figure: Figure::FaithfulnessMinRoadGap,
+        check: "faithfulness",
+        key: "min_road_gap",
+        bound: Bound::Min,
+        default: 0.0,
+        meaning: "ROAD (Rong et al. 2022): the area under the target's probability as the least relevant pixels are removed minus that as the most relevant are, removed pixels filled by noisy linear imputation (no out-of-distribution holes); above 0 when the map ranks the evidence better than its reverse",
     },
     // Report-only by default (no explanation fails them); a team that wants concise maps sets them.
     Rule {

@@ -16,6 +16,7 @@ use crate::localisation::{
     localisation, relevance as relevance_of, ImageLocalisation, Localisation,
 };
 use crate::policy::{Figure, Figures};
+use crate::road::{road_curves, Road, RoadCurves};
 use crate::sanity::{parameter_randomisation, ImageSanity, Sanity, Stage};
 use crate::shortcut::{ClassShortcut, HotspotSum};
 
@@ -81,6 +82,9 @@ pub struct MethodFindings {
     /// Sparseness and complexity of |relevance|; `None` for a map of zeros.
     #[serde(default)]
     pub complexity: Option<MapComplexity>,
+    /// ROAD's MoRF and LeRF curves.
+    #[serde(default)]
+    pub road: Option<RoadCurves>,
     /// For the images the randomisation check uses.
     pub sanity: Option<ImageSanity>,
 }
@@ -170,6 +174,8 @@ pub struct MethodResult {
     pub localisation: Option<Localisation>,
     #[serde(default)]
     pub complexity: Option<Complexity>,
+    #[serde(default)]
+    pub road: Option<Road>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -306,6 +312,13 @@ pub fn examine(
                     .as_ref()
                     .map(|m| ImageLocalisation::of(&rel, m, settings.pointing_tolerance)),
                 complexity: MapComplexity::of(rel.iter().copied()),
+                road: Some(road_curves(
+                    model,
+                    &img.x,
+                    &rel,
+                    target,
+                    settings.seed + img.index as u64,
+                )?),
                 sanity: None,
             });
             maps.push(rel);
@@ -407,6 +420,12 @@ pub fn summarise(partial: AuditPartial, class_names: &[String]) -> Result<AuditR
                     .filter_map(|i| i.methods[mi].complexity)
                     .collect::<Vec<_>>(),
             ),
+            road: Road::summarise(
+                &images
+                    .iter()
+                    .filter_map(|i| i.methods[mi].road.clone())
+                    .collect::<Vec<_>>(),
+            ),
         });
     }
 
@@ -442,6 +461,9 @@ pub fn summarise(partial: AuditPartial, class_names: &[String]) -> Result<AuditR
         Figure::FaithfulnessMinGain,
         first.faithfulness.gain_over_random,
     );
+    if let Some(r) = &first.road {
+        figures.insert(Figure::FaithfulnessMinRoadGap, r.gap);
+    }
     if let Some(c) = &first.complexity {
         figures.insert(Figure::ComplexityMinSparseness, c.mean_sparseness);
         figures.insert(

@@ -278,7 +278,9 @@ pub fn audit_blocks(p: &PageInput) -> Result<Vec<Block>> {
         "Sanity (Adebayo et al. 2018): Spearman ρ and SSIM between the trained model's maps and \
          those of the model with every weight re-initialised; low means the maps depend on the \
          model. Faithfulness (Petsiuk et al. 2018): deletion AUC (low is good) and insertion AUC \
-         (high is good), each against a random pixel order. Localisation: pointing game, \
+         (high is good), each against a random pixel order; ROAD (Rong et al. 2022): the same \
+         with removed pixels filled by noisy linear imputation, most relevant first (MoRF, low is \
+         good) and least relevant first (LeRF, high is good). Localisation: pointing game, \
          relevance mass and rank accuracy against the object masks. Complexity (Quantus): the \
          Gini index of |attribution| (sparseness, Chalasani et al. 2020) and its entropy relative \
          to the maximum (Bhatt et al. 2020)."
@@ -299,6 +301,8 @@ pub fn audit_blocks(p: &PageInput) -> Result<Vec<Block>> {
                 Cell::Number(f.deletion_auc_random, 3),
                 Cell::Number(f.insertion_auc, 3),
                 Cell::Number(f.insertion_auc_random, 3),
+                Cell::Number(m.road.as_ref().map_or(f64::NAN, |r| r.morf_auc), 3),
+                Cell::Number(m.road.as_ref().map_or(f64::NAN, |r| r.lerf_auc), 3),
                 Cell::Number(loc.map_or(f64::NAN, |l| l.pointing_game_hit_rate), 3),
                 Cell::Number(loc.map_or(f64::NAN, |l| l.relevance_mass_accuracy), 3),
                 Cell::Number(loc.map_or(f64::NAN, |l| l.relevance_rank_accuracy), 3),
@@ -320,6 +324,8 @@ pub fn audit_blocks(p: &PageInput) -> Result<Vec<Block>> {
             "random",
             "insertion AUC",
             "random",
+            "ROAD MoRF",
+            "ROAD LeRF",
             "pointing game",
             "mass accuracy",
             "rank accuracy",
