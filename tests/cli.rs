@@ -1342,6 +1342,8 @@ fn drift_is_zero_for_a_copy_and_finds_a_known_perturbation() {
             "2",
             "--explain-method",
             "saliency",
+            "--spectral",
+            "esd",
         ])
     };
     // A copy: nothing moved, every layer's representation is its own (CKA 1), same explanations.
@@ -1354,7 +1356,17 @@ fn drift_is_zero_for_a_copy_and_finds_a_known_perturbation() {
     for t in j["weights"]["tensors"].as_array().unwrap() {
         assert_eq!(t["relative_l2_change"], 0.0, "{}", t["name"]);
         assert_eq!(t["max_abs_change"], 0.0);
+        // WeightWatcher's figures of every matrix, the same on both sides of a copy.
+        if t["shape"].as_array().unwrap().len() == 4 {
+            assert!(t["spectrum_before"]["alpha"].as_f64().unwrap() > 1.0, "{t}");
+            assert_eq!(t["spectrum_before"], t["spectrum_after"]);
+        }
     }
+    assert!(
+        stdout(&o).contains("WeightWatcher α per matrix"),
+        "{}",
+        stdout(&o)
+    );
     for c in j["representation"]["diagonal"].as_array().unwrap() {
         assert!((c.as_f64().unwrap() - 1.0).abs() < 1e-9, "{c}");
     }

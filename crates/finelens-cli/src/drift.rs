@@ -50,9 +50,9 @@ pub struct DriftArgs {
     /// Share of the most strongly attributed pixels whose overlap (IoU) is reported.
     #[arg(long, default_value_t = 0.1)]
     top_fraction: f64,
-    /// Skip spectral norms and stable ranks (power iteration: many passes over each matrix).
-    #[arg(long)]
-    no_spectral: bool,
+    /// Spectral figures: none, norms (σ₁, stable rank) or esd (also WeightWatcher's α, α̂, traps).
+    #[arg(long, value_enum, default_value = "norms")]
+    spectral: finelens_pipeline::drift::Spectral,
     /// Fail on a probe image that cannot be decoded instead of skipping it.
     #[arg(long)]
     strict: bool,
@@ -75,7 +75,7 @@ impl DriftArgs {
             shared: self.method_settings.clone(),
             explain_images: self.explain_images,
             top_fraction: self.top_fraction,
-            spectral: !self.no_spectral,
+            spectral: self.spectral,
             strict: self.strict,
             out: self.output.dir("drift"),
             force: self.output.force,

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod cka;
 pub mod error;
 pub mod explanation;
+pub mod spectrum;
 pub mod weights;
 
 pub use cka::{

@@ -17,12 +17,16 @@ use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{DriftError, Result};
+use crate::spectrum::{spectrum, Spectrum};
 
 /// Settings for [`weight_drift`].
 #[derive(Debug, Clone, Copy)]
 pub struct WeightDriftOptions {
     /// Spectral norms and stable ranks of matrices and conv kernels (power iteration).
     pub spectral: bool,
+    /// WeightWatcher's analysis of each matrix's eigenvalue spectrum ([`crate::spectrum`]): one
+    /// eigendecomposition of its Gram matrix and one of a shuffled copy, per checkpoint.
+    pub esd: bool,
     pub power_iterations: usize,
     /// Each file's tensor names mapped to the names compared, or `None` to leave a tensor out (a
     /// buffer that is not a parameter): two spellings of one model (Hugging Face's `BertModel`
@@ -34,6 +38,7 @@ impl Default for WeightDriftOptions {
     fn default() -> Self {
         Self {
             spectral: true,
+            esd: false,
             power_iterations: POWER_ITERATIONS,
             canonical: None,
         }
@@ -110,6 +115,11 @@ pub struct TensorDrift {
     /// ‖W‖²_F / σ₁², before/after.
     pub stable_rank_before: Option<f64>,
     pub stable_rank_after: Option<f64>,
+    /// With `esd`: WeightWatcher's figures of the matrix (out × in·k·k), before/after.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spectrum_before: Option<Spectrum>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spectrum_after: Option<Spectrum>,
     #[serde(skip)]
     sums: Sums,
 }
@@ -636,6 +646,13 @@ pub fn weight_drift_described(
                 opts.power_iterations,
             ));
         }
+        let (mut esd0, mut esd1) = (None, None);
+        if opts.esd && matrix {
+            let rows = v0.shape()[0];
+            let cols = n / rows.max(1);
+            esd0 = Some(spectrum(&as_f32(v0.dtype(), v0.data()), rows, cols, 0));
+            esd1 = Some(spectrum(&as_f32(v1.dtype(), v1.data()), rows, cols, 0));
+        }
         let stable = |sq: f64, sn: Option<f64>| sn.filter(|s| *s > 0.0).map(|s| sq / (s * s));
         out.bytes_read += (v0.data().len() + v1.data().len()) as u64;
         m0.release(v0.data());
@@ -652,6 +669,8 @@ pub fn weight_drift_described(
             spectral_norm_after: sn1,
             stable_rank_before: stable(sums.before_sq, sn0),
             stable_rank_after: stable(sums.after_sq, sn1),
+            spectrum_before: esd0,
+            spectrum_after: esd1,
             sums,
         };
         if bn {

@@ -62,7 +62,7 @@ pub struct DriftSettings {
     /// Probe images whose explanations are compared (0 skips explanation drift).
     pub explain_images: usize,
     pub top_fraction: f64,
-    pub spectral: bool,
+    pub spectral: Spectral,
     pub strict: bool,
     pub out: PathBuf,
     pub force: bool,
@@ -308,6 +308,30 @@ pub(crate) fn weight_summary(weights: &WeightDrift) -> String {
             g.name, g.relative_l2_change, g.cosine_similarity
         ));
     }
+    let fitted: Vec<_> = weights
+        .tensors
+        .iter()
+        .filter_map(|t| {
+            Some((
+                t,
+                t.spectrum_before.as_ref()?.alpha?,
+                t.spectrum_after.as_ref()?.alpha?,
+            ))
+        })
+        .collect();
+    if !fitted.is_empty() {
+        lines.push(
+            "WeightWatcher α per matrix, before → after (α < 2 over-fit, 2–6 well trained, > 6 under-trained):"
+                .to_owned(),
+        );
+        for (t, a0, a1) in &fitted {
+            lines.push(format!(
+                "  {:<28} {a0:>6.2} → {a1:>6.2}  {}",
+                t.name,
+                finelens_drift::spectrum::reading(*a1)
+            ));
+        }
+    }
     lines.push(format!(
         "per stage:{}",
         weights
@@ -317,6 +341,29 @@ pub(crate) fn weight_summary(weights: &WeightDrift) -> String {
             .collect::<String>()
     ));
     lines.join("\n")
+}
+
+/// How much of each weight matrix's spectrum drift analyses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+pub enum Spectral {
+    /// No spectral figure.
+    None,
+    /// σ₁ and the stable rank (power iteration).
+    #[default]
+    Norms,
+    /// Also WeightWatcher's: the ESD's power-law α, α̂, log spectral norm, MP soft rank, traps.
+    Esd,
+}
+
+impl Spectral {
+    pub fn options(self) -> WeightDriftOptions {
+        WeightDriftOptions {
+            spectral: self != Spectral::None,
+            esd: self == Spectral::Esd,
+            ..Default::default()
+        }
+    }
 }
 
 /// `finelens drift`: a text model folder's drift ([`crate::text_drift`]) or a checkpoint's.
@@ -334,10 +381,7 @@ pub fn drift(s: &DriftSettings, progress: Progress) -> Result<DriftReport> {
     let weights = weight_drift_described(
         &s.before.path,
         &s.after.path,
-        WeightDriftOptions {
-            spectral: s.spectral,
-            ..Default::default()
-        },
+        s.spectral.options(),
         s.after.description()?,
     )?;
     progress(Event::Info(weight_summary(&weights)));

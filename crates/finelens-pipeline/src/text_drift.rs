@@ -81,15 +81,14 @@ pub(crate) fn weight_drift(
     before_dir: &Path,
     after_dir: &Path,
     after: &TextModel,
-    spectral: bool,
+    spectral: crate::drift::Spectral,
 ) -> Result<WeightDrift> {
     Ok(weight_drift_described(
         &before_dir.join(WEIGHTS_FILE),
         &after_dir.join(WEIGHTS_FILE),
         WeightDriftOptions {
-            spectral,
             canonical: Some(canonical_name),
-            ..Default::default()
+            ..spectral.options()
         },
         Some(after.spec.describe()),
     )?)

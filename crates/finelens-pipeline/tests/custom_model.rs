@@ -208,7 +208,7 @@ fn a_model_family_defined_here_runs_through_explain_drift_and_audit() {
             shared: MethodOptions::default(),
             explain_images: 2,
             top_fraction: 0.1,
-            spectral: true,
+            spectral: finelens_pipeline::drift::Spectral::Norms,
             strict: true,
             out: d.path().join("drift"),
             force: false,
