@@ -574,6 +574,9 @@ fn demo_evaluates_the_shipped_fixture() {
     let road = &clean["audit"]["methods"][0]["road"];
     assert_eq!(road["images"], 48, "{road}");
     assert!(road["gap"].as_f64().unwrap() > 0.2, "{road}");
+    let p = &clean["audit"]["methods"][0]["perturbation"];
+    assert!(p["faithfulness_correlation"].as_f64().unwrap() > 0.3, "{p}");
+    assert!(clean["audit"]["methods"][1]["perturbation"].is_null());
     assert_eq!(clean["pass"], true, "{}", clean["verdicts"]);
     let sc = read_json(&d.path().join("out/audit-shortcut/report.json"));
     assert_eq!(sc["pass"], false);

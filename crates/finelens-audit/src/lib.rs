@@ -7,6 +7,7 @@ pub mod complexity;
 pub mod error;
 pub mod faithfulness;
 pub mod localisation;
+pub mod perturbation;
 pub mod policy;
 pub mod road;
 pub mod run;

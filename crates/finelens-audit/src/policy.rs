@@ -41,10 +41,12 @@ pub enum Figure {
     ComplexityMinSparseness,
     ComplexityMaxRelativeEntropy,
     FaithfulnessMinRoadGap,
+    FaithfulnessMinCorrelation,
+    FaithfulnessMinMonotonicity,
 }
 
 impl Figure {
-    pub const ALL: [Figure; 11] = [
+    pub const ALL: [Figure; 13] = [
         Figure::SanityMaxSpearman,
         Figure::FaithfulnessMinGain,
         Figure::LocalisationMinMassAccuracy,
@@ -56,6 +58,8 @@ impl Figure {
         Figure::ComplexityMinSparseness,
         Figure::ComplexityMaxRelativeEntropy,
         Figure::FaithfulnessMinRoadGap,
+        Figure::FaithfulnessMinCorrelation,
+        Figure::FaithfulnessMinMonotonicity,
     ];
 
     /// The figure's definition.
@@ -175,6 +179,22 @@ pub const RULES: &[Rule] = &[
         bound: Bound::Min,
         default: 0.0,
         meaning: "ROAD (Rong et al. 2022): the area under the target's probability as the least relevant pixels are removed minus that as the most relevant are, removed pixels filled by noisy linear imputation (no out-of-distribution holes); above 0 when the map ranks the evidence better than its reverse",
+    },
+    Rule {
+        figure: Figure::FaithfulnessMinCorrelation,
+        check: "faithfulness",
+        key: "min_correlation",
+        bound: Bound::Min,
+        default: 0.0,
+        meaning: "faithfulness correlation (Bhatt et al. 2020): Pearson correlation, over random subsets of pixels, between the attribution they hold and the drop of the logit when they are replaced; above 0 when the map's sums predict what removing pixels does",
+    },
+    Rule {
+        figure: Figure::FaithfulnessMinMonotonicity,
+        check: "faithfulness",
+        key: "min_monotonicity",
+        bound: Bound::Min,
+        default: 0.0,
+        meaning: "monotonicity correlation (Nguyen & Martínez 2020): Spearman correlation, over an 8×8 grid of patches, between a patch's |attribution| and how much replacing it alone changes the logit",
     },
     // Report-only by default (no explanation fails them); a team that wants concise maps sets them.
     Rule {

@@ -15,6 +15,7 @@ use crate::faithfulness::{self, Curves, Faithfulness};
 use crate::localisation::{
     localisation, relevance as relevance_of, ImageLocalisation, Localisation,
 };
+use crate::perturbation::{perturbation_scores, Perturbation, PerturbationScores};
 use crate::policy::{Figure, Figures};
 use crate::road::{road_curves, Road, RoadCurves};
 use crate::sanity::{parameter_randomisation, ImageSanity, Sanity, Stage};
@@ -85,6 +86,9 @@ pub struct MethodFindings {
     /// ROAD's MoRF and LeRF curves.
     #[serde(default)]
     pub road: Option<RoadCurves>,
+    /// Faithfulness correlation and monotonicity (the primary method's).
+    #[serde(default)]
+    pub perturbation: Option<PerturbationScores>,
     /// For the images the randomisation check uses.
     pub sanity: Option<ImageSanity>,
 }
@@ -176,6 +180,8 @@ pub struct MethodResult {
     pub complexity: Option<Complexity>,
     #[serde(default)]
     pub road: Option<Road>,
+    #[serde(default)]
+    pub perturbation: Option<Perturbation>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -312,6 +318,19 @@ pub fn examine(
                     .as_ref()
                     .map(|m| ImageLocalisation::of(&rel, m, settings.pointing_tolerance)),
                 complexity: MapComplexity::of(rel.iter().copied()),
+                // 128 forward passes an image: for the gated method only.
+                perturbation: if mi == 0 {
+                    Some(perturbation_scores(
+                        model,
+                        &img.x,
+                        &rel,
+                        &replacement,
+                        target,
+                        settings.seed + img.index as u64,
+                    )?)
+                } else {
+                    None
+                },
                 road: Some(road_curves(
                     model,
                     &img.x,
@@ -420,6 +439,12 @@ pub fn summarise(partial: AuditPartial, class_names: &[String]) -> Result<AuditR
                     .filter_map(|i| i.methods[mi].complexity)
                     .collect::<Vec<_>>(),
             ),
+            perturbation: Perturbation::summarise(
+                &images
+                    .iter()
+                    .filter_map(|i| i.methods[mi].perturbation)
+                    .collect::<Vec<_>>(),
+            ),
             road: Road::summarise(
                 &images
                     .iter()
@@ -463,6 +488,13 @@ pub fn summarise(partial: AuditPartial, class_names: &[String]) -> Result<AuditR
     );
     if let Some(r) = &first.road {
         figures.insert(Figure::FaithfulnessMinRoadGap, r.gap);
+    }
+    if let Some(p) = &first.perturbation {
+        figures.insert(
+            Figure::FaithfulnessMinCorrelation,
+            p.faithfulness_correlation,
+        );
+        figures.insert(Figure::FaithfulnessMinMonotonicity, p.monotonicity);
     }
     if let Some(c) = &first.complexity {
         figures.insert(Figure::ComplexityMinSparseness, c.mean_sparseness);

@@ -20,7 +20,8 @@ fn ranks(v: &[f32]) -> Vec<f64> {
     r
 }
 
-fn pearson(a: &[f64], b: &[f64]) -> f64 {
+/// Pearson's correlation; 1 for two constant sequences, 0 for one.
+pub fn pearson(a: &[f64], b: &[f64]) -> f64 {
     let n = a.len() as f64;
     let (ma, mb) = (a.iter().sum::<f64>() / n, b.iter().sum::<f64>() / n);
     let (mut cov, mut va, mut vb) = (0.0, 0.0, 0.0);

@@ -13,7 +13,7 @@ pub use cka::{
     accumulate_cka, linear_cka, representation_drift, MinibatchCka, RepresentationDrift,
 };
 pub use error::{DriftError, Result};
-pub use explanation::{spearman, top_k_iou};
+pub use explanation::{pearson, spearman, top_k_iou};
 pub use weights::{
     weight_drift, weight_drift_described, GroupDrift, TensorDrift, WeightDrift, WeightDriftOptions,
 };

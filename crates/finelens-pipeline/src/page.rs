@@ -280,7 +280,8 @@ pub fn audit_blocks(p: &PageInput) -> Result<Vec<Block>> {
          model. Faithfulness (Petsiuk et al. 2018): deletion AUC (low is good) and insertion AUC \
          (high is good), each against a random pixel order; ROAD (Rong et al. 2022): the same \
          with removed pixels filled by noisy linear imputation, most relevant first (MoRF, low is \
-         good) and least relevant first (LeRF, high is good). Localisation: pointing game, \
+         good) and least relevant first (LeRF, high is good); faithfulness correlation (Bhatt et \
+         al. 2020) and monotonicity (Nguyen & Martínez 2020), for the gated method. Localisation: pointing game, \
          relevance mass and rank accuracy against the object masks. Complexity (Quantus): the \
          Gini index of |attribution| (sparseness, Chalasani et al. 2020) and its entropy relative \
          to the maximum (Bhatt et al. 2020)."
@@ -303,6 +304,12 @@ pub fn audit_blocks(p: &PageInput) -> Result<Vec<Block>> {
                 Cell::Number(f.insertion_auc_random, 3),
                 Cell::Number(m.road.as_ref().map_or(f64::NAN, |r| r.morf_auc), 3),
                 Cell::Number(m.road.as_ref().map_or(f64::NAN, |r| r.lerf_auc), 3),
+                Cell::Number(
+                    m.perturbation
+                        .map_or(f64::NAN, |p| p.faithfulness_correlation),
+                    3,
+                ),
+                Cell::Number(m.perturbation.map_or(f64::NAN, |p| p.monotonicity), 3),
                 Cell::Number(loc.map_or(f64::NAN, |l| l.pointing_game_hit_rate), 3),
                 Cell::Number(loc.map_or(f64::NAN, |l| l.relevance_mass_accuracy), 3),
                 Cell::Number(loc.map_or(f64::NAN, |l| l.relevance_rank_accuracy), 3),
@@ -326,6 +333,8 @@ pub fn audit_blocks(p: &PageInput) -> Result<Vec<Block>> {
             "random",
             "ROAD MoRF",
             "ROAD LeRF",
+            "faithfulness correlation",
+            "monotonicity",
             "pointing game",
             "mass accuracy",
             "rank accuracy",
