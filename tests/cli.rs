@@ -577,6 +577,10 @@ fn demo_evaluates_the_shipped_fixture() {
     let p = &clean["audit"]["methods"][0]["perturbation"];
     assert!(p["faithfulness_correlation"].as_f64().unwrap() > 0.3, "{p}");
     assert!(clean["audit"]["methods"][1]["perturbation"].is_null());
+    // The random logit test on the randomisation check's images: Grad-CAM (the third method)
+    // is class-discriminative, its maps for another class look nothing like the prediction's.
+    let rl = &clean["audit"]["methods"][2]["random_logit"];
+    assert!(rl["ssim"].as_f64().unwrap() < 0.5, "{rl}");
     assert_eq!(clean["pass"], true, "{}", clean["verdicts"]);
     let sc = read_json(&d.path().join("out/audit-shortcut/report.json"));
     assert_eq!(sc["pass"], false);

@@ -43,10 +43,11 @@ pub enum Figure {
     FaithfulnessMinRoadGap,
     FaithfulnessMinCorrelation,
     FaithfulnessMinMonotonicity,
+    SanityMaxRandomLogitSsim,
 }
 
 impl Figure {
-    pub const ALL: [Figure; 13] = [
+    pub const ALL: [Figure; 14] = [
         Figure::SanityMaxSpearman,
         Figure::FaithfulnessMinGain,
         Figure::LocalisationMinMassAccuracy,
@@ -60,6 +61,7 @@ impl Figure {
         Figure::FaithfulnessMinRoadGap,
         Figure::FaithfulnessMinCorrelation,
         Figure::FaithfulnessMinMonotonicity,
+        Figure::SanityMaxRandomLogitSsim,
     ];
 
     /// The figure's definition.
@@ -195,6 +197,14 @@ pub const RULES: &[Rule] = &[
         bound: Bound::Min,
         default: 0.0,
         meaning: "monotonicity correlation (Nguyen & Martínez 2020): Spearman correlation, over an 8×8 grid of patches, between a patch's |attribution| and how much replacing it alone changes the logit",
+    },
+    Rule {
+        figure: Figure::SanityMaxRandomLogitSsim,
+        check: "sanity",
+        key: "max_random_logit_ssim",
+        bound: Bound::Max,
+        default: 1.0,
+        meaning: "random logit test (Sixt et al. 2020): SSIM between the maps of the predicted class and of a random other class on the randomisation check's images; near 1, the map does not depend on the class it explains (report-only by default)",
     },
     // Report-only by default (no explanation fails them); a team that wants concise maps sets them.
     Rule {

@@ -18,8 +18,11 @@ use crate::localisation::{
 use crate::perturbation::{perturbation_scores, Perturbation, PerturbationScores};
 use crate::policy::{Figure, Figures};
 use crate::road::{road_curves, Road, RoadCurves};
-use crate::sanity::{parameter_randomisation, ImageSanity, Sanity, Stage};
+use crate::sanity::{parameter_randomisation, ImageSanity, Sanity, Stage, StageSimilarity};
 use crate::shortcut::{ClassShortcut, HotspotSum};
+use crate::similarity::{normalised_magnitude, rank_correlation, ssim};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
 /// One image to audit, preprocessed for the model.
 pub struct AuditImage {
@@ -89,6 +92,10 @@ pub struct MethodFindings {
     /// Faithfulness correlation and monotonicity (the primary method's).
     #[serde(default)]
     pub perturbation: Option<PerturbationScores>,
+    /// For the images the randomisation check uses: the map's similarity with the map of a
+    /// random other class (Sixt et al. 2020's random logit test).
+    #[serde(default)]
+    pub random_logit: Option<StageSimilarity>,
     /// For the images the randomisation check uses.
     pub sanity: Option<ImageSanity>,
 }
@@ -182,6 +189,19 @@ pub struct MethodResult {
     pub road: Option<Road>,
     #[serde(default)]
     pub perturbation: Option<Perturbation>,
+    /// Mean similarity between the maps of the predicted class and of a random other one.
+    #[serde(default)]
+    pub random_logit: Option<RandomLogit>,
+}
+
+/// The random logit test (Sixt, Granz & Landgraf 2020): a map that explains the class should
+/// change with the class; Spearman ρ and SSIM of |relevance| between the predicted class's map
+/// and a random other class's, averaged over the images (low is good).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RandomLogit {
+    pub images: usize,
+    pub spearman: f64,
+    pub ssim: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -318,6 +338,7 @@ pub fn examine(
                     .as_ref()
                     .map(|m| ImageLocalisation::of(&rel, m, settings.pointing_tolerance)),
                 complexity: MapComplexity::of(rel.iter().copied()),
+                random_logit: None,
                 // 128 forward passes an image: for the gated method only.
                 perturbation: if mi == 0 {
                     Some(perturbation_scores(
@@ -352,6 +373,24 @@ pub fn examine(
             .collect();
         if chosen.is_empty() {
             continue;
+        }
+        // The random logit test: explain another class, drawn per image, and compare.
+        let classes = model.num_classes();
+        if classes > 1 {
+            for &k in &chosen {
+                let mut rng =
+                    ChaCha8Rng::seed_from_u64(settings.seed ^ 0x5EED ^ images[k].index as u64);
+                let target = results[k].predicted;
+                let other = (target + 1 + rng.random_range(0..classes - 1)) % classes;
+                let a = method.attribute(model, &images[k].x, &[other])?.remove(0);
+                let rel = relevance_of(&a.map);
+                let own = &relevance[mi][k];
+                findings[k][mi].random_logit = Some(StageSimilarity {
+                    stage: format!("class {other}"),
+                    spearman: rank_correlation(own, &rel),
+                    ssim: ssim(&normalised_magnitude(own), &normalised_magnitude(&rel)),
+                });
+            }
         }
         progress(AuditProgress::Phase {
             name: format!("{}: randomisation sanity check", method.name()),
@@ -439,6 +478,18 @@ pub fn summarise(partial: AuditPartial, class_names: &[String]) -> Result<AuditR
                     .filter_map(|i| i.methods[mi].complexity)
                     .collect::<Vec<_>>(),
             ),
+            random_logit: {
+                let r: Vec<&StageSimilarity> = images
+                    .iter()
+                    .filter_map(|i| i.methods[mi].random_logit.as_ref())
+                    .collect();
+                let n = r.len();
+                (n > 0).then(|| RandomLogit {
+                    images: n,
+                    spearman: r.iter().map(|s| s.spearman).sum::<f64>() / n as f64,
+                    ssim: r.iter().map(|s| s.ssim).sum::<f64>() / n as f64,
+                })
+            },
             perturbation: Perturbation::summarise(
                 &images
                     .iter()
@@ -488,6 +539,9 @@ pub fn summarise(partial: AuditPartial, class_names: &[String]) -> Result<AuditR
     );
     if let Some(r) = &first.road {
         figures.insert(Figure::FaithfulnessMinRoadGap, r.gap);
+    }
+    if let Some(r) = &first.random_logit {
+        figures.insert(Figure::SanityMaxRandomLogitSsim, r.ssim);
     }
     if let Some(p) = &first.perturbation {
         figures.insert(
