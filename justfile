@@ -30,7 +30,12 @@ bench:
     cargo run --release -p finelens-cli -- bench explain
     cargo run --release -p finelens-cli -- bench drift
     cargo run --release -p finelens-cli -- bench text
+    cargo run --release -p finelens-cli -- bench text-explain
     cargo run --release -p finelens-cli -- bench demo
+
+# The same figures interleaved with the PyTorch + Captum peer (needs its Python environment).
+peer-bench:
+    python3 scripts/peer_bench.py --only explain,train,text-explain
 
 # Regenerate the pretrained fixture checkpoint, deterministically (about 10 minutes on 2 cores):
 # resnet-mini trained from seed 0 on 1,000 synthetic pretraining images per class.
