@@ -581,6 +581,11 @@ fn demo_evaluates_the_shipped_fixture() {
     // is class-discriminative, its maps for another class look nothing like the prediction's.
     let rl = &clean["audit"]["methods"][2]["random_logit"];
     assert!(rl["ssim"].as_f64().unwrap() < 0.5, "{rl}");
+    // Robustness on the same 4 images: IG's map moves, but by less than its own size.
+    let rb = &clean["audit"]["methods"][0]["robustness"];
+    assert_eq!(rb["images"], 4, "{rb}");
+    let s = rb["max_sensitivity"].as_f64().unwrap();
+    assert!(s > 0.0 && s < 1.0, "{rb}");
     assert_eq!(clean["pass"], true, "{}", clean["verdicts"]);
     let sc = read_json(&d.path().join("out/audit-shortcut/report.json"));
     assert_eq!(sc["pass"], false);

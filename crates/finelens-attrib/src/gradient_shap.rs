@@ -10,7 +10,8 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
 use crate::baseline::{Baseline, Normalisation};
-use crate::error::{settings, Result};
+use crate::error::Result;
+use crate::saliency::check_sampling;
 use crate::target::input_gradients;
 use crate::{chunks, default_internal_batch, to_maps, Attribution, Attributor, Sign};
 
@@ -37,21 +38,7 @@ impl Attributor for GradientShap {
     }
 
     fn check(&self, _: &dyn Classifier) -> Result<()> {
-        if self.samples == 0 {
-            return Err(settings(self.name(), "samples must be at least 1"));
-        }
-        if !(self.noise.is_finite() && self.noise >= 0.0) {
-            return Err(settings(
-                self.name(),
-                format!(
-                    "noise must be a non-negative fraction of the input range, got {}",
-                    self.noise
-                ),
-            ));
-        }
-        if self.internal_batch == Some(0) {
-            return Err(settings(self.name(), "internal batch must be at least 1"));
-        }
+        check_sampling(self.name(), self.samples, self.noise, self.internal_batch)?;
         self.baseline.check(self.name())
     }
 

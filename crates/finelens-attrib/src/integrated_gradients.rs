@@ -93,16 +93,10 @@ impl IntegratedGradients {
         )?;
         let output_difference = fx - fb.iter().sum::<f64>() / k;
         let attribution_sum: f64 = map.to_dtype(DType::F64)?.sum_all()?.to_scalar()?;
-        let delta = (attribution_sum - output_difference).abs();
         Ok(Attribution {
             map: to_maps(&map)?.remove(0),
             target,
-            completeness: Some(Completeness {
-                attribution_sum,
-                output_difference,
-                delta,
-                relative_delta: delta / output_difference.abs().max(f64::MIN_POSITIVE),
-            }),
+            completeness: Some(Completeness::of(attribution_sum, output_difference)),
         })
     }
 }

@@ -67,6 +67,19 @@ pub struct Completeness {
     pub relative_delta: f64,
 }
 
+impl Completeness {
+    /// The check of Σ attributions (`attribution_sum`) against F(x) − F(x′).
+    pub fn of(attribution_sum: f64, output_difference: f64) -> Completeness {
+        let delta = (attribution_sum - output_difference).abs();
+        Completeness {
+            attribution_sum,
+            output_difference,
+            delta,
+            relative_delta: delta / output_difference.abs().max(f64::MIN_POSITIVE),
+        }
+    }
+}
+
 /// One input's attribution.
 #[derive(Debug, Clone)]
 pub struct Attribution {
@@ -145,6 +158,19 @@ pub(crate) fn to_maps(t: &Tensor) -> Result<Vec<Array3<f32>>> {
     Ok(v.chunks(c * h * w)
         .take(n)
         .map(|chunk| Array3::from_shape_vec((c, h, w), chunk.to_vec()).expect("sizes agree"))
+        .collect())
+}
+
+/// One attribution per input of a batch of maps (N×C×H×W), without a completeness check.
+pub(crate) fn plain_attributions(maps: &Tensor, targets: &[usize]) -> Result<Vec<Attribution>> {
+    Ok(to_maps(maps)?
+        .into_iter()
+        .zip(targets)
+        .map(|(map, &target)| Attribution {
+            map,
+            target,
+            completeness: None,
+        })
         .collect())
 }
 

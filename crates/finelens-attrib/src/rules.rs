@@ -15,7 +15,7 @@ use crate::baseline::{Baseline, Normalisation};
 use crate::error::{settings, Result};
 use crate::grad_cam::GradCam;
 use crate::target::input_gradients;
-use crate::{to_maps, Attribution, Attributor, Completeness, Sign};
+use crate::{plain_attributions, to_maps, Attribution, Attributor, Completeness, Sign};
 
 /// DeepLIFT (rescale rule): (x − x′) ⊙ the multipliers backpropagated from the target logit.
 /// Summation-to-delta holds exactly: Σ attributions = F(x) − F(x′). Over several baselines
@@ -54,16 +54,10 @@ impl DeepLift {
         let output_difference =
             (f[..k].iter().sum::<f64>() - f[k..].iter().sum::<f64>()) / k as f64;
         let attribution_sum: f64 = map.to_dtype(DType::F64)?.sum_all()?.to_scalar()?;
-        let delta = (attribution_sum - output_difference).abs();
         Ok(Attribution {
             map: to_maps(&map)?.remove(0),
             target,
-            completeness: Some(Completeness {
-                attribution_sum,
-                output_difference,
-                delta,
-                relative_delta: delta / output_difference.abs().max(f64::MIN_POSITIVE),
-            }),
+            completeness: Some(Completeness::of(attribution_sum, output_difference)),
         })
     }
 }
@@ -137,15 +131,7 @@ impl Attributor for GuidedGradient {
         x: &Tensor,
         targets: &[usize],
     ) -> Result<Vec<Attribution>> {
-        Ok(to_maps(&self.maps(model, x, targets)?)?
-            .into_iter()
-            .zip(targets)
-            .map(|(map, &target)| Attribution {
-                map,
-                target,
-                completeness: None,
-            })
-            .collect())
+        plain_attributions(&self.maps(model, x, targets)?, targets)
     }
 }
 

@@ -10,7 +10,9 @@ use rand_distr::{Distribution, StandardNormal};
 
 use crate::error::{settings, Result};
 use crate::target::input_gradients;
-use crate::{chunks, default_internal_batch, to_maps, Attribution, Attributor, Sign};
+use crate::{
+    chunks, default_internal_batch, plain_attributions, to_maps, Attribution, Attributor, Sign,
+};
 
 /// What the gradient map shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,16 +62,30 @@ impl Attributor for Saliency {
             GradientKind::Absolute => g.abs()?,
             GradientKind::TimesInput => (g * x)?,
         };
-        Ok(to_maps(&map)?
-            .into_iter()
-            .zip(targets)
-            .map(|(map, &target)| Attribution {
-                map,
-                target,
-                completeness: None,
-            })
-            .collect())
+        plain_attributions(&map, targets)
     }
+}
+
+/// The settings of a method that averages over noisy samples (SmoothGrad, GradientSHAP).
+pub(crate) fn check_sampling(
+    method: &'static str,
+    samples: usize,
+    noise: f32,
+    internal_batch: Option<usize>,
+) -> Result<()> {
+    if samples == 0 {
+        return Err(settings(method, "samples must be at least 1"));
+    }
+    if !(noise.is_finite() && noise >= 0.0) {
+        return Err(settings(
+            method,
+            format!("noise must be a non-negative fraction of the input range, got {noise}"),
+        ));
+    }
+    if internal_batch == Some(0) {
+        return Err(settings(method, "internal batch must be at least 1"));
+    }
+    Ok(())
 }
 
 /// How SmoothGrad combines the noisy gradients g₁ … gₙ.
@@ -124,22 +140,7 @@ impl Attributor for SmoothGrad {
     }
 
     fn check(&self, _: &dyn Classifier) -> Result<()> {
-        if self.samples == 0 {
-            return Err(settings(self.name(), "samples must be at least 1"));
-        }
-        if !(self.noise.is_finite() && self.noise >= 0.0) {
-            return Err(settings(
-                self.name(),
-                format!(
-                    "noise must be a non-negative fraction of the input range, got {}",
-                    self.noise
-                ),
-            ));
-        }
-        if self.internal_batch == Some(0) {
-            return Err(settings(self.name(), "internal batch must be at least 1"));
-        }
-        Ok(())
+        check_sampling(self.name(), self.samples, self.noise, self.internal_batch)
     }
 
     fn compute(

@@ -44,10 +44,11 @@ pub enum Figure {
     FaithfulnessMinCorrelation,
     FaithfulnessMinMonotonicity,
     SanityMaxRandomLogitSsim,
+    RobustnessMaxSensitivity,
 }
 
 impl Figure {
-    pub const ALL: [Figure; 14] = [
+    pub const ALL: [Figure; 15] = [
         Figure::SanityMaxSpearman,
         Figure::FaithfulnessMinGain,
         Figure::LocalisationMinMassAccuracy,
@@ -62,6 +63,7 @@ impl Figure {
         Figure::FaithfulnessMinCorrelation,
         Figure::FaithfulnessMinMonotonicity,
         Figure::SanityMaxRandomLogitSsim,
+        Figure::RobustnessMaxSensitivity,
     ];
 
     /// The figure's definition.
@@ -205,6 +207,14 @@ pub const RULES: &[Rule] = &[
         bound: Bound::Max,
         default: 1.0,
         meaning: "random logit test (Sixt et al. 2020): SSIM between the maps of the predicted class and of a random other class on the randomisation check's images; near 1, the map does not depend on the class it explains (report-only by default)",
+    },
+    Rule {
+        figure: Figure::RobustnessMaxSensitivity,
+        check: "robustness",
+        key: "max_sensitivity",
+        bound: Bound::Max,
+        default: 10.0,
+        meaning: "max-sensitivity (Yeh et al. 2019): the largest relative change of the map, ‖a(x̃) − a(x)‖/‖a(x)‖, over 8 inputs perturbed by 2% of their range, on the randomisation check's images (report-only by default)",
     },
     // Report-only by default (no explanation fails them); a team that wants concise maps sets them.
     Rule {

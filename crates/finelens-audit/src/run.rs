@@ -18,6 +18,7 @@ use crate::localisation::{
 use crate::perturbation::{perturbation_scores, Perturbation, PerturbationScores};
 use crate::policy::{Figure, Figures};
 use crate::road::{road_curves, Road, RoadCurves};
+use crate::robustness::{robustness, ImageRobustness, Robustness};
 use crate::sanity::{parameter_randomisation, ImageSanity, Sanity, Stage, StageSimilarity};
 use crate::shortcut::{ClassShortcut, HotspotSum};
 use crate::similarity::{normalised_magnitude, rank_correlation, ssim};
@@ -96,6 +97,9 @@ pub struct MethodFindings {
     /// random other class (Sixt et al. 2020's random logit test).
     #[serde(default)]
     pub random_logit: Option<StageSimilarity>,
+    /// For the same images: max/avg-sensitivity and the local Lipschitz estimate.
+    #[serde(default)]
+    pub robustness: Option<ImageRobustness>,
     /// For the images the randomisation check uses.
     pub sanity: Option<ImageSanity>,
 }
@@ -192,6 +196,8 @@ pub struct MethodResult {
     /// Mean similarity between the maps of the predicted class and of a random other one.
     #[serde(default)]
     pub random_logit: Option<RandomLogit>,
+    #[serde(default)]
+    pub robustness: Option<Robustness>,
 }
 
 /// The random logit test (Sixt, Granz & Landgraf 2020): a map that explains the class should
@@ -339,6 +345,7 @@ pub fn examine(
                     .map(|m| ImageLocalisation::of(&rel, m, settings.pointing_tolerance)),
                 complexity: MapComplexity::of(rel.iter().copied()),
                 random_logit: None,
+                robustness: None,
                 // 128 forward passes an image: for the gated method only.
                 perturbation: if mi == 0 {
                     Some(perturbation_scores(
@@ -391,6 +398,19 @@ pub fn examine(
                     ssim: ssim(&normalised_magnitude(own), &normalised_magnitude(&rel)),
                 });
             }
+        }
+        for &k in &chosen {
+            let target = results[k].predicted;
+            let a = method.attribute(model, &images[k].x, &[target])?.remove(0);
+            let map: Vec<f32> = a.map.iter().copied().collect();
+            findings[k][mi].robustness = Some(robustness(
+                model,
+                method.as_ref(),
+                &images[k].x,
+                &map,
+                target,
+                settings.seed ^ 0x0B05 ^ images[k].index as u64,
+            )?);
         }
         progress(AuditProgress::Phase {
             name: format!("{}: randomisation sanity check", method.name()),
@@ -490,6 +510,12 @@ pub fn summarise(partial: AuditPartial, class_names: &[String]) -> Result<AuditR
                     ssim: r.iter().map(|s| s.ssim).sum::<f64>() / n as f64,
                 })
             },
+            robustness: Robustness::summarise(
+                &images
+                    .iter()
+                    .filter_map(|i| i.methods[mi].robustness)
+                    .collect::<Vec<_>>(),
+            ),
             perturbation: Perturbation::summarise(
                 &images
                     .iter()
@@ -539,6 +565,9 @@ pub fn summarise(partial: AuditPartial, class_names: &[String]) -> Result<AuditR
     );
     if let Some(r) = &first.road {
         figures.insert(Figure::FaithfulnessMinRoadGap, r.gap);
+    }
+    if let Some(r) = &first.robustness {
+        figures.insert(Figure::RobustnessMaxSensitivity, r.max_sensitivity);
     }
     if let Some(r) = &first.random_logit {
         figures.insert(Figure::SanityMaxRandomLogitSsim, r.ssim);

@@ -703,40 +703,11 @@ fn text_blocks(text: &std::result::Result<Vec<DemoText>, String>) -> Result<Vec<
                         3,
                         format!("Drift of the {} model from all-MiniLM-L6-v2", r.task),
                     ));
-                    let stage = |name: &str| {
-                        r.drift
-                            .weights
-                            .stages
-                            .iter()
-                            .find(|g| g.name == name)
-                            .map_or(f64::NAN, |g| g.relative_l2_change)
-                    };
-                    blocks.push(Block::Table(
-                        [
-                            "layer",
-                            "weights ‖ΔW‖/‖W₀‖",
-                            "CKA of [CLS]",
-                            "attention JS distance",
-                        ]
-                        .map(String::from)
-                        .to_vec(),
-                        rep.layers
-                            .iter()
-                            .zip(&rep.diagonal)
-                            .map(|(l, c)| {
-                                let js = l
-                                    .strip_prefix("encoder.layer.")
-                                    .and_then(|i| i.parse::<usize>().ok())
-                                    .and_then(|i| att.js_distance.get(i))
-                                    .map_or(f64::NAN, |h| h.iter().sum::<f64>() / h.len() as f64);
-                                vec![
-                                    Cell::Text(l.clone()),
-                                    Cell::Number(stage(l), 4),
-                                    Cell::Number(*c, 3),
-                                    Cell::Number(js, 3),
-                                ]
-                            })
-                            .collect(),
+                    blocks.push(crate::text_drift::layer_table(
+                        &r.drift.weights,
+                        rep,
+                        att,
+                        "CKA of [CLS]",
                     ));
                 }
                 blocks.push(Block::Heading(

@@ -278,7 +278,8 @@ pub fn audit_blocks(p: &PageInput) -> Result<Vec<Block>> {
         "Sanity (Adebayo et al. 2018): Spearman ρ and SSIM between the trained model's maps and \
          those of the model with every weight re-initialised; low means the maps depend on the \
          model; the random logit test (Sixt et al. 2020): SSIM with the map of a random other \
-         class, low when the map depends on the class. Faithfulness (Petsiuk et al. 2018): deletion AUC (low is good) and insertion AUC \
+         class, low when the map depends on the class; max-sensitivity (Yeh et al. 2019): the \
+         largest relative change of the map under 2% input noise. Faithfulness (Petsiuk et al. 2018): deletion AUC (low is good) and insertion AUC \
          (high is good), each against a random pixel order; ROAD (Rong et al. 2022): the same \
          with removed pixels filled by noisy linear imputation, most relevant first (MoRF, low is \
          good) and least relevant first (LeRF, high is good); faithfulness correlation (Bhatt et \
@@ -300,6 +301,7 @@ pub fn audit_blocks(p: &PageInput) -> Result<Vec<Block>> {
                 Cell::Number(last.map_or(f64::NAN, |s| s.spearman), 3),
                 Cell::Number(last.map_or(f64::NAN, |s| s.ssim), 3),
                 Cell::Number(m.random_logit.map_or(f64::NAN, |r| r.ssim), 3),
+                Cell::Number(m.robustness.map_or(f64::NAN, |r| r.max_sensitivity), 3),
                 Cell::Number(f.deletion_auc, 3),
                 Cell::Number(f.deletion_auc_random, 3),
                 Cell::Number(f.insertion_auc, 3),
@@ -330,6 +332,7 @@ pub fn audit_blocks(p: &PageInput) -> Result<Vec<Block>> {
             "ρ, all random",
             "SSIM, all random",
             "SSIM, random logit",
+            "max-sensitivity",
             "deletion AUC",
             "random",
             "insertion AUC",

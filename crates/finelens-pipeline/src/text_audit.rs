@@ -1094,39 +1094,11 @@ pub fn blocks(r: &TextAuditReport) -> Result<Vec<Block>> {
                 });
             }
         }
-        b.push(Block::Table(
-            [
-                "layer",
-                "weights ‖ΔW‖/‖W₀‖",
-                "CKA (mean token vector)",
-                "attention drift (JS distance, mean over heads)",
-            ]
-            .map(String::from)
-            .to_vec(),
-            d.representation
-                .layers
-                .iter()
-                .zip(&d.representation.diagonal)
-                .map(|(l, c)| {
-                    let js = l
-                        .strip_prefix("encoder.layer.")
-                        .and_then(|i| i.parse::<usize>().ok())
-                        .and_then(|i| d.attention.js_distance.get(i))
-                        .map_or(f64::NAN, |h| h.iter().sum::<f64>() / h.len().max(1) as f64);
-                    let moved = d
-                        .weights
-                        .stages
-                        .iter()
-                        .find(|g| g.name == *l)
-                        .map_or(f64::NAN, |g| g.relative_l2_change);
-                    vec![
-                        Cell::Text(l.clone()),
-                        Cell::Number(moved, 4),
-                        Cell::Number(*c, 3),
-                        Cell::Number(js, 3),
-                    ]
-                })
-                .collect(),
+        b.push(crate::text_drift::layer_table(
+            &d.weights,
+            &d.representation,
+            &d.attention,
+            "CKA (mean token vector)",
         ));
     }
     b.push(Block::Heading(3, "Provenance".into()));

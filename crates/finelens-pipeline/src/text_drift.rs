@@ -20,6 +20,7 @@ use finelens_drift::explanation::{spearman, top_k_iou};
 use finelens_drift::{weight_drift_described, WeightDrift, WeightDriftOptions};
 use finelens_models::bert::{canonical_name, read_hf_folder, Bert, OnWordEmbeddings, WEIGHTS_FILE};
 use finelens_models::{checkpoint, Classifier, Mode};
+use finelens_report::html::{Block, Cell};
 use serde::{Deserialize, Serialize};
 
 use crate::drift::{DriftSettings, ExplanationDrift, FileRef, Probe, MIN_CKA_BATCH};
@@ -111,6 +112,48 @@ fn probe_texts(s: &DriftSettings) -> Result<Vec<String>> {
                 .collect()
         }
     })
+}
+
+/// Per layer: its weights' relative change, the CKA of its representations (`cka` names which)
+/// and its attention's Jensen–Shannon distance averaged over heads.
+pub(crate) fn layer_table(
+    weights: &WeightDrift,
+    rep: &RepresentationDrift,
+    att: &AttentionDrift,
+    cka: &str,
+) -> Block {
+    Block::Table(
+        [
+            "layer",
+            "weights ‖ΔW‖/‖W₀‖",
+            cka,
+            "attention drift (JS distance, mean over heads)",
+        ]
+        .map(String::from)
+        .to_vec(),
+        rep.layers
+            .iter()
+            .zip(&rep.diagonal)
+            .map(|(l, c)| {
+                let js = l
+                    .strip_prefix("encoder.layer.")
+                    .and_then(|i| i.parse::<usize>().ok())
+                    .and_then(|i| att.js_distance.get(i))
+                    .map_or(f64::NAN, |h| h.iter().sum::<f64>() / h.len().max(1) as f64);
+                let moved = weights
+                    .stages
+                    .iter()
+                    .find(|g| g.name == *l)
+                    .map_or(f64::NAN, |g| g.relative_l2_change);
+                vec![
+                    Cell::Text(l.clone()),
+                    Cell::Number(moved, 4),
+                    Cell::Number(*c, 3),
+                    Cell::Number(js, 3),
+                ]
+            })
+            .collect(),
+    )
 }
 
 /// Jensen–Shannon distance between two distributions (base 2, in [0, 1]).
