@@ -111,14 +111,8 @@ impl Attributor for GradientShap {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::{fixture_image, fixture_model, flat, randn, LinearModel};
+    use crate::testutil::{fixture_image, fixture_model, flat, randn, LinearModel, IMAGENET};
     use candle_core::Device;
-    use finelens_models::checkpoint::{IMAGENET_MEAN, IMAGENET_STD};
-
-    const IMAGENET: Normalisation = Normalisation {
-        mean: IMAGENET_MEAN,
-        std: IMAGENET_STD,
-    };
 
     fn shap(baseline: Baseline, noise: f32, seed: u64) -> GradientShap {
         GradientShap {

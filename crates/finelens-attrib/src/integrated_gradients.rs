@@ -7,14 +7,14 @@
 //! Completeness (Σᵢ IGᵢ = F(x) − F(x′)) holds for the exact integral; its residual is reported
 //! for every input as the check that the step count suffices.
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use finelens_models::Classifier;
 
 use crate::baseline::{Baseline, Normalisation};
 use crate::error::{settings, Result};
 use crate::quadrature::Rule;
 use crate::target::{input_gradients, target_logits};
-use crate::{chunks, default_internal_batch, to_maps, Attribution, Attributor, Completeness, Sign};
+use crate::{checked_attribution, chunks, default_internal_batch, Attribution, Attributor, Sign};
 
 #[derive(Debug, Clone)]
 pub struct IntegratedGradients {
@@ -92,12 +92,7 @@ impl IntegratedGradients {
             &vec![target; baselines.len()],
         )?;
         let output_difference = fx - fb.iter().sum::<f64>() / k;
-        let attribution_sum: f64 = map.to_dtype(DType::F64)?.sum_all()?.to_scalar()?;
-        Ok(Attribution {
-            map: to_maps(&map)?.remove(0),
-            target,
-            completeness: Some(Completeness::of(attribution_sum, output_difference)),
-        })
+        checked_attribution(&map, target, output_difference)
     }
 }
 
@@ -135,13 +130,8 @@ impl Attributor for IntegratedGradients {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::{fixture_image, fixture_model, randn, LinearModel};
-    use finelens_models::checkpoint::{IMAGENET_MEAN, IMAGENET_STD};
-
-    const IMAGENET: Normalisation = Normalisation {
-        mean: IMAGENET_MEAN,
-        std: IMAGENET_STD,
-    };
+    use crate::testutil::{fixture_image, fixture_model, randn, LinearModel, IMAGENET};
+    use candle_core::DType;
 
     /// For F(x) = W·x + b the gradient is W everywhere on the path, so IG = (x − x′) ⊙ W for any
     /// rule and step count, and completeness holds to rounding.

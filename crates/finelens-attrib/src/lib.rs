@@ -161,6 +161,21 @@ pub(crate) fn to_maps(t: &Tensor) -> Result<Vec<Array3<f32>>> {
         .collect())
 }
 
+/// One input's attribution from its map (1×C×H×W) and F(x) − F(x′), with the completeness
+/// check of the map's sum against it.
+pub(crate) fn checked_attribution(
+    map: &Tensor,
+    target: usize,
+    output_difference: f64,
+) -> Result<Attribution> {
+    let attribution_sum: f64 = map.to_dtype(DType::F64)?.sum_all()?.to_scalar()?;
+    Ok(Attribution {
+        map: to_maps(map)?.remove(0),
+        target,
+        completeness: Some(Completeness::of(attribution_sum, output_difference)),
+    })
+}
+
 /// One attribution per input of a batch of maps (N×C×H×W), without a completeness check.
 pub(crate) fn plain_attributions(maps: &Tensor, targets: &[usize]) -> Result<Vec<Attribution>> {
     Ok(to_maps(maps)?

@@ -7,7 +7,7 @@
 //! The rules are defined on ReLU and max-pool, so these methods are for models whose only
 //! nonlinearities are those (the ResNets); a BERT's GELU, softmax and LayerNorm have none.
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use finelens_models::rules::{with_backward_rule, BackwardRule};
 use finelens_models::Classifier;
 
@@ -15,7 +15,7 @@ use crate::baseline::{Baseline, Normalisation};
 use crate::error::{settings, Result};
 use crate::grad_cam::GradCam;
 use crate::target::input_gradients;
-use crate::{plain_attributions, to_maps, Attribution, Attributor, Completeness, Sign};
+use crate::{checked_attribution, plain_attributions, Attribution, Attributor, Sign};
 
 /// DeepLIFT (rescale rule): (x − x′) ⊙ the multipliers backpropagated from the target logit.
 /// Summation-to-delta holds exactly: Σ attributions = F(x) − F(x′). Over several baselines
@@ -53,12 +53,7 @@ impl DeepLift {
             .affine(1.0 / k as f64, 0.0)?;
         let output_difference =
             (f[..k].iter().sum::<f64>() - f[k..].iter().sum::<f64>()) / k as f64;
-        let attribution_sum: f64 = map.to_dtype(DType::F64)?.sum_all()?.to_scalar()?;
-        Ok(Attribution {
-            map: to_maps(&map)?.remove(0),
-            target,
-            completeness: Some(Completeness::of(attribution_sum, output_difference)),
-        })
+        checked_attribution(&map, target, output_difference)
     }
 }
 
@@ -183,16 +178,11 @@ impl Attributor for GuidedGradCam {
 mod tests {
     use super::*;
     use crate::target::target_logits;
-    use crate::testutil::{fixture_image, fixture_model, flat, randn, LinearModel};
+    use crate::testutil::{fixture_image, fixture_model, flat, randn, LinearModel, IMAGENET};
+    use candle_core::DType;
     use candle_core::Device;
-    use finelens_models::checkpoint::{IMAGENET_MEAN, IMAGENET_STD};
     use finelens_models::resnet::{Head, Hook, ModelConfig};
     use finelens_models::{Arch, Mode, ParamStore, ResNet};
-
-    const IMAGENET: Normalisation = Normalisation {
-        mean: IMAGENET_MEAN,
-        std: IMAGENET_STD,
-    };
 
     /// F(x) = W₂·relu(W₁·vec(x)), with finelens's ReLU (which the rules switch).
     struct TwoLayer {

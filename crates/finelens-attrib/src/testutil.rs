@@ -94,6 +94,12 @@ impl Classifier for RegionModel {
     }
 }
 
+/// ImageNet's normalisation, the fixtures'.
+pub const IMAGENET: crate::Normalisation = crate::Normalisation {
+    mean: finelens_models::checkpoint::IMAGENET_MEAN,
+    std: finelens_models::checkpoint::IMAGENET_STD,
+};
+
 /// The shipped pretrained resnet-mini, frozen, in `dtype`.
 pub fn fixture_model(dtype: DType) -> finelens_models::ResNet {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -15,5 +15,7 @@ pub mod run;
 pub mod sanity;
 pub mod shortcut;
 pub mod similarity;
+#[cfg(test)]
+mod testutil;
 
 pub use error::{AuditError, Result};

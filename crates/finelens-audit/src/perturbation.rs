@@ -144,35 +144,12 @@ impl Perturbation {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::Linear;
     use candle_core::Device;
-    use finelens_models::resnet::Hook;
 
-    /// F(x) = w·vec(x): removing pixels (replacement 0) drops the logit by exactly Σ w·x over
+    /// F(x) = w·vec(x) ([`Linear`]): removing pixels (replacement 0) drops the logit by exactly Σ w·x over
     /// them, so the map w·x (summed over channels) is perfectly faithful — correlation 1 and
     /// monotonicity 1 — its negation −1, and a map blind to the weights is not.
-    struct Linear {
-        w: Tensor,
-    }
-
-    impl Classifier for Linear {
-        fn forward_hooked(
-            &self,
-            x: &Tensor,
-            _: Mode,
-            _: Option<Hook>,
-        ) -> finelens_models::Result<Tensor> {
-            let n = x.dim(0)?;
-            let one = x.flatten_from(1)?.matmul(&self.w.unsqueeze(1)?)?;
-            Ok(Tensor::cat(&[&one, &one.neg()?], 1)?.reshape((n, 2))?)
-        }
-        fn layer_names(&self) -> Vec<String> {
-            vec!["fc".into()]
-        }
-        fn num_classes(&self) -> usize {
-            2
-        }
-    }
-
     #[test]
     fn a_perfectly_faithful_map_scores_one_and_its_negation_minus_one() {
         let (c, h, w) = (2, 32, 32);

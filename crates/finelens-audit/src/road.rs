@@ -11,14 +11,15 @@
 
 use candle_core::{DType, Tensor};
 use finelens_models::{Classifier, Mode};
-use ndarray::Array2;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
-use crate::faithfulness::{auc, relevance_order};
+use crate::faithfulness::auc;
+#[cfg(doc)]
+use crate::faithfulness::relevance_order;
 
 /// The shares of pixels removed, as in the paper's curves (10% … 90%).
 pub const ROAD_PERCENTAGES: [f64; 9] = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9];
@@ -138,18 +139,18 @@ pub struct RoadCurves {
     pub lerf: Vec<f64>,
 }
 
-/// ROAD's curves for one image `x` (1×C×H×W) and its relevance map (H×W).
+/// ROAD's curves for one image `x` (1×C×H×W) and its pixels in decreasing relevance
+/// ([`relevance_order`] of its map).
 pub fn road_curves(
     model: &dyn Classifier,
     x: &Tensor,
-    relevance: &Array2<f32>,
+    order: &[usize],
     target: usize,
     seed: u64,
 ) -> Result<RoadCurves> {
     let (_, c, h, w) = x.dims4()?;
     let hw = h * w;
     let xv: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let order = relevance_order(relevance);
     let mut batch = Vec::with_capacity(2 * ROAD_PERCENTAGES.len() * xv.len());
     for (o, most_first) in [true, false].into_iter().enumerate() {
         for (i, share) in ROAD_PERCENTAGES.iter().enumerate() {

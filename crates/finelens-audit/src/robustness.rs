@@ -101,34 +101,10 @@ impl Robustness {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::Linear;
     use candle_core::Device;
     use finelens_attrib::{GradientKind, Saliency};
-    use finelens_models::resnet::Hook;
-    use finelens_models::Mode;
     use rand_distr::{Distribution, StandardNormal};
-
-    /// F(x) = w·vec(x) (and its negation as a second class).
-    struct Linear {
-        w: Tensor,
-    }
-
-    impl Classifier for Linear {
-        fn forward_hooked(
-            &self,
-            x: &Tensor,
-            _: Mode,
-            _: Option<Hook>,
-        ) -> finelens_models::Result<Tensor> {
-            let one = x.flatten_from(1)?.matmul(&self.w.unsqueeze(1)?)?;
-            Ok(Tensor::cat(&[&one, &one.neg()?], 1)?)
-        }
-        fn layer_names(&self) -> Vec<String> {
-            vec!["fc".into()]
-        }
-        fn num_classes(&self) -> usize {
-            2
-        }
-    }
 
     /// On a linear model the gradient is w everywhere: no sensitivity at all. Gradient × input
     /// changes by w ⊙ u, so its Lipschitz estimate lies between min |w| and max |w|, and its

@@ -277,6 +277,7 @@ pub fn examine(
     let mut random_curves: Vec<Option<(Vec<f64>, Vec<f64>)>> = vec![None; images.len()];
     for (mi, method) in settings.methods.iter().enumerate() {
         let mut maps = Vec::new();
+        let mut full_maps = std::collections::HashMap::new();
         progress(AuditProgress::Phase {
             name: format!("{}: attributions and faithfulness", method.name()),
             total: images.len(),
@@ -285,6 +286,11 @@ pub fn examine(
         for (k, img) in images.iter().enumerate() {
             let target = results[k].predicted;
             let a = method.attribute(model, &img.x, &[target])?.remove(0);
+            // The robustness check (below) perturbs the randomisation check's images and
+            // compares with their maps: keep those.
+            if img.index < settings.sanity_images {
+                full_maps.insert(k, a.map.iter().copied().collect::<Vec<f32>>());
+            }
             // The completeness gate is integrated gradients' (DeepLIFT reports one too).
             if let (Some(c), "integrated_gradients") = (a.completeness, method.name()) {
                 results[k].completeness = Some(c);
@@ -362,7 +368,7 @@ pub fn examine(
                 road: Some(road_curves(
                     model,
                     &img.x,
-                    &rel,
+                    &order,
                     target,
                     settings.seed + img.index as u64,
                 )?),
@@ -401,13 +407,11 @@ pub fn examine(
         }
         for &k in &chosen {
             let target = results[k].predicted;
-            let a = method.attribute(model, &images[k].x, &[target])?.remove(0);
-            let map: Vec<f32> = a.map.iter().copied().collect();
             findings[k][mi].robustness = Some(robustness(
                 model,
                 method.as_ref(),
                 &images[k].x,
-                &map,
+                &full_maps[&k],
                 target,
                 settings.seed ^ 0x0B05 ^ images[k].index as u64,
             )?);

@@ -629,29 +629,20 @@ pub fn weight_drift_described(
         })?;
         let bn = is_batch_norm_statistic(name);
         let matrix = !bn && v0.shape().len() >= 2;
-        let (mut sn0, mut sn1) = (None, None);
-        if opts.spectral && matrix {
+        let (mut sn0, mut sn1, mut esd0, mut esd1) = (None, None, None, None);
+        if (opts.spectral || opts.esd) && matrix {
+            // One f32 copy of each side serves both analyses.
             let rows = v0.shape()[0];
             let cols = n / rows.max(1);
-            sn0 = Some(spectral_norm(
-                &as_f32(v0.dtype(), v0.data()),
-                rows,
-                cols,
-                opts.power_iterations,
-            ));
-            sn1 = Some(spectral_norm(
-                &as_f32(v1.dtype(), v1.data()),
-                rows,
-                cols,
-                opts.power_iterations,
-            ));
-        }
-        let (mut esd0, mut esd1) = (None, None);
-        if opts.esd && matrix {
-            let rows = v0.shape()[0];
-            let cols = n / rows.max(1);
-            esd0 = Some(spectrum(&as_f32(v0.dtype(), v0.data()), rows, cols, 0));
-            esd1 = Some(spectrum(&as_f32(v1.dtype(), v1.data()), rows, cols, 0));
+            let (w0, w1) = (as_f32(v0.dtype(), v0.data()), as_f32(v1.dtype(), v1.data()));
+            if opts.spectral {
+                sn0 = Some(spectral_norm(&w0, rows, cols, opts.power_iterations));
+                sn1 = Some(spectral_norm(&w1, rows, cols, opts.power_iterations));
+            }
+            if opts.esd {
+                esd0 = Some(spectrum(&w0, rows, cols, 0));
+                esd1 = Some(spectrum(&w1, rows, cols, 0));
+            }
         }
         let stable = |sq: f64, sn: Option<f64>| sn.filter(|s| *s > 0.0).map(|s| sq / (s * s));
         out.bytes_read += (v0.data().len() + v1.data().len()) as u64;

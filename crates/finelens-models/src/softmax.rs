@@ -94,8 +94,13 @@ impl Softmax {
             .enumerate()
             .with_min_len(self.min_rows())
             .for_each(|(r, (y, x))| {
-                // A row with no key to attend to is uniform, as transformers' mask leaves it.
-                let keep = self.keep(r).filter(|k| k.contains(&true));
+                let keep = self.keep(r);
+                // A row with no key to attend to is uniform, as transformers' all-lowest
+                // scores leave it.
+                if keep.is_some_and(|k| !k.contains(&true)) {
+                    y.fill(T::one() / T::from(y.len()).unwrap());
+                    return;
+                }
                 let kept = |j: usize| keep.is_none_or(|k| k[j]);
                 // Subtracting the row's maximum keeps exp in range; softmax does not change.
                 let max = x
@@ -298,6 +303,15 @@ mod tests {
                 .unwrap();
             assert!(max_rel_diff(g0.get(&x).unwrap(), g1.get(&x).unwrap()) < tol);
         }
+        // A row with no key to attend to is uniform, as transformers' all-lowest row is.
+        let none = Some(Arc::new(vec![false; k]));
+        let u =
+            attention_softmax(&randn((1, 1, 2, k), 0.0, 3.0, DType::F64, 9), 1.0, none).unwrap();
+        let u: Vec<f64> = u.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(
+            u.iter().all(|p| (p - 1.0 / k as f64).abs() < 1e-15),
+            "{u:?}"
+        );
         let x = randn((n, heads, q, k), 0.0, 1.0, DType::F64, 7);
         let r = randn((n, heads, q, k), 0.0, 1.0, DType::F64, 8);
         let v = Var::from_tensor(&x).unwrap();
