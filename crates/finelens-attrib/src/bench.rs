@@ -11,12 +11,11 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
 use crate::error::Result;
-use crate::rules::{DeepLift, GuidedGradCam, GuidedGradient};
+use crate::registry::build;
 use crate::{
-    input_gradients, Aggregate, Attributor, Baseline, GradCam, GradientKind, IntegratedGradients,
-    Normalisation, Saliency, SmoothGrad,
+    input_gradients, Aggregate, Attributor, BuildContext, GradCam, GradientKind,
+    IntegratedGradients, MethodSpec, Normalisation, Saliency, SmoothGrad,
 };
-use finelens_models::rules::BackwardRule;
 
 /// What one benchmark measured; times are the median over repeats, in ms per image.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -35,13 +34,28 @@ pub struct ExplainTimings {
     /// IG-50 time for every internal batch tried.
     pub integrated_gradients_50_by_batch: Vec<(usize, f64)>,
     pub grad_cam_ms: f64,
-    /// DeepLIFT (rescale rule, zero baseline): one forward and backward over input and reference.
-    pub deeplift_ms: f64,
-    pub guided_backprop_ms: f64,
-    pub guided_grad_cam_ms: f64,
+    /// The other methods ([`OTHER_METHODS`]), built through the registry with its defaults:
+    /// (label, ms).
+    pub other_ms: Vec<(String, f64)>,
     /// Peak resident memory while this model was benchmarked (Linux).
     pub peak_rss_bytes: Option<u64>,
 }
+
+/// The methods timed beyond the peer's five, as specs (registry defaults otherwise): 50 steps
+/// where a method integrates, like IG-50.
+/// (label, spec).
+pub const OTHER_METHODS: [(&str, &str); 7] = [
+    ("DeepLIFT", "deeplift"),
+    ("guided backprop", "guided_backprop"),
+    ("guided Grad-CAM", "guided_grad_cam"),
+    ("GradientSHAP-20", "gradient_shap"),
+    (
+        "layer IG-50 (layer4)",
+        "layer_integrated_gradients:steps=50",
+    ),
+    ("layer conductance-50", "layer_conductance:steps=50"),
+    ("neuron IG-50", "neuron_integrated_gradients:steps=50"),
+];
 
 /// The median of `repeats` timings of `f` in ms, after one warm-up call.
 pub fn median_ms(repeats: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
@@ -111,23 +125,25 @@ pub fn explain_timings(
         .min_by(|a, b| a.1.total_cmp(&b.1))
         .unwrap_or(&(0, f64::NAN));
     let grad_cam_ms = median_ms(repeats, || run(&GradCam::default()))?;
-    let deeplift_ms = median_ms(repeats, || {
-        run(&DeepLift {
-            baseline: Baseline::Zeros,
-            normalisation: norm,
-            name: "deeplift",
-        })
-    })?;
-    let guided_backprop_ms = median_ms(repeats, || {
-        run(&GuidedGradient {
-            rule: BackwardRule::GuidedBackprop,
-        })
-    })?;
-    let guided_grad_cam_ms = median_ms(repeats, || {
-        run(&GuidedGradCam {
-            grad_cam: GradCam::default(),
-        })
-    })?;
+    let ctx = BuildContext {
+        normalisation: norm,
+        input: (3, size, size),
+        load_image: &|p| {
+            Err(crate::error::settings(
+                "bench",
+                format!("no image baselines here ({})", p.display()),
+            ))
+        },
+        tokens: None,
+    };
+    let mut other_ms = Vec::new();
+    for (label, spec) in OTHER_METHODS {
+        let method = build(&spec.parse::<MethodSpec>()?, &ctx)?;
+        other_ms.push((
+            label.to_owned(),
+            median_ms(repeats, || run(method.as_ref()))?,
+        ));
+    }
     Ok(ExplainTimings {
         arch: arch.name().into(),
         size,
@@ -141,9 +157,7 @@ pub fn explain_timings(
         integrated_gradients_50_batch: best_batch,
         integrated_gradients_50_by_batch: by_batch,
         grad_cam_ms,
-        deeplift_ms,
-        guided_backprop_ms,
-        guided_grad_cam_ms,
+        other_ms,
         peak_rss_bytes: finelens_models::memory::peak_rss_bytes(),
     })
 }
@@ -188,21 +202,9 @@ impl std::fmt::Display for ExplainTimings {
             "    Grad-CAM                     {:>9.1}",
             self.grad_cam_ms
         )?;
-        writeln!(
-            f,
-            "    DeepLIFT                     {:>9.1}",
-            self.deeplift_ms
-        )?;
-        writeln!(
-            f,
-            "    guided backprop              {:>9.1}",
-            self.guided_backprop_ms
-        )?;
-        writeln!(
-            f,
-            "    guided Grad-CAM              {:>9.1}",
-            self.guided_grad_cam_ms
-        )?;
+        for (label, ms) in &self.other_ms {
+            writeln!(f, "    {label:<28} {ms:>9.1}")?;
+        }
         write!(
             f,
             "    peak resident memory         {:>9}",

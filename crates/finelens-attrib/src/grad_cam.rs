@@ -1,12 +1,12 @@
 //! Grad-CAM (Selvaraju et al. 2017, eqs. 1–2): weight each channel k of a layer's activation A by
 //! the spatial mean of ∂F/∂Aᵏ, sum, and keep the positive part; then upsample to the input size.
 
-use candle_core::{Tensor, Var};
-use finelens_models::{Classifier, Mode};
+use candle_core::Tensor;
+use finelens_models::Classifier;
 use ndarray::Array2;
 
 use crate::error::{settings, Result};
-use crate::target::backward_targets;
+use crate::layer::{layer_gradients, resolve_layer};
 use crate::{Attribution, Attributor, Sign};
 
 #[derive(Debug, Clone, Default)]
@@ -17,12 +17,7 @@ pub struct GradCam {
 
 impl GradCam {
     fn layer(&self, model: &dyn Classifier) -> Result<String> {
-        match &self.layer {
-            Some(l) => Ok(l.clone()),
-            None => model
-                .last_spatial_layer()
-                .ok_or_else(|| settings("grad_cam", "the model names no default layer; pass one")),
-        }
+        resolve_layer("grad_cam", &self.layer, model)
     }
 
     /// The class activation maps at the layer's resolution, N × h × w.
@@ -33,20 +28,7 @@ impl GradCam {
         targets: &[usize],
     ) -> Result<Vec<Array2<f32>>> {
         let layer = self.layer(model)?;
-        let mut activation: Option<Var> = None;
-        // Replace the layer's output by a leaf variable: backward then stops there, and its
-        // gradient is ∂F/∂A.
-        let mut hook = |name: &str, t: &Tensor| -> finelens_models::Result<Option<Tensor>> {
-            if name != layer {
-                return Ok(None);
-            }
-            let v = Var::from_tensor(&t.detach())?;
-            let out = v.as_tensor().clone();
-            activation = Some(v);
-            Ok(Some(out))
-        };
-        let logits = model.forward_hooked(&x.detach(), Mode::Eval, Some(&mut hook))?;
-        let a = activation.expect("the layer was checked");
+        let (a, g) = layer_gradients(model, x, &layer, targets)?;
         if a.rank() != 4 {
             return Err(settings(
                 "grad_cam",
@@ -56,18 +38,10 @@ impl GradCam {
                 ),
             ));
         }
-        let grads = backward_targets(&logits, targets)?;
-        let (n, _, h, w) = a.dims4()?;
-        let cam = match grads.get(a.as_tensor()) {
-            // αₖ = (1/Z) Σᵢⱼ ∂F/∂Aᵏᵢⱼ, then ReLU(Σₖ αₖ Aᵏ).
-            Some(g) => a
-                .as_tensor()
-                .broadcast_mul(&g.mean_keepdim((2, 3))?)?
-                .sum(1)?
-                .relu()?,
-            // The target does not depend on the layer: nothing to show.
-            None => Tensor::zeros((n, h, w), a.dtype(), a.device())?,
-        };
+        let (_, _, h, w) = a.dims4()?;
+        // αₖ = (1/Z) Σᵢⱼ ∂F/∂Aᵏᵢⱼ, then ReLU(Σₖ αₖ Aᵏ); a target that does not depend on the
+        // layer has a zero gradient and an empty map.
+        let cam = a.broadcast_mul(&g.mean_keepdim((2, 3))?)?.sum(1)?.relu()?;
         let v: Vec<f32> = cam
             .to_dtype(candle_core::DType::F32)?
             .flatten_all()?

@@ -16,6 +16,7 @@ pub mod error;
 pub mod grad_cam;
 pub mod gradient_shap;
 pub mod integrated_gradients;
+pub mod layer;
 pub mod occlusion;
 pub mod quadrature;
 pub mod registry;
@@ -33,6 +34,7 @@ pub use baseline::{Baseline, Normalisation};
 pub use error::{AttribError, Result};
 pub use grad_cam::GradCam;
 pub use integrated_gradients::IntegratedGradients;
+pub use layer::{LayerConductance, LayerIntegratedGradients, NeuronIntegratedGradients};
 pub use occlusion::{Fill, Occlusion};
 pub use quadrature::Rule;
 pub use registry::{

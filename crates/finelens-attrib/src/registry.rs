@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{settings, AttribError, Result};
 use crate::gradient_shap::GradientShap;
+use crate::layer::{LayerConductance, LayerIntegratedGradients, NeuronIntegratedGradients};
 use crate::rules::{DeepLift, GuidedGradCam, GuidedGradient};
 use crate::{
     Aggregate, Attributor, Baseline, Fill, GradCam, GradientKind, IntegratedGradients,
@@ -28,6 +29,9 @@ use finelens_models::rules::BackwardRule;
 pub const DEFAULT_IG_STEPS: usize = 64;
 /// Gauss–Legendre converges fastest on smooth stretches of the path (see `quadrature`).
 pub const DEFAULT_IG_RULE: Rule = Rule::GaussLegendre;
+/// Layer conductance's equal intervals on the input path: its trapezoid sum converges like
+/// integrated gradients' Riemann rules, so it takes IG's node count.
+pub const DEFAULT_CONDUCTANCE_STEPS: usize = DEFAULT_IG_STEPS;
 /// SmoothGrad's noisy samples: Smilkov et al. 2017 find little change beyond 20–50.
 pub const DEFAULT_SMOOTHGRAD_SAMPLES: usize = 20;
 /// SmoothGrad's noise σ as a share of the input's value range: the paper's 10–20% sweet spot.
@@ -66,6 +70,12 @@ pub enum Method {
     Deconvolution,
     /// Guided backpropagation × Grad-CAM (ReLU networks).
     GuidedGradCam,
+    /// Integrated gradients of the network above a layer, in its activation space.
+    LayerIntegratedGradients,
+    /// Layer conductance (Dhamdhere et al. 2018): integrated gradients' flow through a layer.
+    LayerConductance,
+    /// Integrated gradients of one channel's activation.
+    NeuronIntegratedGradients,
     /// Text models: the attention the classifier's token pays in the last layer.
     Attention,
     /// Text models: attention rollout (Abnar & Zuidema 2020).
@@ -75,7 +85,7 @@ pub enum Method {
 }
 
 impl Method {
-    pub const ALL: [Method; 15] = [
+    pub const ALL: [Method; 18] = [
         Method::Gradient,
         Method::Saliency,
         Method::GradientXInput,
@@ -91,6 +101,9 @@ impl Method {
         Method::GuidedBackprop,
         Method::Deconvolution,
         Method::GuidedGradCam,
+        Method::LayerIntegratedGradients,
+        Method::LayerConductance,
+        Method::NeuronIntegratedGradients,
     ];
 
     /// The methods defined by backward rules on ReLU and max-pool ([`crate::rules`]): for
@@ -130,6 +143,9 @@ impl Method {
             Method::GuidedBackprop => "guided_backprop",
             Method::Deconvolution => "deconvolution",
             Method::GuidedGradCam => "guided_grad_cam",
+            Method::LayerIntegratedGradients => "layer_integrated_gradients",
+            Method::LayerConductance => "layer_conductance",
+            Method::NeuronIntegratedGradients => "neuron_integrated_gradients",
         }
     }
 
@@ -141,6 +157,24 @@ impl Method {
                 &["samples", "noise", "seed", "internal_batch"]
             }
             Method::IntegratedGradients => &["steps", "rule", "baseline", "seed", "internal_batch"],
+            Method::LayerIntegratedGradients => &[
+                "layer",
+                "steps",
+                "rule",
+                "baseline",
+                "seed",
+                "internal_batch",
+            ],
+            Method::LayerConductance => &["layer", "steps", "baseline", "seed", "internal_batch"],
+            Method::NeuronIntegratedGradients => &[
+                "layer",
+                "channel",
+                "steps",
+                "rule",
+                "baseline",
+                "seed",
+                "internal_batch",
+            ],
             Method::GradientShap => &["samples", "noise", "baseline", "seed", "internal_batch"],
             Method::GradCam | Method::GuidedGradCam => &["layer"],
             Method::Deeplift | Method::DeepliftShap => &["baseline", "seed"],
@@ -199,6 +233,9 @@ impl FromStr for Method {
             "guided_backprop" | "guided_backpropagation" => Method::GuidedBackprop,
             "deconvolution" => Method::Deconvolution,
             "guided_grad_cam" | "guided_gradcam" => Method::GuidedGradCam,
+            "layer_integrated_gradients" | "layer_ig" => Method::LayerIntegratedGradients,
+            "layer_conductance" | "conductance" => Method::LayerConductance,
+            "neuron_integrated_gradients" | "neuron_ig" => Method::NeuronIntegratedGradients,
             "attention" => Method::Attention,
             "attention_rollout" | "rollout" => Method::AttentionRollout,
             "grad_attention" => Method::GradAttention,
@@ -387,10 +424,15 @@ pub struct MethodOptions {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "cli", arg(long))]
     pub seed: Option<u64>,
-    /// Grad-CAM: the layer (default: the model's last spatial layer).
+    /// Grad-CAM and the layer and neuron methods: the layer (default: the model's last spatial
+    /// layer).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "cli", arg(long))]
     pub layer: Option<String>,
+    /// Neuron integrated gradients: the layer's channel (default: each input's most active).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub channel: Option<usize>,
     /// Occlusion: window side in pixels (default: input size / 8).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "cli", arg(long))]
@@ -418,6 +460,7 @@ impl MethodOptions {
             noise: self.noise.or(fallback.noise),
             seed: self.seed.or(fallback.seed),
             layer: self.layer.clone().or_else(|| fallback.layer.clone()),
+            channel: self.channel.or(fallback.channel),
             window: self.window.or(fallback.window),
             stride: self.stride.or(fallback.stride),
             fill: self.fill.or(fallback.fill),
@@ -451,6 +494,7 @@ impl MethodOptions {
             "noise" => self.noise = Some(value.parse().map_err(|_| num("expected a number"))?),
             "seed" => self.seed = Some(value.parse().map_err(|_| num("expected an integer"))?),
             "layer" => self.layer = Some(value.to_owned()),
+            "channel" => self.channel = Some(value.parse().map_err(|_| num("expected a count"))?),
             "window" => self.window = Some(value.parse().map_err(|_| num("expected a count"))?),
             "stride" => self.stride = Some(value.parse().map_err(|_| num("expected a count"))?),
             "fill" => self.fill = Some(value.parse()?),
@@ -606,6 +650,15 @@ pub fn build(spec: &MethodSpec, ctx: &BuildContext) -> Result<Box<dyn Attributor
         })
     };
     let baseline = || ctx.baseline(o.baseline.as_ref().unwrap_or(&BaselineSpec::Zeros), seed);
+    let ig = || -> Result<IntegratedGradients> {
+        Ok(IntegratedGradients {
+            steps: o.steps.unwrap_or(DEFAULT_IG_STEPS),
+            rule: o.rule.unwrap_or(DEFAULT_IG_RULE),
+            baseline: baseline()?,
+            internal_batch: o.internal_batch,
+            normalisation: ctx.normalisation,
+        })
+    };
     let (c, h, w) = ctx.input;
     let method: Box<dyn Attributor> = match spec.method {
         Method::Attention | Method::AttentionRollout | Method::GradAttention => {
@@ -626,12 +679,22 @@ pub fn build(spec: &MethodSpec, ctx: &BuildContext) -> Result<Box<dyn Attributor
         Method::Smoothgrad => smoothgrad(Aggregate::Mean),
         Method::SmoothgradSq => smoothgrad(Aggregate::MeanOfSquares),
         Method::Vargrad => smoothgrad(Aggregate::Variance),
-        Method::IntegratedGradients => Box::new(IntegratedGradients {
-            steps: o.steps.unwrap_or(DEFAULT_IG_STEPS),
-            rule: o.rule.unwrap_or(DEFAULT_IG_RULE),
+        Method::IntegratedGradients => Box::new(ig()?),
+        Method::LayerIntegratedGradients => Box::new(LayerIntegratedGradients {
+            layer: o.layer.clone(),
+            ig: ig()?,
+        }),
+        Method::LayerConductance => Box::new(LayerConductance {
+            layer: o.layer.clone(),
+            steps: o.steps.unwrap_or(DEFAULT_CONDUCTANCE_STEPS),
             baseline: baseline()?,
             internal_batch: o.internal_batch,
             normalisation: ctx.normalisation,
+        }),
+        Method::NeuronIntegratedGradients => Box::new(NeuronIntegratedGradients {
+            layer: o.layer.clone(),
+            channel: o.channel,
+            ig: ig()?,
         }),
         Method::GradCam => Box::new(GradCam {
             layer: o.layer.clone(),

@@ -154,3 +154,78 @@ fn attention_and_its_gradient_match_finite_differences() {
     assert!((r.iter().sum::<f32>() - 1.0).abs() < 1e-5);
     assert_eq!(grad_rollout(&layers, Readout::Mean).len(), t);
 }
+
+/// The layer methods on a transformer's token layers: layer IG at `encoder.layer.0` keeps
+/// completeness (Gauss–Legendre on a smooth path) in the input's T × hidden layout, conductance
+/// converges to it as the steps grow, and neuron IG of one hidden unit (summed over the tokens)
+/// sums to that unit's change.
+#[test]
+fn layer_methods_on_token_layers() {
+    use finelens_attrib::{LayerConductance, LayerIntegratedGradients, NeuronIntegratedGradients};
+    let spec = tiny();
+    let store = ParamStore::init(&spec.param_specs(), 5, &Device::Cpu)
+        .unwrap()
+        .frozen_as(DType::F64)
+        .unwrap();
+    let bert = Bert::new(spec, &store).unwrap();
+    let (text, base) = ([1u32, 7, 12, 25, 9, 2], [1u32, 0, 0, 0, 0, 2]);
+    let t = text.len();
+    let model = OnWordEmbeddings {
+        bert: &bert,
+        type_ids: Tensor::zeros((1, t), DType::U32, &Device::Cpu).unwrap(),
+        mask: Tensor::ones((1, t), DType::U32, &Device::Cpu).unwrap(),
+    };
+    let x = model.input(&ids(&text)).unwrap();
+    let baseline = Baseline::Image(model.input(&ids(&base)).unwrap());
+    let norm = Normalisation {
+        mean: [0.0; 3],
+        std: [1.0; 3],
+    };
+    let ig = IntegratedGradients {
+        steps: 32,
+        baseline: baseline.clone(),
+        ..IntegratedGradients::new(norm)
+    };
+    let layer = Some("encoder.layer.0".to_owned());
+    let a = LayerIntegratedGradients {
+        layer: layer.clone(),
+        ig: ig.clone(),
+    }
+    .attribute(&model, &x, &[2])
+    .unwrap()
+    .remove(0);
+    assert_eq!(a.map.dim(), (1, t, 16));
+    let c = a.completeness.unwrap();
+    assert!(c.relative_delta < 1e-5, "layer IG: {c:?}");
+    let cond = |steps| {
+        LayerConductance {
+            layer: layer.clone(),
+            steps,
+            baseline: baseline.clone(),
+            internal_batch: None,
+            normalisation: norm,
+        }
+        .attribute(&model, &x, &[2])
+        .unwrap()
+        .remove(0)
+        .completeness
+        .unwrap()
+        .relative_delta
+    };
+    let (coarse, fine) = (cond(4), cond(64));
+    assert!(
+        fine < 1e-3 && fine < coarse / 10.0,
+        "conductance: {coarse} → {fine}"
+    );
+    let n = NeuronIntegratedGradients {
+        layer,
+        channel: Some(5),
+        ig,
+    }
+    .attribute(&model, &x, &[2])
+    .unwrap()
+    .remove(0);
+    assert_eq!((n.map.dim(), n.target), ((1, t, 16), 2));
+    let c = n.completeness.unwrap();
+    assert!(c.relative_delta < 1e-5, "neuron IG: {c:?}");
+}

@@ -14,6 +14,7 @@ use finelens_models::{Classifier, Mode};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
@@ -55,35 +56,39 @@ pub fn impute(
     for (k, &p) in unknown.iter().enumerate() {
         slot[p] = k;
     }
-    // Row k: diag[k]·u_k − Σ w·u_j (removed neighbours) = Σ w·x (kept neighbours).
-    let mut diag = vec![0f64; unknown.len()];
-    let mut links: Vec<Vec<(usize, f64)>> = vec![Vec::new(); unknown.len()];
-    let mut known: Vec<Vec<(usize, f64)>> = vec![Vec::new(); unknown.len()];
-    for (k, &p) in unknown.iter().enumerate() {
+    // Row k: diag[k]·u_k − Σ w·u_j (removed neighbours) = Σ w·x (kept neighbours). Both sums are
+    // kept as flat rows (row k's entries at [start[k], start[k + 1])).
+    let mut system = Sparse::default();
+    let mut known = Sparse::default();
+    for &p in &unknown {
         let (y, xx) = ((p / w) as isize, (p % w) as isize);
+        let mut d = 0.0;
         for &(dy, dx, wt) in &NEIGHBOURS {
             let (ny, nx) = (y + dy, xx + dx);
             if ny < 0 || nx < 0 || ny >= h as isize || nx >= w as isize {
                 continue;
             }
             let q = ny as usize * w + nx as usize;
-            diag[k] += wt;
+            d += wt;
             if removed[q] {
-                links[k].push((slot[q], wt));
+                system.push(slot[q], wt);
             } else {
-                known[k].push((q, wt));
+                known.push(q, wt);
             }
         }
+        system.end_row(d);
+        known.end_row(0.0);
     }
     let mut out = x.to_vec();
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut cg = Workspace::new(unknown.len());
+    let mut b = vec![0f64; unknown.len()];
     for ch in 0..c {
         let plane = &x[ch * hw..][..hw];
-        let b: Vec<f64> = known
-            .iter()
-            .map(|ks| ks.iter().map(|&(q, wt)| wt * plane[q] as f64).sum())
-            .collect();
-        let u = conjugate_gradients(&diag, &links, &b);
+        for (k, bk) in b.iter_mut().enumerate() {
+            *bk = known.row(k).map(|(q, wt)| wt * plane[q] as f64).sum();
+        }
+        let u = cg.solve(&system, &b);
         for (k, &p) in unknown.iter().enumerate() {
             let e: f32 = StandardNormal.sample(&mut rng);
             out[ch * hw + p] = u[k] as f32 + sigma * e;
@@ -92,41 +97,100 @@ pub fn impute(
     out
 }
 
-/// Solves A·u = b for A = diag − links (symmetric, diagonally dominant) by Jacobi-preconditioned
-/// conjugate gradients, to a relative residual of 1e-10.
-fn conjugate_gradients(diag: &[f64], links: &[Vec<(usize, f64)>], b: &[f64]) -> Vec<f64> {
-    let n = b.len();
-    let apply = |v: &[f64]| -> Vec<f64> {
-        (0..n)
-            .map(|k| diag[k] * v[k] - links[k].iter().map(|&(j, wt)| wt * v[j]).sum::<f64>())
-            .collect()
-    };
-    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
-    let mut u = vec![0f64; n];
-    let mut r = b.to_vec();
-    let mut z: Vec<f64> = r.iter().zip(diag).map(|(r, d)| r / d).collect();
-    let mut p = z.clone();
-    let mut rz = dot(&r, &z);
-    let target = 1e-20 * dot(b, b).max(f64::MIN_POSITIVE);
-    for _ in 0..10 * n.max(10) {
-        if dot(&r, &r) <= target {
-            break;
+/// Rows of (column, weight) entries stored flat, with a diagonal per row.
+#[derive(Default)]
+struct Sparse {
+    start: Vec<usize>,
+    column: Vec<usize>,
+    weight: Vec<f64>,
+    diag: Vec<f64>,
+}
+
+impl Sparse {
+    fn push(&mut self, column: usize, weight: f64) {
+        if self.start.is_empty() {
+            self.start.push(0);
         }
-        let ap = apply(&p);
-        let alpha = rz / dot(&p, &ap);
-        for k in 0..n {
-            u[k] += alpha * p[k];
-            r[k] -= alpha * ap[k];
+        self.column.push(column);
+        self.weight.push(weight);
+    }
+
+    fn end_row(&mut self, diag: f64) {
+        if self.start.is_empty() {
+            self.start.push(0);
         }
-        z = r.iter().zip(diag).map(|(r, d)| r / d).collect();
-        let rz_next = dot(&r, &z);
-        let beta = rz_next / rz;
-        rz = rz_next;
-        for k in 0..n {
-            p[k] = z[k] + beta * p[k];
+        self.start.push(self.column.len());
+        self.diag.push(diag);
+    }
+
+    fn row(&self, k: usize) -> impl Iterator<Item = (usize, f64)> + '_ {
+        let r = self.start[k]..self.start[k + 1];
+        self.column[r.clone()]
+            .iter()
+            .copied()
+            .zip(self.weight[r].iter().copied())
+    }
+}
+
+/// Conjugate gradients' vectors, reused across the channels.
+struct Workspace {
+    u: Vec<f64>,
+    r: Vec<f64>,
+    z: Vec<f64>,
+    p: Vec<f64>,
+    ap: Vec<f64>,
+}
+
+impl Workspace {
+    fn new(n: usize) -> Self {
+        let v = || vec![0f64; n];
+        Self {
+            u: v(),
+            r: v(),
+            z: v(),
+            p: v(),
+            ap: v(),
         }
     }
-    u
+
+    /// Solves A·u = b for A = diag − the rows' entries (symmetric, diagonally dominant) by
+    /// Jacobi-preconditioned conjugate gradients, to a relative residual of 1e-6: the imputed
+    /// values' error is then far below the noise added to them (σ = 0.01 on values of order 1),
+    /// at half the iterations 1e-12 takes.
+    fn solve(&mut self, a: &Sparse, b: &[f64]) -> &[f64] {
+        let n = b.len();
+        let dot = |x: &[f64], y: &[f64]| x.iter().zip(y).map(|(x, y)| x * y).sum::<f64>();
+        let Workspace { u, r, z, p, ap } = self;
+        u.fill(0.0);
+        r.copy_from_slice(b);
+        for k in 0..n {
+            z[k] = r[k] / a.diag[k];
+        }
+        p.copy_from_slice(z);
+        let mut rz = dot(r, z);
+        let target = 1e-12 * dot(b, b).max(f64::MIN_POSITIVE);
+        for _ in 0..10 * n.max(10) {
+            if dot(r, r) <= target {
+                break;
+            }
+            for k in 0..n {
+                ap[k] = a.diag[k] * p[k] - a.row(k).map(|(j, wt)| wt * p[j]).sum::<f64>();
+            }
+            let alpha = rz / dot(p, ap);
+            for k in 0..n {
+                u[k] += alpha * p[k];
+                r[k] -= alpha * ap[k];
+                z[k] = r[k] / a.diag[k];
+            }
+            let rz_next = dot(r, z);
+            let beta = rz_next / rz;
+            rz = rz_next;
+            for k in 0..n {
+                p[k] = z[k] + beta * p[k];
+            }
+        }
+        u
+    }
 }
 
 /// One image's ROAD curves: the target's probability with each share of [`ROAD_PERCENTAGES`]
@@ -151,25 +215,30 @@ pub fn road_curves(
     let (_, c, h, w) = x.dims4()?;
     let hw = h * w;
     let xv: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let mut batch = Vec::with_capacity(2 * ROAD_PERCENTAGES.len() * xv.len());
-    for (o, most_first) in [true, false].into_iter().enumerate() {
-        for (i, share) in ROAD_PERCENTAGES.iter().enumerate() {
+    let m = 2 * ROAD_PERCENTAGES.len();
+    // The 18 imputations are independent: one per core at a time.
+    let images: Vec<Vec<f32>> = (0..m)
+        .into_par_iter()
+        .map(|j| {
+            let (most_first, share) = (
+                j < ROAD_PERCENTAGES.len(),
+                ROAD_PERCENTAGES[j % ROAD_PERCENTAGES.len()],
+            );
             let k = (share * hw as f64).round() as usize;
             let mut removed = vec![false; hw];
-            let picked: Box<dyn Iterator<Item = &usize>> = if most_first {
-                Box::new(order[..k].iter())
+            let picked = if most_first {
+                &order[..k]
             } else {
-                Box::new(order[hw - k..].iter())
+                &order[hw - k..]
             };
             for &p in picked {
                 removed[p] = true;
             }
-            let s = seed
-                ^ ((o * ROAD_PERCENTAGES.len() + i) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            batch.extend(impute(&xv, (c, h, w), &removed, ROAD_NOISE, s));
-        }
-    }
-    let m = 2 * ROAD_PERCENTAGES.len();
+            let s = seed ^ (j as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            impute(&xv, (c, h, w), &removed, ROAD_NOISE, s)
+        })
+        .collect();
+    let batch = images.concat();
     let t = Tensor::from_vec(batch, (m, c, h, w), x.device())?.to_dtype(x.dtype())?;
     let logits = model.forward(&t, Mode::Eval)?.to_dtype(DType::F64)?;
     let p = logits.broadcast_sub(&logits.max_keepdim(1)?)?.exp()?;

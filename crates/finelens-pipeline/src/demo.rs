@@ -36,6 +36,9 @@ pub const EXPLAIN_IMAGES: usize = 8;
 pub const METHODS: &str = "saliency,smoothgrad,integrated_gradients,deeplift,grad_cam,occlusion";
 /// The audit's methods; the first is the one the policy gates on.
 pub const AUDIT_METHODS: &str = "integrated_gradients,saliency,grad_cam";
+/// Validation images each image audit examines: eight per class, enough for the localisation
+/// and shortcut figures to separate the two models by a wide margin.
+pub const AUDIT_IMAGES: usize = 32;
 
 /// The shipped pretrained checkpoint (resnet-mini trained on the synthetic `pretrain` task).
 pub const FIXTURE: &str = "fixtures/resnet-mini-pretrain.safetensors";
@@ -367,7 +370,7 @@ pub fn demo(s: &DemoSettings, progress: Progress) -> Result<DemoOutcome> {
                 require_all: false,
                 methods: MethodSpec::parse_list(AUDIT_METHODS)?,
                 shared: MethodOptions::default(),
-                limit: 48,
+                limit: AUDIT_IMAGES,
                 replacement: BaselineSpec::Blur(None),
                 sanity_images: 4,
                 seed: 0,
