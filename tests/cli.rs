@@ -92,6 +92,21 @@ fn bare_torchvision_resnet18_loads_with_arch_and_no_conversion() {
     );
     assert!(out.contains("classes      1000:"), "{out}");
     assert!(out.contains("metadata     none recorded"), "{out}");
+    // WeightWatcher's reading of each of its 21 weight matrices (20 convolutions and fc).
+    let o = finelens(&[
+        "inspect",
+        "--arch",
+        "resnet18",
+        "--spectral",
+        p.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("layer4.1.conv2.weight") && out.contains("512×512×3×3"),
+        "{out}"
+    );
+    assert!(out.contains("21 matrices: "), "{out}");
 
     // Without --arch there is nothing to go on: say so, and list the choices.
     assert_one_line_error(
@@ -367,6 +382,7 @@ fn every_command_documents_its_options() {
         vec!["bench", "explain", "--help"],
         vec!["drift", "--help"],
         vec!["audit", "--help"],
+        vec!["evaluate", "--help"],
         vec!["merge", "--help"],
         vec!["bench", "drift", "--help"],
     ] {
@@ -572,7 +588,11 @@ fn demo_evaluates_the_shipped_fixture() {
     // ROAD (imputed removal): the clean model's IG map ranks its evidence far better than its
     // reverse.
     let road = &clean["audit"]["methods"][0]["road"];
-    assert_eq!(road["images"], 48, "{road}");
+    assert_eq!(
+        road["images"],
+        finelens_pipeline::demo::AUDIT_IMAGES,
+        "{road}"
+    );
     assert!(road["gap"].as_f64().unwrap() > 0.2, "{road}");
     let p = &clean["audit"]["methods"][0]["perturbation"];
     assert!(p["faithfulness_correlation"].as_f64().unwrap() > 0.3, "{p}");
@@ -1244,7 +1264,10 @@ fn explain_rejects_bad_settings_and_bad_images_with_one_line() {
         &explain(&["--methods", "smoothgrad", "--noise=-1"]),
         "noise must be",
     );
-    assert_one_line_error(&explain(&["--methods", "lime"]), "unknown method `lime`");
+    assert_one_line_error(
+        &explain(&["--methods", "anchors"]),
+        "unknown method `anchors`",
+    );
     assert_one_line_error(
         &explain(&["--methods", "ig", "--baseline", "grey"]),
         "unknown baseline `grey`",
@@ -1527,6 +1550,28 @@ fn audit_exit_status_gates_and_bad_input() {
         failed.contains(&"min_pointing_game") && failed.contains(&"min_sparseness"),
         "{failed:?}"
     );
+    // `evaluate`: the same run, every metric for every method, one row each, and no gate.
+    let out_e = d.path().join("evaluate");
+    let args = format!(
+        "evaluate {} --data {} --out {} --limit 6 --sanity-images 1 --methods saliency,grad_cam --policy {}",
+        fx.display(),
+        data.display(),
+        out_e.display(),
+        strict.display()
+    );
+    let e = finelens(&args.split(' ').collect::<Vec<_>>());
+    assert_eq!(e.status.code(), Some(0), "{}", stderr(&e));
+    let je = read_json(&out_e.join("report.json"));
+    for m in 0..2 {
+        let p = &je["audit"]["methods"][m]["perturbation"];
+        let infidelity = p["infidelity"].as_f64().unwrap();
+        assert!(p["images"] == 6 && (0.0..=1.0).contains(&infidelity), "{p}");
+    }
+    let table = stdout(&e);
+    assert!(
+        table.contains("infid") && table.lines().any(|l| l.starts_with("grad_cam ")),
+        "{table}"
+    );
     // Without a terminal the audit logs every step: which stage, which image, and the time left.
     let log = stderr(&o);
     let steps: Vec<&str> = log
@@ -1633,9 +1678,9 @@ fn audit_exit_status_gates_and_bad_input() {
             "--out",
             d.path().join("x").to_str().unwrap(),
             "--methods",
-            "saliency,lime",
+            "saliency,anchors",
         ]),
-        "methods: unknown method `lime`",
+        "methods: unknown method `anchors`",
     );
     assert_one_line_error(
         &audit(&d.path().join("x"), &["--replacement", "grey"]),
@@ -1939,6 +1984,20 @@ fn finetune_a_text_model_folder() {
     let o = finelens(&["inspect", model.to_str().unwrap()]);
     assert!(stdout(&o).contains("classifier   none"), "{}", stdout(&o));
     assert!(stdout(&o).contains("22713216 in"), "{}", stdout(&o));
+    // WeightWatcher's reading of the pretrained MiniLM: every attention and feed-forward matrix
+    // of the six layers (6 × 6), the word, position and type embeddings and the pooler.
+    let o = finelens(&["inspect", "--spectral", "--json", model.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let spectra = v["spectra"].as_array().unwrap();
+    assert_eq!(spectra.len(), 6 * 6 + 4, "{spectra:?}");
+    let query = spectra
+        .iter()
+        .find(|l| l["name"] == "bert.encoder.layer.0.attention.self.query.weight")
+        .unwrap();
+    let alpha = query["spectrum"]["alpha"].as_f64().unwrap();
+    assert!(alpha > 1.0 && alpha < 20.0, "{query}");
+    assert_eq!(query["spectrum"]["eigenvalues"], 384);
 
     // Token attributions on the fine-tuned folder: a sentence given on the command line (markup
     // in it stays text on the page) and the first validation texts; integrated gradients (GL-50,

@@ -44,7 +44,7 @@ pub struct ExplainTimings {
 /// The methods timed beyond the peer's five, as specs (registry defaults otherwise): 50 steps
 /// where a method integrates, like IG-50.
 /// (label, spec).
-pub const OTHER_METHODS: [(&str, &str); 7] = [
+pub const OTHER_METHODS: [(&str, &str); 10] = [
     ("DeepLIFT", "deeplift"),
     ("guided backprop", "guided_backprop"),
     ("guided Grad-CAM", "guided_grad_cam"),
@@ -55,6 +55,9 @@ pub const OTHER_METHODS: [(&str, &str); 7] = [
     ),
     ("layer conductance-50", "layer_conductance:steps=50"),
     ("neuron IG-50", "neuron_integrated_gradients:steps=50"),
+    ("feature ablation (50 SLIC)", "feature_ablation"),
+    ("KernelSHAP-200", "kernel_shap"),
+    ("LIME-200", "lime"),
 ];
 
 /// The median of `repeats` timings of `f` in ms, after one warm-up call.

@@ -80,6 +80,7 @@ impl Attributor for GradCam {
                 map: upsample_bilinear(&cam, h, w).insert_axis(ndarray::Axis(0)),
                 target,
                 completeness: None,
+                surrogate: None,
             })
             .collect::<Vec<_>>())
     }

@@ -102,6 +102,7 @@ impl Attributor for GradientShap {
                 map: to_maps(&map)?.remove(0),
                 target,
                 completeness: None,
+                surrogate: None,
             });
         }
         Ok(out)

@@ -337,6 +337,7 @@ impl LayerConductance {
             map: to_maps(&map)?.remove(0),
             target,
             completeness: Some(Completeness::of(attribution_sum, output_difference)),
+            surrogate: None,
         })
     }
 }

@@ -22,6 +22,8 @@ pub mod quadrature;
 pub mod registry;
 pub mod rules;
 pub mod saliency;
+pub mod segments;
+pub mod surrogate;
 pub mod target;
 #[cfg(test)]
 mod testutil;
@@ -41,6 +43,7 @@ pub use registry::{
     BaselineSpec, BuildContext, FillSpec, Method, MethodOptions, MethodSpec, TokenBaseline,
 };
 pub use saliency::{Aggregate, GradientKind, Saliency, SmoothGrad};
+pub use surrogate::{FeaturePerturbation, Surrogate};
 pub use target::{input_gradients, predict, target_logits, EmbeddingNorm, Prediction, Target};
 
 /// How an attribution's values read, which decides how it is drawn.
@@ -89,6 +92,8 @@ pub struct Attribution {
     pub map: Array3<f32>,
     pub target: usize,
     pub completeness: Option<Completeness>,
+    /// KernelSHAP, LIME and feature ablation: the surrogate's fit and the evaluations spent.
+    pub surrogate: Option<Surrogate>,
 }
 
 /// One attribution method.
@@ -175,6 +180,7 @@ pub(crate) fn checked_attribution(
         map: to_maps(map)?.remove(0),
         target,
         completeness: Some(Completeness::of(attribution_sum, output_difference)),
+        surrogate: None,
     })
 }
 
@@ -187,6 +193,7 @@ pub(crate) fn plain_attributions(maps: &Tensor, targets: &[usize]) -> Result<Vec
             map,
             target,
             completeness: None,
+            surrogate: None,
         })
         .collect())
 }

@@ -98,6 +98,7 @@ impl Occlusion {
             map,
             target,
             completeness: None,
+            surrogate: None,
         })
     }
 }

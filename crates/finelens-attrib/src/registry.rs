@@ -18,6 +18,7 @@ use crate::error::{settings, AttribError, Result};
 use crate::gradient_shap::GradientShap;
 use crate::layer::{LayerConductance, LayerIntegratedGradients, NeuronIntegratedGradients};
 use crate::rules::{DeepLift, GuidedGradCam, GuidedGradient};
+use crate::surrogate::{FeaturePerturbation, Kind};
 use crate::{
     Aggregate, Attributor, Baseline, Fill, GradCam, GradientKind, IntegratedGradients,
     Normalisation, Occlusion, Rule, Saliency, SmoothGrad,
@@ -42,6 +43,12 @@ pub const DEFAULT_SMOOTHGRAD_NOISE: f32 = 0.15;
 pub const DEFAULT_SHAP_BASELINES: u64 = 8;
 /// GradientSHAP's samples (Captum's default is 5; as many as SmoothGrad's for a steadier map).
 pub const DEFAULT_GRADIENT_SHAP_SAMPLES: usize = 20;
+/// Superpixels for feature ablation, KernelSHAP and LIME: about 80 pixels each at 64×64,
+/// 1,000 at 224×224 (LIME's tutorials use 50–100).
+pub const DEFAULT_SEGMENTS: usize = 50;
+/// KernelSHAP's and LIME's coalitions: four per superpixel at the default 50, enough for the
+/// weighted fit to be well determined.
+pub const DEFAULT_SURROGATE_SAMPLES: usize = 200;
 /// Occlusion's window, as a share of the input side (an eighth: objects span several windows).
 pub const DEFAULT_OCCLUSION_WINDOW_DIVISOR: usize = 8;
 
@@ -76,6 +83,12 @@ pub enum Method {
     LayerConductance,
     /// Integrated gradients of one channel's activation.
     NeuronIntegratedGradients,
+    /// F(x) − F(x with one superpixel or token off), per feature.
+    FeatureAblation,
+    /// KernelSHAP over superpixels or tokens (Lundberg & Lee 2017).
+    KernelShap,
+    /// LIME over superpixels or tokens (Ribeiro et al. 2016).
+    Lime,
     /// Text models: the attention the classifier's token pays in the last layer.
     Attention,
     /// Text models: attention rollout (Abnar & Zuidema 2020).
@@ -85,7 +98,7 @@ pub enum Method {
 }
 
 impl Method {
-    pub const ALL: [Method; 18] = [
+    pub const ALL: [Method; 21] = [
         Method::Gradient,
         Method::Saliency,
         Method::GradientXInput,
@@ -104,6 +117,9 @@ impl Method {
         Method::LayerIntegratedGradients,
         Method::LayerConductance,
         Method::NeuronIntegratedGradients,
+        Method::FeatureAblation,
+        Method::KernelShap,
+        Method::Lime,
     ];
 
     /// The methods defined by backward rules on ReLU and max-pool ([`crate::rules`]): for
@@ -146,6 +162,9 @@ impl Method {
             Method::LayerIntegratedGradients => "layer_integrated_gradients",
             Method::LayerConductance => "layer_conductance",
             Method::NeuronIntegratedGradients => "neuron_integrated_gradients",
+            Method::FeatureAblation => "feature_ablation",
+            Method::KernelShap => "kernel_shap",
+            Method::Lime => "lime",
         }
     }
 
@@ -177,6 +196,10 @@ impl Method {
             ],
             Method::GradientShap => &["samples", "noise", "baseline", "seed", "internal_batch"],
             Method::GradCam | Method::GuidedGradCam => &["layer"],
+            Method::FeatureAblation => &["segments", "baseline", "seed", "internal_batch"],
+            Method::KernelShap | Method::Lime => {
+                &["segments", "samples", "baseline", "seed", "internal_batch"]
+            }
             Method::Deeplift | Method::DeepliftShap => &["baseline", "seed"],
             Method::GuidedBackprop | Method::Deconvolution => &[],
             Method::Attention | Method::AttentionRollout | Method::GradAttention => &[],
@@ -236,6 +259,9 @@ impl FromStr for Method {
             "layer_integrated_gradients" | "layer_ig" => Method::LayerIntegratedGradients,
             "layer_conductance" | "conductance" => Method::LayerConductance,
             "neuron_integrated_gradients" | "neuron_ig" => Method::NeuronIntegratedGradients,
+            "feature_ablation" | "ablation" => Method::FeatureAblation,
+            "kernel_shap" | "kernelshap" => Method::KernelShap,
+            "lime" => Method::Lime,
             "attention" => Method::Attention,
             "attention_rollout" | "rollout" => Method::AttentionRollout,
             "grad_attention" => Method::GradAttention,
@@ -400,7 +426,8 @@ pub struct MethodOptions {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "cli", arg(long))]
     pub rule: Option<Rule>,
-    /// Baseline for integrated gradients (and occlusion with fill `baseline`): zeros, black,
+    /// Baseline for integrated gradients, DeepLIFT, the layer methods, what feature ablation,
+    /// KernelSHAP and LIME switch features off to, and occlusion with fill `baseline`: zeros, black,
     /// blur[:SIGMA], noise[:K] (K seeded draws), image:PATH; several, joined by `+` or commas,
     /// are averaged (default zeros).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -411,7 +438,8 @@ pub struct MethodOptions {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "cli", arg(long))]
     pub internal_batch: Option<usize>,
-    /// SmoothGrad: noisy samples (default 20).
+    /// SmoothGrad and GradientSHAP: noisy samples (default 20); KernelSHAP and LIME: coalitions
+    /// evaluated (default 200).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "cli", arg(long))]
     pub samples: Option<usize>,
@@ -433,6 +461,11 @@ pub struct MethodOptions {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "cli", arg(long))]
     pub channel: Option<usize>,
+    /// Feature ablation, KernelSHAP and LIME: SLIC superpixels per image (default 50; a text's
+    /// features are its tokens).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub segments: Option<usize>,
     /// Occlusion: window side in pixels (default: input size / 8).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "cli", arg(long))]
@@ -461,6 +494,7 @@ impl MethodOptions {
             seed: self.seed.or(fallback.seed),
             layer: self.layer.clone().or_else(|| fallback.layer.clone()),
             channel: self.channel.or(fallback.channel),
+            segments: self.segments.or(fallback.segments),
             window: self.window.or(fallback.window),
             stride: self.stride.or(fallback.stride),
             fill: self.fill.or(fallback.fill),
@@ -495,6 +529,7 @@ impl MethodOptions {
             "seed" => self.seed = Some(value.parse().map_err(|_| num("expected an integer"))?),
             "layer" => self.layer = Some(value.to_owned()),
             "channel" => self.channel = Some(value.parse().map_err(|_| num("expected a count"))?),
+            "segments" => self.segments = Some(value.parse().map_err(|_| num("expected a count"))?),
             "window" => self.window = Some(value.parse().map_err(|_| num("expected a count"))?),
             "stride" => self.stride = Some(value.parse().map_err(|_| num("expected a count"))?),
             "fill" => self.fill = Some(value.parse()?),
@@ -699,6 +734,26 @@ pub fn build(spec: &MethodSpec, ctx: &BuildContext) -> Result<Box<dyn Attributor
         Method::GradCam => Box::new(GradCam {
             layer: o.layer.clone(),
         }),
+        Method::FeatureAblation | Method::KernelShap | Method::Lime => {
+            let off = match (&o.baseline, ctx.tokens.is_some()) {
+                (Some(b), _) => b.clone(),
+                (None, true) => BaselineSpec::Tokens(TokenBaseline::Pad),
+                (None, false) => BaselineSpec::Zeros,
+            };
+            Box::new(FeaturePerturbation {
+                kind: match spec.method {
+                    Method::FeatureAblation => Kind::Ablation,
+                    Method::KernelShap => Kind::KernelShap,
+                    _ => Kind::Lime,
+                },
+                segments: o.segments.unwrap_or(DEFAULT_SEGMENTS),
+                samples: o.samples.unwrap_or(DEFAULT_SURROGATE_SAMPLES),
+                baseline: ctx.baseline(&off, seed)?,
+                seed,
+                internal_batch: o.internal_batch,
+                normalisation: ctx.normalisation,
+            })
+        }
         Method::GradientShap => {
             let distribution = match (&o.baseline, ctx.tokens.is_some()) {
                 (Some(b), _) => b.clone(),
@@ -818,9 +873,9 @@ mod tests {
     fn bad_specs_are_named() {
         let err = |s: &str| MethodSpec::parse_list(s).unwrap_err().to_string();
         assert!(
-            err("saliency,lime").contains("unknown method `lime`"),
+            err("saliency,anchors").contains("unknown method `anchors`"),
             "{}",
-            err("lime")
+            err("anchors")
         );
         assert!(err("saliency:steps=3").contains("saliency takes no settings"));
         assert!(err("integrated_gradients:samples=3").contains("`samples` is not one of them"));

@@ -169,6 +169,7 @@ impl Attributor for GuidedGradCam {
                 map: &g.map * &cam.map,
                 target: g.target,
                 completeness: None,
+                surrogate: None,
             })
             .collect())
     }

@@ -207,6 +207,7 @@ impl Attributor for SmoothGrad {
                 map: to_maps(&map)?.remove(0),
                 target,
                 completeness: None,
+                surrogate: None,
             });
         }
         Ok(out)

@@ -229,3 +229,52 @@ fn layer_methods_on_token_layers() {
     let c = n.completeness.unwrap();
     assert!(c.relative_delta < 1e-5, "neuron IG: {c:?}");
 }
+
+/// KernelSHAP over a text's tokens (each token's row of the word-embedding input one feature):
+/// with 6 tokens its budget covers all 62 coalitions, so φ are the exact Shapley values — they
+/// sum to F(x) − F(pad baseline), and [CLS] and [SEP], identical in the text and the baseline,
+/// are dummies with φ = 0. Feature ablation gives them 0 too.
+#[test]
+fn kernel_shap_over_tokens_is_exact() {
+    use finelens_attrib::surrogate::{FeaturePerturbation, Kind};
+    let spec = tiny();
+    let store = ParamStore::init(&spec.param_specs(), 5, &Device::Cpu)
+        .unwrap()
+        .frozen_as(DType::F64)
+        .unwrap();
+    let bert = Bert::new(spec, &store).unwrap();
+    let (text, base) = ([1u32, 7, 12, 25, 9, 2], [1u32, 0, 0, 0, 0, 2]);
+    let t = text.len();
+    let model = OnWordEmbeddings {
+        bert: &bert,
+        type_ids: Tensor::zeros((1, t), DType::U32, &Device::Cpu).unwrap(),
+        mask: Tensor::ones((1, t), DType::U32, &Device::Cpu).unwrap(),
+    };
+    let x = model.input(&ids(&text)).unwrap();
+    let m = |kind| FeaturePerturbation {
+        kind,
+        segments: 50,
+        samples: 200,
+        baseline: Baseline::Image(model.input(&ids(&base)).unwrap()),
+        seed: 0,
+        internal_batch: None,
+        normalisation: Normalisation {
+            mean: [0.0; 3],
+            std: [1.0; 3],
+        },
+    };
+    for kind in [Kind::KernelShap, Kind::Ablation] {
+        let a = m(kind).attribute(&model, &x, &[1]).unwrap().remove(0);
+        assert_eq!(a.map.dim(), (1, t, 16));
+        let token = |i: usize| (0..16).map(|k| a.map[[0, i, k]] as f64).sum::<f64>();
+        assert!(
+            token(0).abs() < 1e-9 && token(t - 1).abs() < 1e-9,
+            "{kind:?}"
+        );
+        if kind == Kind::KernelShap {
+            assert_eq!(a.surrogate.unwrap().evaluations, 64);
+            let c = a.completeness.unwrap();
+            assert!(c.delta < 1e-9 * (1.0 + c.output_difference.abs()), "{c:?}");
+        }
+    }
+}

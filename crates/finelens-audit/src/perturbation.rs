@@ -9,6 +9,13 @@
 //!   the logit's change when that patch alone is replaced (the paper perturbs features with
 //!   noise and takes the variance; one replacement per patch here).
 //!
+//! * **infidelity** (Yeh, Hsieh, Suggala, Inouye & Ravikumar 2019, eq. 2) on the same random
+//!   subsets: how far the attribution's first-order prediction of each drop, Iᵀφ with
+//!   I = x − x_S (the map repeated over the channels, as Quantus does), is from the drop itself,
+//!   E[(β·Iᵀφ − Δf)²], taken at the best scale β ≥ 0 and divided by E[Δf²] so that it is
+//!   scale-free and in [0, 1]: 1 − max(Σ aΔf, 0)² / (Σ a² · Σ Δf²). 0: the map predicts every
+//!   drop up to one factor; 1: no better than predicting none (or anti-correlated).
+//!
 //! The logit, not the probability: the methods explain the logit, and a saturated softmax would
 //! hide the changes.
 
@@ -35,8 +42,21 @@ const BATCH: usize = 32;
 /// One map's perturbation figures.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct PerturbationScores {
+    #[serde(deserialize_with = "finelens_models::json::f64_or_nan")]
     pub faithfulness_correlation: f64,
+    #[serde(deserialize_with = "finelens_models::json::f64_or_nan")]
     pub monotonicity: f64,
+    /// NaN when no replacement moved the logit; absent in reports written before it was
+    /// measured.
+    #[serde(
+        default = "nan",
+        deserialize_with = "finelens_models::json::f64_or_nan"
+    )]
+    pub infidelity: f64,
+}
+
+fn nan() -> f64 {
+    f64::NAN
 }
 
 /// The target logit of every image in `images` (n × C×H×W, flat), in batches.
@@ -89,9 +109,19 @@ pub fn perturbation_scores(
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut batch = Vec::with_capacity(CORRELATION_RUNS * xv.len());
     let mut sums = Vec::with_capacity(CORRELATION_RUNS);
+    let mut predicted = Vec::with_capacity(CORRELATION_RUNS);
     for _ in 0..CORRELATION_RUNS {
         let subset = sample(&mut rng, hw, size).into_vec();
         sums.push(subset.iter().map(|&p| rel[p] as f64).sum::<f64>());
+        predicted.push(
+            subset
+                .iter()
+                .map(|&p| {
+                    let change: f32 = (0..c).map(|ch| xv[ch * hw + p] - rv[ch * hw + p]).sum();
+                    (rel[p] * change) as f64
+                })
+                .sum::<f64>(),
+        );
         replaced(&subset, &mut batch);
     }
     let drops: Vec<f64> = logits(model, &batch, (c, h, w), x, target)?
@@ -118,15 +148,40 @@ pub fn perturbation_scores(
     Ok(PerturbationScores {
         faithfulness_correlation: pearson(&sums, &drops),
         monotonicity: spearman(&mass, &changes),
+        infidelity: infidelity(&predicted, &drops),
     })
+}
+
+/// Yeh et al.'s infidelity at the best non-negative scale, relative to E[Δf²] (module docs).
+pub fn infidelity(predicted: &[f64], drops: &[f64]) -> f64 {
+    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+    let (ad, aa, dd) = (
+        dot(predicted, drops),
+        dot(predicted, predicted),
+        dot(drops, drops),
+    );
+    if dd <= f64::MIN_POSITIVE {
+        return f64::NAN;
+    }
+    if aa <= f64::MIN_POSITIVE {
+        return 1.0;
+    }
+    (1.0 - ad.max(0.0).powi(2) / (aa * dd)).max(0.0)
 }
 
 /// A method's means over the images.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Perturbation {
     pub images: usize,
+    #[serde(deserialize_with = "finelens_models::json::f64_or_nan")]
     pub faithfulness_correlation: f64,
+    #[serde(deserialize_with = "finelens_models::json::f64_or_nan")]
     pub monotonicity: f64,
+    #[serde(
+        default = "nan",
+        deserialize_with = "finelens_models::json::f64_or_nan"
+    )]
+    pub infidelity: f64,
 }
 
 impl Perturbation {
@@ -137,6 +192,7 @@ impl Perturbation {
             faithfulness_correlation: all.iter().map(|s| s.faithfulness_correlation).sum::<f64>()
                 / n as f64,
             monotonicity: all.iter().map(|s| s.monotonicity).sum::<f64>() / n as f64,
+            infidelity: all.iter().map(|s| s.infidelity).sum::<f64>() / n as f64,
         })
     }
 }
@@ -208,5 +264,42 @@ mod tests {
             s,
             perturbation_scores(&model, &x, &faithful, &zeros, 0, 3).unwrap()
         );
+    }
+
+    /// On a one-channel linear model F(x) = w·x the gradient w predicts every drop exactly to
+    /// first order (Iᵀw = F(x) − F(x − I)): infidelity 0, at any scale (2w too); its negation
+    /// predicts the drops backwards: 1; a map blind to w scores near 1.
+    #[test]
+    fn the_gradient_of_a_linear_model_has_no_infidelity() {
+        let (h, w) = (32, 32);
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        use rand_distr::{Distribution, StandardNormal};
+        let mut draw = || -> Vec<f32> {
+            (0..h * w)
+                .map(|_| StandardNormal.sample(&mut rng))
+                .collect()
+        };
+        let (wv, xv) = (draw(), draw());
+        let dev = Device::Cpu;
+        let model = Linear {
+            w: Tensor::from_vec(wv.clone(), h * w, &dev).unwrap(),
+        };
+        let x = Tensor::from_vec(xv, (1, 1, h, w), &dev).unwrap();
+        let zeros = x.zeros_like().unwrap();
+        let gradient = Array2::from_shape_vec((h, w), wv).unwrap();
+        let score = |map: &Array2<f32>| {
+            perturbation_scores(&model, &x, map, &zeros, 0, 5)
+                .unwrap()
+                .infidelity
+        };
+        assert!(score(&gradient) < 1e-9, "{}", score(&gradient));
+        assert!(score(&gradient.mapv(|v| 2.0 * v)) < 1e-9);
+        assert_eq!(score(&gradient.mapv(|v| -v)), 1.0);
+        let blind = Array2::from_shape_fn((h, w), |(y, xx)| ((y * 7 + xx * 3) % 5) as f32);
+        assert!(score(&blind) > 0.7, "{}", score(&blind));
+        // The closed form on its own: a perfect predictor up to scale, then none at all.
+        assert!(infidelity(&[1.0, 2.0, -1.0], &[2.0, 4.0, -2.0]) < 1e-12);
+        assert_eq!(infidelity(&[0.0, 0.0], &[1.0, 2.0]), 1.0);
+        assert!(infidelity(&[1.0], &[0.0]).is_nan());
     }
 }

@@ -45,10 +45,11 @@ pub enum Figure {
     FaithfulnessMinMonotonicity,
     SanityMaxRandomLogitSsim,
     RobustnessMaxSensitivity,
+    FaithfulnessMaxInfidelity,
 }
 
 impl Figure {
-    pub const ALL: [Figure; 15] = [
+    pub const ALL: [Figure; 16] = [
         Figure::SanityMaxSpearman,
         Figure::FaithfulnessMinGain,
         Figure::LocalisationMinMassAccuracy,
@@ -64,6 +65,7 @@ impl Figure {
         Figure::FaithfulnessMinMonotonicity,
         Figure::SanityMaxRandomLogitSsim,
         Figure::RobustnessMaxSensitivity,
+        Figure::FaithfulnessMaxInfidelity,
     ];
 
     /// The figure's definition.
@@ -199,6 +201,14 @@ pub const RULES: &[Rule] = &[
         bound: Bound::Min,
         default: 0.0,
         meaning: "monotonicity correlation (Nguyen & Martínez 2020): Spearman correlation, over an 8×8 grid of patches, between a patch's |attribution| and how much replacing it alone changes the logit",
+    },
+    Rule {
+        figure: Figure::FaithfulnessMaxInfidelity,
+        check: "faithfulness",
+        key: "max_infidelity",
+        bound: Bound::Max,
+        default: 1.0,
+        meaning: "infidelity (Yeh et al. 2019) at the best scale, relative: 1 − max(Σ a·Δf, 0)² / (Σ a² · Σ Δf²) over the random subsets, a the attribution times the change the replacement makes, Δf the logit's drop; 0 when the map predicts every drop to first order, 1 when it predicts none (report-only by default)",
     },
     Rule {
         figure: Figure::SanityMaxRandomLogitSsim,

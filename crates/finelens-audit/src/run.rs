@@ -62,6 +62,9 @@ pub struct AuditSettings {
     pub normalisation: finelens_attrib::Normalisation,
     pub pointing_tolerance: usize,
     pub seed: u64,
+    /// Faithfulness correlation, monotonicity and infidelity for every method, not only the
+    /// gated one (`finelens evaluate`).
+    pub every_method: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -352,8 +355,8 @@ pub fn examine(
                 complexity: MapComplexity::of(rel.iter().copied()),
                 random_logit: None,
                 robustness: None,
-                // 128 forward passes an image: for the gated method only.
-                perturbation: if mi == 0 {
+                // 128 forward passes an image: for the gated method only, unless evaluating.
+                perturbation: if mi == 0 || settings.every_method {
                     Some(perturbation_scores(
                         model,
                         &img.x,
@@ -582,6 +585,7 @@ pub fn summarise(partial: AuditPartial, class_names: &[String]) -> Result<AuditR
             p.faithfulness_correlation,
         );
         figures.insert(Figure::FaithfulnessMinMonotonicity, p.monotonicity);
+        figures.insert(Figure::FaithfulnessMaxInfidelity, p.infidelity);
     }
     if let Some(c) = &first.complexity {
         figures.insert(Figure::ComplexityMinSparseness, c.mean_sparseness);

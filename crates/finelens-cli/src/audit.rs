@@ -81,6 +81,7 @@ impl AuditArgs {
             base,
             policy: self.policy.clone(),
             require_all: self.require_all,
+            evaluate: false,
             methods: finelens_attrib::MethodSpec::parse_list(&self.methods)?,
             shared: self.method_settings.clone(),
             limit: self.limit,

@@ -16,7 +16,6 @@ use clap::{Args, Parser, Subcommand};
 use finelens_data::synth::SynthConfig;
 use finelens_models::Arch;
 use finelens_pipeline::demo::{DemoPaths, DATA_DIR};
-use finelens_pipeline::inputs::CheckpointSummary;
 use finelens_pipeline::merge;
 use finelens_pipeline::output::OutputSettings;
 use finelens_pipeline::ModelSource;
@@ -61,6 +60,9 @@ enum Command {
     /// base; a policy's pass/fail table; writes report.json, index.html and its figures. Exit
     /// status 0 = all pass, 1 = a check fails, 2 = error.
     Audit(audit::AuditArgs),
+    /// Evaluate the explanation methods (not the model: that is `eval`) with Quantus's metrics,
+    /// every metric for every method, no gate: the audit's report plus one row per method.
+    Evaluate(audit::AuditArgs),
     /// Combine the outputs of every shard of one `explain --shard I/N` or `audit --shard I/N`
     /// run into what a single run would have written (an audit's exit status as `audit`'s).
     Merge(MergeArgs),
@@ -117,6 +119,10 @@ struct InspectArgs {
     /// Print as JSON.
     #[arg(long)]
     json: bool,
+    /// Also WeightWatcher's spectrum of each weight matrix: power-law α, α̂, log λ_max, MP soft
+    /// rank, correlation traps, and the reading of α.
+    #[arg(long)]
+    spectral: bool,
 }
 
 #[derive(Args)]
@@ -180,6 +186,10 @@ fn keep_freed_memory() {
 fn run(cli: Cli) -> Result<u8> {
     match cli.command {
         Command::Audit(a) => return Ok(if audit::audit_cmd(a)? { 0 } else { 1 }),
+        Command::Evaluate(a) => {
+            let job = a.job()?;
+            progress::run(|p| finelens_pipeline::audit::evaluate(&job, p))
+        }
         Command::Demo(a) => demo(a).map(|_| ()),
         Command::Data(DataCommand::Synth(a)) => synth_cmd(a),
         Command::Inspect(a) => inspect(a),
@@ -206,24 +216,9 @@ fn synth_cmd(a: SynthArgs) -> Result<()> {
 }
 
 fn inspect(a: InspectArgs) -> Result<()> {
-    if finelens_pipeline::text::is_model_folder(&a.checkpoint) {
-        let summary = finelens_pipeline::text::inspect_text(&a.checkpoint)?;
-        println!(
-            "{}",
-            if a.json {
-                serde_json::to_string_pretty(&summary)?
-            } else {
-                summary.to_string()
-            }
-        );
-        return Ok(());
-    }
-    let summary = CheckpointSummary::of(&a.ckpt.source(&a.checkpoint)?.checkpoint()?);
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
-    } else {
-        println!("{summary}");
-    }
+    let source = a.ckpt.source(&a.checkpoint)?;
+    let text = finelens_pipeline::inspect::inspect(&a.checkpoint, &source, a.spectral, a.json)?;
+    println!("{text}");
     Ok(())
 }
 

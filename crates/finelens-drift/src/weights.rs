@@ -434,6 +434,71 @@ fn as_f32(dtype: Dtype, bytes: &[u8]) -> Vec<f32> {
     out
 }
 
+/// One weight matrix's WeightWatcher spectrum (`finelens inspect --spectral`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerSpectrum {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub spectrum: Spectrum,
+}
+
+/// The spectrum ([`spectrum`]) of every weight matrix of one checkpoint — each tensor of rank
+/// ≥ 2 that is not a batch-norm statistic, read as rows × the rest like drift reads it — in
+/// network order, under the names `canonical` gives (others are skipped; `None` keeps them).
+pub fn checkpoint_spectra(
+    path: &Path,
+    canonical: Option<fn(&str) -> Option<String>>,
+    description: Option<ModelDescription>,
+) -> Result<Vec<LayerSpectrum>> {
+    let m = Mapped::open(path)?;
+    let st = m.tensors()?;
+    let spelled: HashMap<String, String> = st
+        .names()
+        .into_iter()
+        .filter_map(|n| {
+            Some((
+                canonical.map_or(Some(n.to_owned()), |f| f(n))?,
+                n.to_owned(),
+            ))
+        })
+        .collect();
+    let names: HashSet<String> = spelled.keys().cloned().collect();
+    let grouping = match description {
+        Some(d) => Grouping(Some(d)),
+        None => Grouping::of([&m.meta, &m.meta]),
+    };
+    let mut out = Vec::new();
+    for name in network_order([&m.meta, &m.meta], &names, &grouping) {
+        let v = st.tensor(&spelled[&name]).expect("listed");
+        if v.shape().len() < 2 || is_batch_norm_statistic(&name) {
+            continue;
+        }
+        let mut probe = Vec::new();
+        if !decode(v.dtype(), &[], &mut probe) {
+            return Err(DriftError::Dtype {
+                path: path.to_owned(),
+                tensor: name,
+                dtype: format!("{:?}", v.dtype()),
+            });
+        }
+        let w = as_f32(v.dtype(), v.data());
+        m.release(v.data());
+        if !w.iter().all(|x| x.is_finite()) {
+            return Err(DriftError::NonFinite {
+                path: path.to_owned(),
+                tensor: name,
+            });
+        }
+        let rows = v.shape()[0];
+        out.push(LayerSpectrum {
+            spectrum: spectrum(&w, rows, w.len() / rows.max(1), 0),
+            shape: v.shape().to_vec(),
+            name,
+        });
+    }
+    Ok(out)
+}
+
 /// Names in network order: the model's own order when the metadata names an architecture; then
 /// the rest by stage, in the order the model's description lists its stages, and by name.
 fn network_order(
@@ -862,5 +927,48 @@ mod tests {
         );
         write(&c, &[("layer2.0.conv1.weight", vec![2, 2], vec![1.0; 4])]);
         assert!(weight_drift(&a, &c, WeightDriftOptions::default()).is_err());
+    }
+
+    /// `inspect --spectral`'s reading: every matrix of rank ≥ 2 (a convolution's kernel as
+    /// out × in·k·k), no vector and no batch-norm statistic, each with the spectrum computed
+    /// on its own; a NaN weight is an error naming the file and the tensor.
+    #[test]
+    fn checkpoint_spectra_reads_every_weight_matrix() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("m.safetensors");
+        let (conv, fc) = (randv(8 * 3 * 3 * 3, 1), randv(5 * 40, 2));
+        write(
+            &p,
+            &[
+                ("conv1.weight", vec![8, 3, 3, 3], conv.clone()),
+                ("bn1.running_var", vec![8], vec![1.0; 8]),
+                ("bn1.weight", vec![8], vec![1.0; 8]),
+                ("fc.weight", vec![5, 40], fc.clone()),
+                ("fc.bias", vec![5], vec![0.0; 5]),
+            ],
+        );
+        let got = checkpoint_spectra(&p, None, None).unwrap();
+        let names: Vec<&str> = got.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(names, ["conv1.weight", "fc.weight"]);
+        assert_eq!(got[0].spectrum, spectrum(&conv, 8, 27, 0));
+        assert_eq!(got[1].spectrum, spectrum(&fc, 5, 40, 0));
+        assert_eq!(got[0].shape, [8, 3, 3, 3]);
+        // Renamed and filtered by `canonical`.
+        let only_fc = checkpoint_spectra(
+            &p,
+            Some(|n: &str| n.starts_with("fc").then(|| format!("head.{n}"))),
+            None,
+        )
+        .unwrap();
+        assert_eq!(only_fc.len(), 1);
+        assert_eq!(only_fc[0].name, "head.fc.weight");
+        let mut bad = fc.clone();
+        bad[7] = f32::NAN;
+        write(&p, &[("fc.weight", vec![5, 40], bad)]);
+        let e = checkpoint_spectra(&p, None, None).unwrap_err().to_string();
+        assert!(
+            e.contains("m.safetensors") && e.contains("fc.weight"),
+            "{e}"
+        );
     }
 }

@@ -57,6 +57,8 @@ pub struct AuditJob {
     pub policy: Option<PathBuf>,
     /// Fail a check the policy gates on that could not be measured (no masks, no base).
     pub require_all: bool,
+    /// `finelens evaluate`: every metric for every method, and no gate.
+    pub evaluate: bool,
     /// The first is the method the policy gates on.
     pub methods: Vec<MethodSpec>,
     pub shared: MethodOptions,
@@ -399,6 +401,7 @@ fn examine(job: &AuditJob, progress: Progress) -> Result<Examined> {
         normalisation: inputs::normalisation(&pre),
         pointing_tolerance: 0,
         seed: job.seed,
+        every_method: job.evaluate,
     };
     progress(Event::Info(format!(
         "auditing {} on {} image(s){}{} with {}",
@@ -567,6 +570,74 @@ pub(crate) fn write_report(
         document.seconds
     )));
     Ok(())
+}
+
+/// `finelens evaluate`: the audit with every metric for every method ([`AuditJob::evaluate`]),
+/// its report written as the audit's, then one row per method; no gate. A text model folder
+/// gets its text audit, whose figures are per method already.
+pub fn evaluate(job: &AuditJob, progress: Progress) -> Result<()> {
+    let job = AuditJob {
+        evaluate: true,
+        ..job.clone()
+    };
+    if crate::text::is_model_folder(&job.model.path) {
+        crate::text_audit::audit_text(&job, progress)?;
+        return Ok(());
+    }
+    let outcome = audit(&job, progress)?;
+    progress(Event::Info(method_table(&outcome.document.audit.methods)));
+    Ok(())
+}
+
+/// Quantus's figures, one row per method (— where not measured).
+pub fn method_table(methods: &[finelens_audit::run::MethodResult]) -> String {
+    let heads = [
+        "method", "ρ rand", "gain", "ROAD", "corr", "monot", "infid", "max-sens", "logit",
+        "sparse", "entropy", "mass", "point",
+    ];
+    let mut out = heads
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            if i == 0 {
+                format!("{h:<28}")
+            } else {
+                format!("{h:>9}")
+            }
+        })
+        .collect::<String>();
+    for m in methods {
+        let p = m.perturbation;
+        let cells = [
+            Some(m.sanity.fully_randomised_spearman()),
+            Some(m.faithfulness.gain_over_random),
+            m.road.as_ref().map(|r| r.gap),
+            p.map(|p| p.faithfulness_correlation),
+            p.map(|p| p.monotonicity),
+            p.map(|p| p.infidelity),
+            m.robustness.map(|r| r.max_sensitivity),
+            m.random_logit.map(|r| r.ssim),
+            m.complexity.as_ref().map(|c| c.mean_sparseness),
+            m.complexity.as_ref().map(|c| c.mean_relative_complexity),
+            m.localisation.as_ref().map(|l| l.relevance_mass_accuracy),
+            m.localisation.as_ref().map(|l| l.pointing_game_hit_rate),
+        ];
+        out.push_str(&format!("\n{:<28}", m.method));
+        for c in cells {
+            out.push_str(&match c {
+                Some(v) if v.is_finite() => format!("{v:>9.3}"),
+                _ => format!("{:>9}", "—"),
+            });
+        }
+    }
+    out.push_str(
+        "\nρ rand: Spearman with every weight random (low is good); gain: deletion/insertion over \
+         random; ROAD: LeRF − MoRF; corr, monot: faithfulness and monotonicity correlation; \
+         infid: infidelity at the best scale (low is good); max-sens: max-sensitivity; logit: \
+         random-logit SSIM (low is good); sparse, entropy: Gini and relative entropy; mass, \
+         point: relevance mass accuracy and pointing game against the masks",
+    );
+    out
 }
 
 /// Run the audit of the whole set and write its directory; the outcome says whether every check

@@ -136,6 +136,9 @@ pub struct MethodOutput {
     pub seconds: f64,
     /// The completeness check of integrated gradients and DeepLIFT (Σ attributions against F(x) − F(x′)).
     pub completeness: Option<Completeness>,
+    /// KernelSHAP, LIME, feature ablation: the surrogate's fit and the evaluations spent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub surrogate: Option<finelens_attrib::Surrogate>,
 }
 
 fn scale_of(sign: Sign) -> Scale {
@@ -280,6 +283,7 @@ pub fn explain(s: &ExplainSettings, progress: Progress) -> Result<ExplainReport>
                         overlay: format!("{id}/{name}_overlay.png"),
                         seconds,
                         completeness: attr.completeness,
+                        surrogate: attr.surrogate,
                     },
                 );
             }

@@ -15,6 +15,7 @@ pub mod drift;
 pub mod error;
 pub mod explain;
 pub mod inputs;
+pub mod inspect;
 pub mod merge;
 pub mod output;
 pub mod page;

@@ -283,7 +283,9 @@ pub fn audit_blocks(p: &PageInput) -> Result<Vec<Block>> {
          (high is good), each against a random pixel order; ROAD (Rong et al. 2022): the same \
          with removed pixels filled by noisy linear imputation, most relevant first (MoRF, low is \
          good) and least relevant first (LeRF, high is good); faithfulness correlation (Bhatt et \
-         al. 2020) and monotonicity (Nguyen & Martínez 2020), for the gated method. Localisation: pointing game, \
+         al. 2020), monotonicity (Nguyen & Martínez 2020) and infidelity (Yeh et al. 2019, at the \
+         best scale: 0 when the map predicts each drop to first order, 1 when it predicts none), \
+         for the gated method. Localisation: pointing game, \
          relevance mass and rank accuracy against the object masks. Complexity (Quantus): the \
          Gini index of |attribution| (sparseness, Chalasani et al. 2020) and its entropy relative \
          to the maximum (Bhatt et al. 2020)."
@@ -314,6 +316,7 @@ pub fn audit_blocks(p: &PageInput) -> Result<Vec<Block>> {
                     3,
                 ),
                 Cell::Number(m.perturbation.map_or(f64::NAN, |p| p.monotonicity), 3),
+                Cell::Number(m.perturbation.map_or(f64::NAN, |p| p.infidelity), 3),
                 Cell::Number(loc.map_or(f64::NAN, |l| l.pointing_game_hit_rate), 3),
                 Cell::Number(loc.map_or(f64::NAN, |l| l.relevance_mass_accuracy), 3),
                 Cell::Number(loc.map_or(f64::NAN, |l| l.relevance_rank_accuracy), 3),
@@ -341,6 +344,7 @@ pub fn audit_blocks(p: &PageInput) -> Result<Vec<Block>> {
             "ROAD LeRF",
             "faithfulness correlation",
             "monotonicity",
+            "infidelity",
             "pointing game",
             "mass accuracy",
             "rank accuracy",

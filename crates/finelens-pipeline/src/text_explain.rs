@@ -77,6 +77,9 @@ pub struct TokenScores {
     pub words: Vec<f32>,
     /// Integrated gradients: Σ attributions against F(x) − F(baseline).
     pub completeness: Option<Completeness>,
+    /// KernelSHAP, LIME, feature ablation: the surrogate's fit and the evaluations spent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub surrogate: Option<finelens_attrib::Surrogate>,
     /// The un-summed map, tokens × hidden.
     pub npy: String,
     pub seconds: f64,
@@ -413,6 +416,7 @@ pub fn explain_text(s: &ExplainSettings, progress: Progress) -> Result<TextExpla
                         words: word_scores(&tokens, &word_of, words.len(), method.sign()),
                         tokens,
                         completeness: attr.completeness,
+                        surrogate: attr.surrogate,
                         npy,
                         seconds: started.elapsed().as_secs_f64(),
                     },
@@ -490,6 +494,7 @@ pub fn explain_text(s: &ExplainSettings, progress: Progress) -> Result<TextExpla
                             .unwrap_or_else(|| word_scores(&tokens, &word_of, words.len(), sign)),
                         tokens,
                         completeness: None,
+                        surrogate: None,
                         npy,
                         seconds: started.elapsed().as_secs_f64(),
                     },

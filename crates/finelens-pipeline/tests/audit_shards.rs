@@ -51,6 +51,7 @@ fn job(model: &Path, data: &Path, out: PathBuf, shard: Option<Shard>) -> AuditJo
         base: Some(ModelSource::new(fixture())),
         policy: None,
         require_all: true,
+        evaluate: false,
         methods: MethodSpec::parse_list(
             "saliency,integrated_gradients:steps=8,smoothgrad:samples=3",
         )

@@ -238,6 +238,7 @@ fn a_model_family_defined_here_runs_through_explain_drift_and_audit() {
             base: Some(source(&before)),
             policy: None,
             require_all: true,
+            evaluate: false,
             methods: MethodSpec::parse_list("integrated_gradients:steps=16,grad_cam").unwrap(),
             shared: MethodOptions::default(),
             limit: 6,
