@@ -498,6 +498,18 @@ fn demo_evaluates_the_shipped_fixture() {
         assert_eq!(clean["schema_version"], "finelens-text-audit/2");
         assert_eq!(clean["sanity"]["independent"].as_array().unwrap().len(), 9);
         assert_eq!(clean["pass"], true, "{}", clean["verdicts"]);
+        // WeightWatcher's α per matrix, before and after, in the drift section: the frozen
+        // layers' matrices did not move, so neither did their α.
+        let query = clean["drift"]["weights"]["tensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == "bert.encoder.layer.0.attention.self.query.weight")
+            .unwrap();
+        let alpha = |side: &str| query[side]["alpha"].as_f64().unwrap();
+        assert_eq!(alpha("spectrum_before"), alpha("spectrum_after"));
+        let page = std::fs::read_to_string(out_dir.join("audit-text-sentiment/index.html"));
+        assert!(page.unwrap().contains("α, this model"));
         let sc = read_json(&out_dir.join("audit-text-shortcut/report.json"));
         assert_eq!(sc["pass"], false);
         assert!(sc["shortcut"]
@@ -585,6 +597,8 @@ fn demo_evaluates_the_shipped_fixture() {
     // The same recipe on the shortcut task: the clean model passes the audit, the shortcut model
     // is flagged by the shortcut and localisation checks, with its hotspot on the planted patch.
     let clean = read_json(&d.path().join("out/audit-finetune/report.json"));
+    let page = std::fs::read_to_string(d.path().join("out/audit-finetune/index.html")).unwrap();
+    assert!(page.contains("α, this model") && page.contains("layer4.1.conv2.weight"));
     // ROAD (imputed removal): the clean model's IG map ranks its evidence far better than its
     // reverse.
     let road = &clean["audit"]["methods"][0]["road"];

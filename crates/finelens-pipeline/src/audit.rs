@@ -15,7 +15,6 @@ use finelens_data::transforms::load_rgb;
 use finelens_data::Preprocess;
 use finelens_drift::{
     accumulate_cka, weight_drift_described, MinibatchCka, RepresentationDrift, WeightDrift,
-    WeightDriftOptions,
 };
 use finelens_models::{Classifier, ParamStore};
 use finelens_report::html::{render, Block, Page};
@@ -438,7 +437,8 @@ fn examine(job: &AuditJob, progress: Progress) -> Result<Examined> {
                 Some(weight_drift_described(
                     &base.path,
                     &job.model.path,
-                    WeightDriftOptions::default(),
+                    // The report lists WeightWatcher's α per matrix, before and after.
+                    crate::drift::Spectral::Esd.options(),
                     Some(description.clone()),
                 )?)
             } else {

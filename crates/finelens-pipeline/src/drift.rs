@@ -256,6 +256,43 @@ fn list(v: &[String]) -> String {
 /// PNG bytes of a figure that may not apply (no layers, no representation drift).
 type MaybePng = Option<Vec<u8>>;
 
+/// WeightWatcher's α per weight matrix before and after, with the reading of the after value
+/// (a report's table); `None` when no spectrum was fitted (`--spectral esd` not asked).
+pub fn alpha_table(weights: &WeightDrift) -> Option<finelens_report::html::Block> {
+    use finelens_report::html::{Block, Cell};
+    let rows: Vec<Vec<Cell>> = weights
+        .tensors
+        .iter()
+        .filter_map(|t| {
+            let (a0, a1) = (
+                t.spectrum_before.as_ref()?.alpha?,
+                t.spectrum_after.as_ref()?.alpha?,
+            );
+            Some(vec![
+                Cell::Text(t.name.clone()),
+                Cell::Number(a0, 2),
+                Cell::Number(a1, 2),
+                Cell::Number(a1 - a0, 2),
+                Cell::Text(finelens_drift::spectrum::reading(a1).into()),
+            ])
+        })
+        .collect();
+    (!rows.is_empty()).then(|| {
+        Block::Table(
+            [
+                "weight matrix",
+                "α, base",
+                "α, this model",
+                "Δα",
+                "WeightWatcher's reading (α < 2 over-fit, 2–6 well trained, > 6 under-trained)",
+            ]
+            .map(String::from)
+            .to_vec(),
+            rows,
+        )
+    })
+}
+
 /// The per-layer bar chart and the CKA matrix of a drift result, as PNGs.
 pub fn drift_figures(
     weights: &WeightDrift,

@@ -421,6 +421,7 @@ pub fn audit_blocks(p: &PageInput) -> Result<Vec<Block>> {
                 alt: "CKA between the base's and the audited model's layers".into(),
             });
         }
+        b.extend(crate::drift::alpha_table(&dr.weights));
         let e = &dr.explanation;
         b.push(Block::Paragraph(format!(
             "Explanation drift ({}, {} images): Spearman ρ of |attribution| between the \

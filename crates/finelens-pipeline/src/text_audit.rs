@@ -810,7 +810,7 @@ fn base_drift(
     progress: Progress,
 ) -> Result<TextAuditDrift> {
     let parent = crate::text_drift::parent_of(base, m)?;
-    let weights = crate::text_drift::weight_drift(base, &m.dir, m, crate::drift::Spectral::None)?;
+    let weights = crate::text_drift::weight_drift(base, &m.dir, m, crate::drift::Spectral::Esd)?;
     let b0 = Bert::new(parent.spec.clone(), &parent.store.frozen_as(DType::F32)?)?;
     let b1 = Bert::new(m.spec.clone(), &m.store.frozen_as(DType::F32)?)?;
     let (representation, attention) = crate::text_drift::probe_drift(
@@ -1100,6 +1100,7 @@ pub fn blocks(r: &TextAuditReport) -> Result<Vec<Block>> {
             &d.attention,
             "CKA (mean token vector)",
         ));
+        b.extend(crate::drift::alpha_table(&d.weights));
     }
     b.push(Block::Heading(3, "Provenance".into()));
     b.push(crate::page::facts(vec![
