@@ -44,11 +44,12 @@ pub struct ExplainTimings {
 /// The methods timed beyond the peer's five, as specs (registry defaults otherwise): 50 steps
 /// where a method integrates, like IG-50.
 /// (label, spec).
-pub const OTHER_METHODS: [(&str, &str); 10] = [
+pub const OTHER_METHODS: [(&str, &str); 11] = [
     ("DeepLIFT", "deeplift"),
     ("guided backprop", "guided_backprop"),
     ("guided Grad-CAM", "guided_grad_cam"),
     ("GradientSHAP-20", "gradient_shap"),
+    ("LRP (zᴮ, γ, ε)", "lrp"),
     (
         "layer IG-50 (layer4)",
         "layer_integrated_gradients:steps=50",

@@ -17,13 +17,13 @@ use serde::{Deserialize, Serialize};
 use crate::error::{settings, AttribError, Result};
 use crate::gradient_shap::GradientShap;
 use crate::layer::{LayerConductance, LayerIntegratedGradients, NeuronIntegratedGradients};
-use crate::rules::{DeepLift, GuidedGradCam, GuidedGradient};
+use crate::rules::{DeepLift, GuidedGradCam, GuidedGradient, Lrp};
 use crate::surrogate::{FeaturePerturbation, Kind};
 use crate::{
     Aggregate, Attributor, Baseline, Fill, GradCam, GradientKind, IntegratedGradients,
     Normalisation, Occlusion, Rule, Saliency, SmoothGrad,
 };
-use finelens_models::rules::BackwardRule;
+use finelens_models::rules::{BackwardRule, LrpRules};
 
 /// Integrated gradients' quadrature nodes. 64 Gauss–Legendre nodes keep the completeness gap
 /// under 2% on the trained resnet-mini (the README's table) and under the audit's 5% gate.
@@ -49,6 +49,11 @@ pub const DEFAULT_SEGMENTS: usize = 50;
 /// KernelSHAP's and LIME's coalitions: four per superpixel at the default 50, enough for the
 /// weighted fit to be well determined.
 pub const DEFAULT_SURROGATE_SAMPLES: usize = 200;
+/// LRP's stabiliser (Captum's `EpsilonRule` default): small enough that relevance is conserved
+/// wherever a denominator is not itself tiny.
+pub const DEFAULT_LRP_EPSILON: f64 = 1e-9;
+/// LRP's γ for the convolutions (Montavon et al. 2019 use 0.25 in the lower layers).
+pub const DEFAULT_LRP_GAMMA: f64 = 0.25;
 /// Occlusion's window, as a share of the input side (an eighth: objects span several windows).
 pub const DEFAULT_OCCLUSION_WINDOW_DIVISOR: usize = 8;
 
@@ -89,6 +94,8 @@ pub enum Method {
     KernelShap,
     /// LIME over superpixels or tokens (Ribeiro et al. 2016).
     Lime,
+    /// Layer-wise relevance propagation (ReLU networks; Montavon et al. 2019).
+    Lrp,
     /// Text models: the attention the classifier's token pays in the last layer.
     Attention,
     /// Text models: attention rollout (Abnar & Zuidema 2020).
@@ -98,7 +105,7 @@ pub enum Method {
 }
 
 impl Method {
-    pub const ALL: [Method; 21] = [
+    pub const ALL: [Method; 22] = [
         Method::Gradient,
         Method::Saliency,
         Method::GradientXInput,
@@ -120,16 +127,18 @@ impl Method {
         Method::FeatureAblation,
         Method::KernelShap,
         Method::Lime,
+        Method::Lrp,
     ];
 
     /// The methods defined by backward rules on ReLU and max-pool ([`crate::rules`]): for
     /// ReLU networks (the ResNets), not for text models.
-    pub const RELU_RULES: [Method; 5] = [
+    pub const RELU_RULES: [Method; 6] = [
         Method::Deeplift,
         Method::DeepliftShap,
         Method::GuidedBackprop,
         Method::Deconvolution,
         Method::GuidedGradCam,
+        Method::Lrp,
     ];
 
     /// The attention views, which only text models (transformers) have.
@@ -165,6 +174,7 @@ impl Method {
             Method::FeatureAblation => "feature_ablation",
             Method::KernelShap => "kernel_shap",
             Method::Lime => "lime",
+            Method::Lrp => "lrp",
         }
     }
 
@@ -202,6 +212,7 @@ impl Method {
             }
             Method::Deeplift | Method::DeepliftShap => &["baseline", "seed"],
             Method::GuidedBackprop | Method::Deconvolution => &[],
+            Method::Lrp => &["epsilon", "gamma", "first_layer"],
             Method::Attention | Method::AttentionRollout | Method::GradAttention => &[],
             Method::Occlusion => &[
                 "window",
@@ -262,6 +273,7 @@ impl FromStr for Method {
             "feature_ablation" | "ablation" => Method::FeatureAblation,
             "kernel_shap" | "kernelshap" => Method::KernelShap,
             "lime" => Method::Lime,
+            "lrp" => Method::Lrp,
             "attention" => Method::Attention,
             "attention_rollout" | "rollout" => Method::AttentionRollout,
             "grad_attention" => Method::GradAttention,
@@ -461,6 +473,20 @@ pub struct MethodOptions {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "cli", arg(long))]
     pub channel: Option<usize>,
+    /// LRP: the stabiliser ε of every rule's denominator (default 1e-9, Captum's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub epsilon: Option<f64>,
+    /// LRP: the γ-rule's weight on positive contributions in the convolutions (default 0.25;
+    /// 0 gives the ε-rule).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub gamma: Option<f64>,
+    /// LRP: the first convolution's rule, `zb` (zᴮ: pixels bounded by the normalisation's range;
+    /// the default) or `zplus` (z⁺).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub first_layer: Option<String>,
     /// Feature ablation, KernelSHAP and LIME: SLIC superpixels per image (default 50; a text's
     /// features are its tokens).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -495,6 +521,12 @@ impl MethodOptions {
             layer: self.layer.clone().or_else(|| fallback.layer.clone()),
             channel: self.channel.or(fallback.channel),
             segments: self.segments.or(fallback.segments),
+            epsilon: self.epsilon.or(fallback.epsilon),
+            gamma: self.gamma.or(fallback.gamma),
+            first_layer: self
+                .first_layer
+                .clone()
+                .or_else(|| fallback.first_layer.clone()),
             window: self.window.or(fallback.window),
             stride: self.stride.or(fallback.stride),
             fill: self.fill.or(fallback.fill),
@@ -529,6 +561,9 @@ impl MethodOptions {
             "seed" => self.seed = Some(value.parse().map_err(|_| num("expected an integer"))?),
             "layer" => self.layer = Some(value.to_owned()),
             "channel" => self.channel = Some(value.parse().map_err(|_| num("expected a count"))?),
+            "epsilon" => self.epsilon = Some(value.parse().map_err(|_| num("expected a number"))?),
+            "first_layer" => self.first_layer = Some(value.to_owned()),
+            "gamma" => self.gamma = Some(value.parse().map_err(|_| num("expected a number"))?),
             "segments" => self.segments = Some(value.parse().map_err(|_| num("expected a count"))?),
             "window" => self.window = Some(value.parse().map_err(|_| num("expected a count"))?),
             "stride" => self.stride = Some(value.parse().map_err(|_| num("expected a count"))?),
@@ -790,6 +825,29 @@ pub fn build(spec: &MethodSpec, ctx: &BuildContext) -> Result<Box<dyn Attributor
             normalisation: ctx.normalisation,
             name: "deeplift_shap",
         }),
+        Method::Lrp => {
+            let n = ctx.normalisation;
+            let bounds = match o.first_layer.as_deref().unwrap_or("zb") {
+                "zb" => Some((
+                    [0, 1, 2].map(|c| (-n.mean[c] / n.std[c]) as f64),
+                    [0, 1, 2].map(|c| ((1.0 - n.mean[c]) / n.std[c]) as f64),
+                )),
+                "zplus" => None,
+                other => {
+                    return Err(settings(
+                        "lrp",
+                        format!("first_layer `{other}`: expected zb or zplus"),
+                    ))
+                }
+            };
+            Box::new(Lrp {
+                rules: LrpRules {
+                    epsilon: o.epsilon.unwrap_or(DEFAULT_LRP_EPSILON),
+                    gamma: o.gamma.unwrap_or(DEFAULT_LRP_GAMMA),
+                    bounds,
+                },
+            })
+        }
         Method::GuidedBackprop => Box::new(GuidedGradient {
             rule: BackwardRule::GuidedBackprop,
         }),

@@ -1,14 +1,15 @@
 //! Methods that change how ReLU and max-pool send gradients back ([`finelens_models::rules`]):
 //! DeepLIFT with the rescale rule and DeepLiftShap (Shrikumar, Greenside & Kundaje 2017;
 //! Lundberg & Lee 2017), guided backpropagation and deconvolution (Springenberg et al. 2015;
-//! Zeiler & Fergus 2014), and guided Grad-CAM (Selvaraju et al. 2017). The model is not forked:
+//! Zeiler & Fergus 2014), guided Grad-CAM (Selvaraju et al. 2017) and LRP (Montavon et al.
+//! 2019), whose rules reach the convolutions and the dense head too. The model is not forked:
 //! the rule is chosen for the forward pass, and its ops keep it for their backward.
 //!
 //! The rules are defined on ReLU and max-pool, so these methods are for models whose only
 //! nonlinearities are those (the ResNets); a BERT's GELU, softmax and LayerNorm have none.
 
 use candle_core::Tensor;
-use finelens_models::rules::{with_backward_rule, BackwardRule};
+use finelens_models::rules::{with_backward_rule, with_lrp, BackwardRule, LrpRules};
 use finelens_models::Classifier;
 
 use crate::baseline::{Baseline, Normalisation};
@@ -172,6 +173,58 @@ impl Attributor for GuidedGradCam {
                 surrogate: None,
             })
             .collect())
+    }
+}
+
+/// Layer-wise relevance propagation (Montavon et al. 2019) with the composite their overview
+/// recommends for convolutional networks: zᴮ (pixels within the normalisation's bounds) or z⁺ at
+/// the first convolution, the γ-rule at the others
+/// (ε-rule when γ = 0), the ε-rule at the dense head, relevance through ReLU and max-pool as the
+/// gradient, residual adds split in proportion, batch norm folded into its convolution
+/// ([`finelens_models::rules`]). R = x ⊙ the modified gradient of the target logit. The
+/// "completeness" reported is conservation: Σ R against the logit F(x) itself, which LRP
+/// distributes (biases and ε absorb the difference; with no bias it holds to ε).
+#[derive(Debug, Clone, Copy)]
+pub struct Lrp {
+    pub rules: LrpRules,
+}
+
+impl Attributor for Lrp {
+    fn name(&self) -> &'static str {
+        "lrp"
+    }
+
+    fn sign(&self) -> Sign {
+        Sign::Signed
+    }
+
+    fn check(&self, _: &dyn Classifier) -> Result<()> {
+        let LrpRules { epsilon, gamma, .. } = self.rules;
+        if !(epsilon.is_finite() && epsilon >= 0.0 && gamma.is_finite() && gamma >= 0.0) {
+            return Err(settings(
+                self.name(),
+                format!("epsilon and gamma must be finite and ≥ 0, got {epsilon} and {gamma}"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn compute(
+        &self,
+        model: &dyn Classifier,
+        x: &Tensor,
+        targets: &[usize],
+    ) -> Result<Vec<Attribution>> {
+        finelens_models::rules::take_input_relevance();
+        let (logits, g) = with_lrp(self.rules, || input_gradients(model, x, targets))?;
+        // A zᴮ first layer leaves the input's relevance itself; otherwise it is x ⊙ the message.
+        let maps = match finelens_models::rules::take_input_relevance() {
+            Some(r) => r,
+            None => (x * g)?,
+        };
+        (0..targets.len())
+            .map(|i| checked_attribution(&maps.narrow(0, i, 1)?, targets[i], logits[i]))
+            .collect()
     }
 }
 
@@ -398,6 +451,73 @@ mod tests {
         let want = &g.map * &cam.map;
         assert_eq!(gg.map, want);
         // The rule is off again afterwards: the plain gradient is back.
+        assert_eq!(
+            finelens_models::rules::backward_rule(),
+            BackwardRule::Gradient
+        );
+    }
+
+    /// With no bias anywhere (batch norm at its initial β = 0, μ = 0, a zero head bias) every
+    /// LRP rule conserves relevance: z⁺ and γ divide by exactly the sum they distribute, ReLU and
+    /// max-pool pass it on, adds split it, average pooling is linear — so Σ R = F(x) to ε, through
+    /// resnet-mini and a resnet18, for the γ composite and the plain ε-rule. With the trained
+    /// fixture's biases it is not conserved (they absorb relevance), and the report says so.
+    #[test]
+    fn lrp_conserves_relevance_without_biases() {
+        let bias_free = |arch: Arch, classes: usize| {
+            let config = ModelConfig::new(arch, classes, Head::Linear).unwrap();
+            let specs = config.param_specs();
+            let store = ParamStore::init(&specs, 7, &Device::Cpu).unwrap();
+            let tensors = store
+                .iter()
+                .map(|(n, t, _)| {
+                    let t = if n == "fc.bias" {
+                        t.zeros_like().unwrap()
+                    } else {
+                        t
+                    };
+                    (n.to_owned(), t)
+                })
+                .collect();
+            let store = ParamStore::from_tensors(&specs, tensors, std::path::Path::new("-"), "x")
+                .unwrap()
+                .frozen_as(DType::F64)
+                .unwrap();
+            ResNet::new(config, &store).unwrap()
+        };
+        let (mini, r18) = (bias_free(Arch::ResNetMini, 6), bias_free(Arch::ResNet18, 4));
+        let x = fixture_image(2, 1, DType::F64);
+        let small = randn((1, 3, 40, 40), DType::F64, 3);
+        for (model, x) in [(&mini, &x), (&r18, &small)] {
+            let zb = Some(([-3.0; 3], [3.0; 3]));
+            for (gamma, bounds) in [(0.25, None), (0.0, None), (0.25, zb)] {
+                let lrp = Lrp {
+                    rules: LrpRules {
+                        epsilon: 1e-12,
+                        gamma,
+                        bounds,
+                    },
+                };
+                let a = lrp.attribute(model, x, &[1]).unwrap().remove(0);
+                let c = a.completeness.unwrap();
+                let logit = target_logits(model, x, &[1]).unwrap()[0];
+                assert!((c.output_difference - logit).abs() < 1e-12 * logit.abs().max(1.0));
+                assert!(c.relative_delta < 1e-6, "γ = {gamma}, {bounds:?}: {c:?}");
+            }
+        }
+        let trained = fixture_model(DType::F64);
+        let a = Lrp {
+            rules: LrpRules {
+                epsilon: 1e-9,
+                gamma: 0.25,
+                bounds: None,
+            },
+        }
+        .attribute(&trained, &x, &[2])
+        .unwrap()
+        .remove(0);
+        assert!(a.map.iter().all(|v| v.is_finite()));
+        assert!(a.completeness.unwrap().relative_delta > 1e-3);
         assert_eq!(
             finelens_models::rules::backward_rule(),
             BackwardRule::Gradient

@@ -2,8 +2,9 @@
 //! Shaji, Smith, Lucchi, Fua & Süsstrunk 2012), or a text model's tokens.
 //!
 //! SLIC is k-means on (CIELAB colour, position) with each centre searching only a 2S × 2S window
-//! (S = √(H·W / k), the grid step): distance D² = d_lab² + (d_xy / S)²·m², compactness m = 10 as
-//! in scikit-image; centres start on the grid, moved to the lowest colour gradient of their 3×3
+//! (S = √(H·W / k), the grid step), in the paper's parameter-free form SLICO: distance
+//! D² = d_lab²/m_c² + d_xy²/S², m_c the largest colour distance in the cluster the round before
+//! (the first round m = 10, scikit-image's compactness); centres start on the grid, moved to the lowest colour gradient of their 3×3
 //! neighbourhood, then ten assignment / update rounds. Pieces of a label cut off from its main
 //! part, and pieces under a quarter of the expected size, join a neighbouring segment (the
 //! paper's connectivity step), so every segment is one connected region.
@@ -119,10 +120,15 @@ pub fn slic(image: &[f32], (c, h, w): (usize, usize, usize), segments: usize) ->
             centres.push(v);
         }
     }
-    let m2_over_s2 = (COMPACTNESS / step).powi(2);
+    let s2 = step * step;
     let reach = (2.0 * step).ceil() as isize;
     let mut label = vec![usize::MAX; hw];
     let mut dist = vec![f64::INFINITY; hw];
+    let mut colour_dist = vec![0f64; hw];
+    // SLICO: each cluster's colour distances are scaled by the largest its pixels had in the
+    // previous round (the first round by the compactness m), so textured regions weigh colour
+    // less and stay compact instead of shattering into colour-sorted fragments.
+    let mut mc2 = vec![COMPACTNESS * COMPACTNESS; centres.len()];
     for _ in 0..ROUNDS {
         dist.fill(f64::INFINITY);
         for (ci, cen) in centres.iter().enumerate() {
@@ -138,22 +144,25 @@ pub fn slic(image: &[f32], (c, h, w): (usize, usize, usize), segments: usize) ->
                         .map(|(a, b)| (a - b).powi(2))
                         .sum();
                     let dxy = (y as f64 - cen[0]).powi(2) + (x as f64 - cen[1]).powi(2);
-                    let d = dc + dxy * m2_over_s2;
+                    let d = dc / mc2[ci] + dxy / s2;
                     if d < dist[p] {
                         dist[p] = d;
                         label[p] = ci;
+                        colour_dist[p] = dc;
                     }
                 }
             }
         }
         let mut sums = vec![vec![0f64; 2 + dims]; centres.len()];
         let mut counts = vec![0usize; centres.len()];
+        let mut widest = vec![0f64; centres.len()];
         for p in 0..hw {
             let l = label[p];
             if l == usize::MAX {
                 continue;
             }
             counts[l] += 1;
+            widest[l] = widest[l].max(colour_dist[p]);
             sums[l][0] += (p / w) as f64;
             sums[l][1] += (p % w) as f64;
             for (s, v) in sums[l][2..].iter_mut().zip(&colour[p * dims..][..dims]) {
@@ -166,6 +175,10 @@ pub fn slic(image: &[f32], (c, h, w): (usize, usize, usize), segments: usize) ->
                     *c = v / n as f64;
                 }
             }
+        }
+        for (m, w) in mc2.iter_mut().zip(&widest) {
+            // A flat cluster (every colour distance 0) keeps any colour change decisive.
+            *m = w.max(1e-6);
         }
     }
     connected(&label, h, w, (hw / k / 4).max(1))
@@ -301,6 +314,17 @@ mod tests {
             (r.count, &r.ids[..]),
             (3, &[0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2][..])
         );
+    }
+
+    /// On pure noise there are no edges to follow: SLIC still gives about the count asked for
+    /// (compactness keeps the grid), not a few merged blobs.
+    #[test]
+    fn noise_gives_about_the_count_asked_for() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+        let img: Vec<f32> = (0..3 * 64 * 64).map(|_| rng.random::<f32>()).collect();
+        let s = slic(&img, (3, 64, 64), 50);
+        assert!(s.count >= 25 && s.count <= 80, "{} segments", s.count);
     }
 
     #[test]

@@ -23,6 +23,7 @@ use num_traits::Float;
 use rayon::prelude::*;
 
 use crate::kernel::{gemm_into, run2, run3, View};
+use crate::rules::LrpLayer;
 
 /// Output columns a GEMM should have at least (as images of one group), when the batch allows:
 /// GEMMs of a few hundred columns spend more on packing and on waking the second core than on
@@ -43,9 +44,9 @@ pub fn conv2d(
     let g = Geometry::new(x.dims4()?, weight.dims4()?, stride, padding)?;
     let (x, weight) = (x.contiguous()?, weight.contiguous()?);
     if x.track_op() || weight.track_op() {
-        x.apply_op2(&weight, Conv(g))
+        x.apply_op2(&weight, Conv(g, crate::rules::lrp_conv()))
     } else {
-        x.apply_op2_no_bwd(&weight, &Conv(g))
+        x.apply_op2_no_bwd(&weight, &Conv(g, None))
     }
 }
 
@@ -68,9 +69,9 @@ pub fn conv2d_biased(
     }
     let (x, weight, bias) = (x.contiguous()?, weight.contiguous()?, bias.contiguous()?);
     if x.track_op() || weight.track_op() || bias.track_op() {
-        x.apply_op3(&weight, &bias, Conv(g))
+        x.apply_op3(&weight, &bias, Conv(g, crate::rules::lrp_conv()))
     } else {
-        x.apply_op3_no_bwd(&weight, &bias, &Conv(g))
+        x.apply_op3_no_bwd(&weight, &bias, &Conv(g, None))
     }
 }
 
@@ -360,13 +361,74 @@ impl Geometry {
     }
 }
 
-/// The convolution as a graph op: (x, w) or (x, w, bias).
-struct Conv(Geometry);
+/// The convolution as a graph op: (x, w) or (x, w, bias), with the LRP rule it was built under.
+struct Conv(Geometry, Option<LrpLayer>);
 
 impl Conv {
     fn shape(&self) -> Shape {
         let g = self.0;
         Shape::from((g.n, g.c_out, g.oh, g.ow))
+    }
+
+    /// LRP's message to the input ([`crate::rules`]): g_x = W′ᵀ(g ⊙ z / (z′ + ε·sign z′)), z the
+    /// layer's output (bias included), W′ and z′ the rule's weights and activations.
+    fn lrp_input(
+        &self,
+        (x, w, bias): (&Tensor, &Tensor, Option<&Tensor>),
+        z: &Tensor,
+        grad: &Tensor,
+        rule: LrpLayer,
+    ) -> candle_core::Result<Tensor> {
+        let (x, w, z, grad) = (x.detach(), w.detach(), z.detach(), grad.detach());
+        let plain = Conv(self.0, None);
+        if let LrpLayer::ZBox { low, high, epsilon } = rule {
+            // z′ = Wx − W⁺l − W⁻h (≥ 0 for l ≤ x ≤ h), s = R_z / (z′ + ε), and
+            // Rᵢ = xᵢ(Wᵀs)ᵢ − lᵢ(W⁺ᵀs)ᵢ − hᵢ(W⁻ᵀs)ᵢ, left for the caller; the message returned is
+            // the plain one.
+            let (n, c, h, wd) = x.dims4()?;
+            let bound = |v: [f64; 3]| -> candle_core::Result<Tensor> {
+                let per: Vec<f64> = (0..c).map(|ch| v[ch % 3]).collect();
+                Tensor::from_vec(per, (1, c, 1, 1), x.device())?
+                    .to_dtype(x.dtype())?
+                    .broadcast_as((n, c, h, wd))?
+                    .contiguous()
+            };
+            let (l, hi) = (bound(low)?, bound(high)?);
+            let w = w.contiguous()?;
+            let (wp, wn) = (w.relu()?.contiguous()?, w.minimum(0.0)?.contiguous()?);
+            let z2 = ((x.apply_op2_no_bwd(&w, &plain)? - l.apply_op2_no_bwd(&wp, &plain)?)?
+                - hi.apply_op2_no_bwd(&wn, &plain)?)?;
+            let s = ((&grad * &z)? / z2.affine(1.0, epsilon)?)?.contiguous()?;
+            let back = |k: &Tensor| s.apply_op2_no_bwd(k, &InputGrad(self.0));
+            let r = (((&x * back(&w)?)? - (l * back(&wp)?)?)? - (hi * back(&wn)?)?)?;
+            crate::rules::put_input_relevance(r);
+            return grad.contiguous()?.apply_op2_no_bwd(&w, &InputGrad(self.0));
+        }
+        let (w2, z2) = match rule {
+            LrpLayer::ZBox { .. } => unreachable!("handled above"),
+            LrpLayer::Epsilon { .. } => (w, z.clone()),
+            LrpLayer::ZPlus { .. } => {
+                let w2 = w.relu()?.contiguous()?;
+                let z2 = x.apply_op2_no_bwd(&w2, &plain)?;
+                (w2, z2)
+            }
+            LrpLayer::Gamma { gamma, .. } => {
+                let w2 = (&w + (w.relu()? * gamma)?)?.contiguous()?;
+                let z2 = match bias {
+                    Some(b) => {
+                        let b2 = (b.detach() + (b.relu()? * gamma)?)?.contiguous()?;
+                        x.apply_op3_no_bwd(&w2, &b2, &plain)?
+                    }
+                    None => x.apply_op2_no_bwd(&w2, &plain)?,
+                };
+                (w2, z2)
+            }
+        };
+        let eps = rule.epsilon();
+        // z′ + ε·sign(z′), sign(0) = +1.
+        let denominator = (&z2 + z2.ge(0.0)?.to_dtype(z2.dtype())?.affine(2.0 * eps, -eps)?)?;
+        let s = ((grad * z)? / denominator)?.contiguous()?;
+        s.apply_op2_no_bwd(&w2, &InputGrad(self.0))
     }
 
     /// (dx, dw) for the operands that are tracked.
@@ -419,10 +481,14 @@ impl CustomOp2 for Conv {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _y: &Tensor,
+        y: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        self.grads(x, w, grad)
+        match self.1 {
+            // Relevance flows to the input only: LRP explains with frozen weights.
+            Some(rule) => Ok((Some(self.lrp_input((x, w, None), y, grad, rule)?), None)),
+            None => self.grads(x, w, grad),
+        }
     }
 }
 
@@ -457,9 +523,13 @@ impl CustomOp3 for Conv {
         x: &Tensor,
         w: &Tensor,
         bias: &Tensor,
-        _y: &Tensor,
+        y: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if let Some(rule) = self.1 {
+            let dx = self.lrp_input((x, w, Some(bias)), y, grad, rule)?;
+            return Ok((Some(dx), None, None));
+        }
         let (dx, dw) = self.grads(x, w, grad)?;
         let g = self.0;
         let db = if bias.track_op() {
@@ -679,6 +749,114 @@ mod tests {
             for v in [&x, &w, &b] {
                 let err = max_abs_diff(g0.get(v).unwrap(), g1.get(v).unwrap());
                 assert!(err < 1e-12, "case {i}: gradient off by {err}");
+            }
+        }
+    }
+
+    /// Each LRP rule's relevance against the rule written out: with F = Σⱼ cⱼzⱼ (so Rⱼ = cⱼzⱼ),
+    /// Rᵢ = Σⱼ (xᵢw′ᵢⱼ − lᵢw⁺ᵢⱼ − hᵢw⁻ᵢⱼ)Rⱼ / (z′ⱼ ± ε) over every window and tap (l = h = 0 but
+    /// for zᴮ) — z⁺ or zᴮ for the first convolution of the pass, then γ (W′ = W + γW⁺,
+    /// z′ = W′x + b + γb⁺) or ε (W′ = W).
+    #[test]
+    fn lrp_rules_match_their_formulas() {
+        use crate::rules::{take_input_relevance, with_lrp, LrpRules};
+        let ((n, c, h, w), c_out, k, stride, pad) = ((1, 2, 5, 4), 3, 3, 2, 1);
+        let x = Var::from_tensor(&randn((n, c, h, w), 0.0, 1.0, DType::F64, 1)).unwrap();
+        let kernel = randn((c_out, c, k, k), 0.0, 1.0, DType::F64, 2);
+        let bias = randn((c_out, 1, 1, 1), 0.0, 1.0, DType::F64, 3)
+            .flatten_all()
+            .unwrap();
+        let (oh, ow) = (
+            (h + 2 * pad - k) / stride + 1,
+            (w + 2 * pad - k) / stride + 1,
+        );
+        let weights = randn((1, c_out, oh, ow), 0.0, 1.0, DType::F64, 4);
+        let v = |t: &Tensor| -> Vec<f64> { t.flatten_all().unwrap().to_vec1().unwrap() };
+        let (xv, wv, bv, cv) = (v(x.as_tensor()), v(&kernel), v(&bias), v(&weights));
+        let (eps, lo, hi) = (0.05, -5.0, 5.0);
+        // (later conv of the pass, γ, zᴮ bounds): the first takes z⁺ or zᴮ, later ones γ or ε.
+        let box_bounds = Some(([lo; 3], [hi; 3]));
+        for (later, gamma, bounds) in [
+            (false, 0.3, None),
+            (false, 0.3, box_bounds),
+            (true, 0.3, None),
+            (true, 0.0, None),
+        ] {
+            let rules = LrpRules {
+                epsilon: eps,
+                gamma,
+                bounds,
+            };
+            let g = with_lrp(rules, || {
+                if later {
+                    conv2d(x.as_tensor(), &kernel, stride, pad).unwrap();
+                }
+                let z = conv2d_biased(x.as_tensor(), &kernel, &bias, stride, pad).unwrap();
+                (z * &weights)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap()
+            });
+            // Only zᴮ leaves the input's relevance itself; the others are x ⊙ the message.
+            let left = take_input_relevance();
+            assert_eq!(left.is_some(), bounds.is_some() && !later);
+            let got = match left {
+                Some(r) => v(&r),
+                None => v(&(x.as_tensor() * g.get(x.as_tensor()).unwrap()).unwrap()),
+            };
+            // The rule written out: per tap the numerator's term, per window its bias.
+            let term = |xi: usize, wi: usize| -> f64 {
+                let (x, w) = (xv[xi], wv[wi]);
+                match (later, bounds) {
+                    (false, None) => x * w.max(0.0),
+                    (false, Some(_)) => x * w - lo * w.max(0.0) - hi * w.min(0.0),
+                    (true, _) => x * (w + gamma * w.max(0.0)),
+                }
+            };
+            let b2 = |o: usize| {
+                if later {
+                    bv[o] + gamma * bv[o].max(0.0)
+                } else {
+                    0.0
+                }
+            };
+            let mut want = vec![0f64; xv.len()];
+            for o in 0..c_out {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let mut taps = Vec::new();
+                        for ci in 0..c {
+                            for ky in 0..k {
+                                for kx in 0..k {
+                                    let iy = (oy * stride + ky) as isize - pad as isize;
+                                    let ix = (ox * stride + kx) as isize - pad as isize;
+                                    if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w
+                                    {
+                                        let xi = (ci * h + iy as usize) * w + ix as usize;
+                                        taps.push((xi, ((o * c + ci) * k + ky) * k + kx));
+                                    }
+                                }
+                            }
+                        }
+                        let z: f64 =
+                            taps.iter().map(|&(xi, wi)| xv[xi] * wv[wi]).sum::<f64>() + bv[o];
+                        let z2: f64 =
+                            taps.iter().map(|&(xi, wi)| term(xi, wi)).sum::<f64>() + b2(o);
+                        let r = cv[(o * oh + oy) * ow + ox] * z;
+                        let d = z2 + if z2 >= 0.0 { eps } else { -eps };
+                        for &(xi, wi) in &taps {
+                            want[xi] += term(xi, wi) * r / d;
+                        }
+                    }
+                }
+            }
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (a - b).abs() < 1e-10 * (1.0 + b.abs()),
+                    "({later}, {gamma}, {bounds:?}) {i}: {a} vs {b}"
+                );
             }
         }
     }

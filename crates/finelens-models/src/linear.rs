@@ -29,9 +29,15 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> candle_core::Result
         );
     }
     let (x, weight, bias) = (x.contiguous()?, weight.contiguous()?, bias.contiguous()?);
-    let op = Dense { rows, inp, out };
+    let op = Dense {
+        rows,
+        inp,
+        out,
+        lrp: None,
+    };
     if x.track_op() || weight.track_op() || bias.track_op() {
-        x.apply_op3(&weight, &bias, op)
+        let lrp = crate::rules::lrp_dense();
+        x.apply_op3(&weight, &bias, Dense { lrp, ..op })
     } else {
         x.apply_op3_no_bwd(&weight, &bias, &op)
     }
@@ -43,6 +49,8 @@ struct Dense {
     rows: usize,
     inp: usize,
     out: usize,
+    /// The LRP rule it was built under ([`crate::rules`]): the ε-rule, input relevance only.
+    lrp: Option<crate::rules::LrpLayer>,
 }
 
 /// Columns per parallel task of the bias gradient: a cache line or two of each row.
@@ -138,9 +146,17 @@ impl CustomOp3 for Dense {
         x: &Tensor,
         w: &Tensor,
         b: &Tensor,
-        _y: &Tensor,
+        y: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if let Some(rule) = self.lrp {
+            // LRP-ε: g_x = Wᵀ(g ⊙ z / (z + ε·sign z)), z = y with its bias.
+            let (z, eps) = (y.detach(), rule.epsilon());
+            let denominator = (&z + z.ge(0.0)?.to_dtype(z.dtype())?.affine(2.0 * eps, -eps)?)?;
+            let s = ((grad.detach() * z)? / denominator)?.contiguous()?;
+            let dx = s.apply_op2_no_bwd(&w.detach(), &Grad(*self, Wrt::Input))?;
+            return Ok((Some(dx), None, None));
+        }
         // Gradients are values, never graph: detach so that no gradient keeps a forward alive.
         let grad = grad.detach().contiguous()?;
         let dx = if x.track_op() {

@@ -19,7 +19,7 @@ const CHUNK: usize = 1 << 14;
 /// max(x, 0), element-wise; its backward follows the thread's [`BackwardRule`].
 pub fn relu(x: &Tensor) -> candle_core::Result<Tensor> {
     match backward_rule() {
-        BackwardRule::Gradient => OP.apply(x),
+        BackwardRule::Gradient | BackwardRule::Lrp => OP.apply(x),
         BackwardRule::GuidedBackprop => GUIDED.apply(x),
         BackwardRule::Deconvolution => DECONVOLUTION.apply(x),
         BackwardRule::DeepLiftRescale => {
