@@ -14,7 +14,9 @@ use crate::baseline::{Baseline, Normalisation};
 use crate::error::{settings, Result};
 use crate::quadrature::Rule;
 use crate::target::{input_gradients, target_logits};
-use crate::{checked_attribution, chunks, default_internal_batch, Attribution, Attributor, Sign};
+use crate::{
+    checked_attribution, chunks, default_internal_batch, each_input, Attribution, Attributor, Sign,
+};
 
 #[derive(Debug, Clone)]
 pub struct IntegratedGradients {
@@ -82,18 +84,30 @@ impl IntegratedGradients {
                 None => attr,
             });
         }
-        let k = baselines.len() as f64;
-        let map = (total.expect("at least one baseline") / k)?;
-
-        let fx = target_logits(model, x, &[target])?[0];
-        let fb = target_logits(
-            model,
-            &Tensor::cat(&baselines, 0)?,
-            &vec![target; baselines.len()],
-        )?;
-        let output_difference = fx - fb.iter().sum::<f64>() / k;
-        checked_attribution(&map, target, output_difference)
+        let map = (total.expect("at least one baseline") / baselines.len() as f64)?;
+        checked_attribution(
+            &map,
+            target,
+            output_difference(model, x, &baselines, target)?,
+        )
     }
+}
+
+/// F(x) − mean F(x′) over the baselines, for the target logit: what a path method's
+/// attributions should sum to.
+pub(crate) fn output_difference(
+    model: &dyn Classifier,
+    x: &Tensor,
+    baselines: &[Tensor],
+    target: usize,
+) -> Result<f64> {
+    let fx = target_logits(model, x, &[target])?[0];
+    let fb = target_logits(
+        model,
+        &Tensor::cat(baselines, 0)?,
+        &vec![target; baselines.len()],
+    )?;
+    Ok(fx - fb.iter().sum::<f64>() / baselines.len() as f64)
 }
 
 impl Attributor for IntegratedGradients {
@@ -119,11 +133,7 @@ impl Attributor for IntegratedGradients {
         x: &Tensor,
         targets: &[usize],
     ) -> Result<Vec<Attribution>> {
-        targets
-            .iter()
-            .enumerate()
-            .map(|(i, &t)| self.attribute_one(model, &x.narrow(0, i, 1)?, t))
-            .collect()
+        each_input(x, targets, |xi, t| self.attribute_one(model, xi, t))
     }
 }
 

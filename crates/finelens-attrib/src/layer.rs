@@ -29,9 +29,12 @@ use ndarray::{Array3, Axis};
 use crate::baseline::{Baseline, Normalisation};
 use crate::error::{settings, Result};
 use crate::grad_cam::upsample_bilinear;
+use crate::integrated_gradients::output_difference;
 use crate::integrated_gradients::IntegratedGradients;
-use crate::target::{backward_targets, target_logits};
-use crate::{chunks, default_internal_batch, to_maps, Attribution, Attributor, Completeness, Sign};
+use crate::target::backward_targets;
+use crate::{
+    checked_attribution, chunks, default_internal_batch, each_input, Attribution, Attributor, Sign,
+};
 
 /// The named layer, or the model's default (its last spatial layer).
 pub(crate) fn resolve_layer(
@@ -111,6 +114,22 @@ fn project(map: Array3<f32>, input: (usize, usize, usize)) -> Array3<f32> {
     }
     let summed = map.sum_axis(Axis(0));
     upsample_bilinear(&summed, h, w).insert_axis(Axis(0))
+}
+
+/// Per input, a layer-space attribution from `layer_attribution`, [`project`]ed onto the input.
+fn projected(
+    x: &Tensor,
+    targets: &[usize],
+    layer_attribution: impl Fn(&Tensor, usize) -> Result<Attribution>,
+) -> Result<Vec<Attribution>> {
+    let (_, c, h, w) = x.dims4()?;
+    each_input(x, targets, |xi, t| {
+        let a = layer_attribution(xi, t)?;
+        Ok(Attribution {
+            map: project(a.map, (c, h, w)),
+            ..a
+        })
+    })
 }
 
 /// The network above `layer`, as a classifier of the layer's activation (as C×h×w maps): the
@@ -237,18 +256,7 @@ impl Attributor for LayerIntegratedGradients {
         x: &Tensor,
         targets: &[usize],
     ) -> Result<Vec<Attribution>> {
-        let (_, c, h, w) = x.dims4()?;
-        targets
-            .iter()
-            .enumerate()
-            .map(|(i, &t)| {
-                let a = self.layer_attribution(model, &x.narrow(0, i, 1)?, t)?;
-                Ok(Attribution {
-                    map: project(a.map, (c, h, w)),
-                    ..a
-                })
-            })
-            .collect()
+        projected(x, targets, |xi, t| self.layer_attribution(model, xi, t))
     }
 }
 
@@ -323,22 +331,12 @@ impl LayerConductance {
                 None => part,
             });
         }
-        let k = baselines.len() as f64;
-        let map = (total.expect("at least one baseline") / k)?;
-        let fx = target_logits(model, x, &[target])?[0];
-        let fb = target_logits(
-            model,
-            &Tensor::cat(&baselines, 0)?,
-            &vec![target; baselines.len()],
-        )?;
-        let output_difference = fx - fb.iter().sum::<f64>() / k;
-        let attribution_sum: f64 = map.to_dtype(DType::F64)?.sum_all()?.to_scalar()?;
-        Ok(Attribution {
-            map: to_maps(&map)?.remove(0),
+        let map = (total.expect("at least one baseline") / baselines.len() as f64)?;
+        checked_attribution(
+            &map,
             target,
-            completeness: Some(Completeness::of(attribution_sum, output_difference)),
-            surrogate: None,
-        })
+            output_difference(model, x, &baselines, target)?,
+        )
     }
 }
 
@@ -368,18 +366,7 @@ impl Attributor for LayerConductance {
         x: &Tensor,
         targets: &[usize],
     ) -> Result<Vec<Attribution>> {
-        let (_, c, h, w) = x.dims4()?;
-        targets
-            .iter()
-            .enumerate()
-            .map(|(i, &t)| {
-                let a = self.layer_attribution(model, &x.narrow(0, i, 1)?, t)?;
-                Ok(Attribution {
-                    map: project(a.map, (c, h, w)),
-                    ..a
-                })
-            })
-            .collect()
+        projected(x, targets, |xi, t| self.layer_attribution(model, xi, t))
     }
 }
 
@@ -495,20 +482,15 @@ impl Attributor for NeuronIntegratedGradients {
         targets: &[usize],
     ) -> Result<Vec<Attribution>> {
         let layer = resolve_layer(self.name(), &self.layer, model)?;
-        targets
-            .iter()
-            .enumerate()
-            .map(|(i, &t)| {
-                let xi = x.narrow(0, i, 1)?;
-                let neuron = ChannelOutput {
-                    model,
-                    layer: layer.clone(),
-                    channel: self.channel_for(model, &xi)?,
-                };
-                let a = self.ig.compute(&neuron, &xi, &[0])?.remove(0);
-                Ok(Attribution { target: t, ..a })
-            })
-            .collect()
+        each_input(x, targets, |xi, t| {
+            let neuron = ChannelOutput {
+                model,
+                layer: layer.clone(),
+                channel: self.channel_for(model, xi)?,
+            };
+            let a = self.ig.compute(&neuron, xi, &[0])?.remove(0);
+            Ok(Attribution { target: t, ..a })
+        })
     }
 }
 

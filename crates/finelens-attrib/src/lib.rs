@@ -198,6 +198,20 @@ pub(crate) fn plain_attributions(maps: &Tensor, targets: &[usize]) -> Result<Vec
         .collect())
 }
 
+/// One attribution per input of `x` (N×C×H×W), each from `one` on that input alone (1×C×H×W)
+/// and its target: for the methods that explain input by input.
+pub(crate) fn each_input(
+    x: &Tensor,
+    targets: &[usize],
+    mut one: impl FnMut(&Tensor, usize) -> Result<Attribution>,
+) -> Result<Vec<Attribution>> {
+    targets
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| one(&x.narrow(0, i, 1)?, t))
+        .collect()
+}
+
 /// Chunks of at most `batch` items from `0..n`.
 pub(crate) fn chunks(n: usize, batch: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
     let batch = batch.max(1);

@@ -10,7 +10,7 @@ use ndarray::Array3;
 use crate::baseline::{Baseline, Normalisation};
 use crate::error::{settings, Result};
 use crate::target::target_logits;
-use crate::{chunks, Attribution, Attributor, Sign};
+use crate::{chunks, each_input, Attribution, Attributor, Sign};
 
 /// What an occluded window is filled with.
 #[derive(Debug, Clone)]
@@ -138,11 +138,7 @@ impl Attributor for Occlusion {
                 format!("window {} is larger than the {h}×{w} input", self.window),
             ));
         }
-        targets
-            .iter()
-            .enumerate()
-            .map(|(i, &t)| self.attribute_one(model, &x.narrow(0, i, 1)?, t))
-            .collect()
+        each_input(x, targets, |xi, t| self.attribute_one(model, xi, t))
     }
 }
 

@@ -16,7 +16,7 @@ use crate::baseline::{Baseline, Normalisation};
 use crate::error::{settings, Result};
 use crate::grad_cam::GradCam;
 use crate::target::input_gradients;
-use crate::{checked_attribution, plain_attributions, Attribution, Attributor, Sign};
+use crate::{checked_attribution, each_input, plain_attributions, Attribution, Attributor, Sign};
 
 /// DeepLIFT (rescale rule): (x − x′) ⊙ the multipliers backpropagated from the target logit.
 /// Summation-to-delta holds exactly: Σ attributions = F(x) − F(x′). Over several baselines
@@ -77,11 +77,7 @@ impl Attributor for DeepLift {
         x: &Tensor,
         targets: &[usize],
     ) -> Result<Vec<Attribution>> {
-        targets
-            .iter()
-            .enumerate()
-            .map(|(i, &t)| self.attribute_one(model, &x.narrow(0, i, 1)?, t))
-            .collect()
+        each_input(x, targets, |xi, t| self.attribute_one(model, xi, t))
     }
 }
 

@@ -31,7 +31,9 @@ use crate::baseline::{Baseline, Normalisation};
 use crate::error::{settings, Result};
 use crate::segments::{slic, Segments};
 use crate::target::target_logits;
-use crate::{chunks, default_internal_batch, Attribution, Attributor, Completeness, Sign};
+use crate::{
+    chunks, default_internal_batch, each_input, Attribution, Attributor, Completeness, Sign,
+};
 
 /// LIME's kernel width for images (its `LimeImageExplainer` default).
 pub const LIME_KERNEL_WIDTH: f64 = 0.25;
@@ -411,11 +413,7 @@ impl Attributor for FeaturePerturbation {
         x: &Tensor,
         targets: &[usize],
     ) -> Result<Vec<Attribution>> {
-        targets
-            .iter()
-            .enumerate()
-            .map(|(i, &t)| self.attribute_one(model, &x.narrow(0, i, 1)?, t))
-            .collect()
+        each_input(x, targets, |xi, t| self.attribute_one(model, xi, t))
     }
 }
 

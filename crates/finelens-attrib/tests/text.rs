@@ -33,6 +33,25 @@ fn ids(v: &[u32]) -> Tensor {
     Tensor::from_vec(v.to_vec(), (1, v.len()), &Device::Cpu).unwrap()
 }
 
+/// The tiny BERT with weights drawn from `seed`, in f64, frozen.
+fn tiny_bert(seed: u64) -> Bert {
+    let spec = tiny();
+    let store = ParamStore::init(&spec.param_specs(), seed, &Device::Cpu)
+        .unwrap()
+        .frozen_as(DType::F64)
+        .unwrap();
+    Bert::new(spec, &store).unwrap()
+}
+
+/// `bert` read on the word embeddings of one unpadded text of `t` tokens.
+fn on_words(bert: &Bert, t: usize) -> OnWordEmbeddings<'_> {
+    OnWordEmbeddings {
+        bert,
+        type_ids: Tensor::zeros((1, t), DType::U32, &Device::Cpu).unwrap(),
+        mask: Tensor::ones((1, t), DType::U32, &Device::Cpu).unwrap(),
+    }
+}
+
 fn relative_delta(ig: &IntegratedGradients, model: &OnWordEmbeddings, x: &Tensor) -> f64 {
     let target = finelens_attrib::predict(model, x, &Target::Predicted)
         .unwrap()
@@ -48,21 +67,12 @@ fn relative_delta(ig: &IntegratedGradients, model: &OnWordEmbeddings, x: &Tensor
 
 #[test]
 fn integrated_gradients_on_word_embeddings_is_complete() {
-    let spec = tiny();
-    let store = ParamStore::init(&spec.param_specs(), 5, &Device::Cpu)
-        .unwrap()
-        .frozen_as(DType::F64)
-        .unwrap();
-    let bert = Bert::new(spec, &store).unwrap();
+    let bert = tiny_bert(5);
     // [CLS] w w w w w [SEP], and the `pad` baseline: [CLS] [PAD]… [SEP].
     let text = [1u32, 7, 12, 25, 9, 17, 2];
     let base = [1u32, 0, 0, 0, 0, 0, 2];
     let t = text.len();
-    let model = OnWordEmbeddings {
-        bert: &bert,
-        type_ids: Tensor::zeros((1, t), DType::U32, &Device::Cpu).unwrap(),
-        mask: Tensor::ones((1, t), DType::U32, &Device::Cpu).unwrap(),
-    };
+    let model = on_words(&bert, t);
     let x = model.input(&ids(&text)).unwrap();
     assert_eq!(x.dims(), &[1, 1, t, 16]);
     let baseline = Baseline::Image(model.input(&ids(&base)).unwrap());
@@ -103,19 +113,10 @@ fn integrated_gradients_on_word_embeddings_is_complete() {
 fn attention_and_its_gradient_match_finite_differences() {
     use finelens_attrib::attention::{attention, grad_rollout, rollout, Readout};
     use finelens_models::{Classifier, Mode};
-    let spec = tiny();
-    let store = ParamStore::init(&spec.param_specs(), 8, &Device::Cpu)
-        .unwrap()
-        .frozen_as(DType::F64)
-        .unwrap();
-    let bert = Bert::new(spec, &store).unwrap();
+    let bert = tiny_bert(8);
     let text = [1u32, 4, 19, 11, 2];
     let t = text.len();
-    let model = OnWordEmbeddings {
-        bert: &bert,
-        type_ids: Tensor::zeros((1, t), DType::U32, &Device::Cpu).unwrap(),
-        mask: Tensor::ones((1, t), DType::U32, &Device::Cpu).unwrap(),
-    };
+    let model = on_words(&bert, t);
     let x = model.input(&ids(&text)).unwrap();
     let target = 1;
     let layers = attention(&model, &x, Some(target)).unwrap();
@@ -162,19 +163,10 @@ fn attention_and_its_gradient_match_finite_differences() {
 #[test]
 fn layer_methods_on_token_layers() {
     use finelens_attrib::{LayerConductance, LayerIntegratedGradients, NeuronIntegratedGradients};
-    let spec = tiny();
-    let store = ParamStore::init(&spec.param_specs(), 5, &Device::Cpu)
-        .unwrap()
-        .frozen_as(DType::F64)
-        .unwrap();
-    let bert = Bert::new(spec, &store).unwrap();
+    let bert = tiny_bert(5);
     let (text, base) = ([1u32, 7, 12, 25, 9, 2], [1u32, 0, 0, 0, 0, 2]);
     let t = text.len();
-    let model = OnWordEmbeddings {
-        bert: &bert,
-        type_ids: Tensor::zeros((1, t), DType::U32, &Device::Cpu).unwrap(),
-        mask: Tensor::ones((1, t), DType::U32, &Device::Cpu).unwrap(),
-    };
+    let model = on_words(&bert, t);
     let x = model.input(&ids(&text)).unwrap();
     let baseline = Baseline::Image(model.input(&ids(&base)).unwrap());
     let norm = Normalisation {
@@ -237,19 +229,10 @@ fn layer_methods_on_token_layers() {
 #[test]
 fn kernel_shap_over_tokens_is_exact() {
     use finelens_attrib::surrogate::{FeaturePerturbation, Kind};
-    let spec = tiny();
-    let store = ParamStore::init(&spec.param_specs(), 5, &Device::Cpu)
-        .unwrap()
-        .frozen_as(DType::F64)
-        .unwrap();
-    let bert = Bert::new(spec, &store).unwrap();
+    let bert = tiny_bert(5);
     let (text, base) = ([1u32, 7, 12, 25, 9, 2], [1u32, 0, 0, 0, 0, 2]);
     let t = text.len();
-    let model = OnWordEmbeddings {
-        bert: &bert,
-        type_ids: Tensor::zeros((1, t), DType::U32, &Device::Cpu).unwrap(),
-        mask: Tensor::ones((1, t), DType::U32, &Device::Cpu).unwrap(),
-    };
+    let model = on_words(&bert, t);
     let x = model.input(&ids(&text)).unwrap();
     let m = |kind| FeaturePerturbation {
         kind,
