@@ -201,14 +201,18 @@ impl LayerIntegratedGradients {
         target: usize,
     ) -> Result<Attribution> {
         let layer = resolve_layer(self.name(), &self.layer, model)?;
-        let a = activation(model, x, &layer)?;
-        let maps = as_maps(&a, &layer, self.name())?;
+        let (_, c, h, w) = x.dims4()?;
         let baselines = self.ig.baseline.materialise(x, &self.ig.normalisation)?;
-        let starts = baselines
-            .iter()
-            .map(|b| {
+        // The input's activation and every baseline's, in one forward pass.
+        let mut inputs = vec![x.clone()];
+        inputs.extend(baselines.iter().cloned());
+        let all = activation(model, &Tensor::cat(&inputs, 0)?, &layer)?;
+        let a = all.narrow(0, 0, 1)?;
+        let maps = as_maps(&a, &layer, self.name())?;
+        let starts = (1..inputs.len())
+            .map(|k| {
                 Ok(Baseline::Image(as_maps(
-                    &activation(model, b, &layer)?,
+                    &all.narrow(0, k, 1)?,
                     &layer,
                     self.name(),
                 )?))
@@ -220,15 +224,15 @@ impl LayerIntegratedGradients {
             x,
             shape: a.dims().to_vec(),
         };
-        let (_, c, h, w) = maps.dims4()?;
         let ig = IntegratedGradients {
             baseline: Baseline::Average(starts),
             // The default batch for the layer's size would be too large: each point also runs
             // the network below the layer on the input.
-            internal_batch: Some(self.ig.internal_batch.unwrap_or_else(|| {
-                let (_, ci, hi, wi) = x.dims4().unwrap_or((1, c, h, w));
-                default_internal_batch(ci, hi, wi)
-            })),
+            internal_batch: Some(
+                self.ig
+                    .internal_batch
+                    .unwrap_or_else(|| default_internal_batch(c, h, w)),
+            ),
             ..self.ig.clone()
         };
         let mut out = ig.compute(&above, &maps, &[target])?;

@@ -20,6 +20,7 @@
 //! A convolution's kernel (out × in × k × k) is read as one out × (in·k·k) matrix, its rows the
 //! output channels' filters (not per k×k slice).
 
+use finelens_models::kernel::{gemm_into, View};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -51,15 +52,27 @@ pub struct Spectrum {
     pub correlation_traps: usize,
 }
 
+/// WeightWatcher's readings of α, in order of α.
+pub const READINGS: [&str; 3] = [
+    "over-fit (α < 2)",
+    "well trained (2 ≤ α ≤ 6)",
+    "under-trained (α > 6)",
+];
+
+/// Which of [`READINGS`] α falls in.
+pub fn reading_index(alpha: f64) -> usize {
+    if alpha < 2.0 {
+        0
+    } else if alpha <= 6.0 {
+        1
+    } else {
+        2
+    }
+}
+
 /// WeightWatcher's reading of α.
 pub fn reading(alpha: f64) -> &'static str {
-    if alpha < 2.0 {
-        "over-fit (α < 2)"
-    } else if alpha <= 6.0 {
-        "well trained (2 ≤ α ≤ 6)"
-    } else {
-        "under-trained (α > 6)"
-    }
+    READINGS[reading_index(alpha)]
 }
 
 /// The spectrum of a rows × cols matrix (row-major); `seed` permutes it for the traps.
@@ -173,40 +186,11 @@ pub fn eigenvalues_of_gram(w: &[f32], rows: usize, cols: usize) -> Vec<f64> {
         }
         (cols, rows, t)
     };
-    // G = V·Vᵀ by the `gemm` crate in f64 (a word-embedding matrix, 30,522 × 384, is 9 GFLOP:
-    // a plain dot-product loop took seconds).
+    // G = V·Vᵀ by GEMM in f64 (a word-embedding matrix, 30,522 × 384, is 9 GFLOP: a plain
+    // dot-product loop took seconds).
     let mut gram = vec![0f64; k * k];
-    let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: V is k × len row-major (column stride 1, row stride len), read as both operands
-    // (Vᵀ: column stride len, row stride 1); G is k × k; every index stays inside the slices.
-    unsafe {
-        gemm::gemm(
-            k,
-            k,
-            len,
-            gram.as_mut_ptr(),
-            1,
-            k as isize,
-            false,
-            v.as_ptr(),
-            1,
-            len as isize,
-            v.as_ptr(),
-            len as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
+    let vm = View::rows(&v, k, len);
+    gemm_into(&mut gram, k, vm, vm.t(), false);
     symmetric_eigenvalues(gram, k)
 }
 

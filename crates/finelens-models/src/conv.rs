@@ -398,7 +398,7 @@ impl Conv {
             let (wp, wn) = (w.relu()?.contiguous()?, w.minimum(0.0)?.contiguous()?);
             let z2 = ((x.apply_op2_no_bwd(&w, &plain)? - l.apply_op2_no_bwd(&wp, &plain)?)?
                 - hi.apply_op2_no_bwd(&wn, &plain)?)?;
-            let s = ((&grad * &z)? / z2.affine(1.0, epsilon)?)?.contiguous()?;
+            let s = crate::rules::lrp_message(&grad, &z, &z2, epsilon)?;
             let back = |k: &Tensor| s.apply_op2_no_bwd(k, &InputGrad(self.0));
             let r = (((&x * back(&w)?)? - (l * back(&wp)?)?)? - (hi * back(&wn)?)?)?;
             crate::rules::put_input_relevance(r);
@@ -424,10 +424,7 @@ impl Conv {
                 (w2, z2)
             }
         };
-        let eps = rule.epsilon();
-        // z′ + ε·sign(z′), sign(0) = +1.
-        let denominator = (&z2 + z2.ge(0.0)?.to_dtype(z2.dtype())?.affine(2.0 * eps, -eps)?)?;
-        let s = ((grad * z)? / denominator)?.contiguous()?;
+        let s = crate::rules::lrp_message(&grad, &z, &z2, rule.epsilon())?;
         s.apply_op2_no_bwd(&w2, &InputGrad(self.0))
     }
 

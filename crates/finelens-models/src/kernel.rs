@@ -159,7 +159,7 @@ impl CustomOp2 for Backward {
 
 /// A matrix over a slice: element (i, j) at `i·rs + j·cs`.
 #[derive(Clone, Copy)]
-pub(crate) struct View<'a, T> {
+pub struct View<'a, T> {
     pub(crate) data: &'a [T],
     pub(crate) rows: usize,
     pub(crate) cols: usize,
@@ -169,7 +169,7 @@ pub(crate) struct View<'a, T> {
 
 impl<'a, T> View<'a, T> {
     /// Row-major.
-    pub(crate) fn rows(data: &'a [T], rows: usize, cols: usize) -> Self {
+    pub fn rows(data: &'a [T], rows: usize, cols: usize) -> Self {
         Self {
             data,
             rows,
@@ -179,7 +179,8 @@ impl<'a, T> View<'a, T> {
         }
     }
 
-    pub(crate) fn t(self) -> Self {
+    /// The transpose, without a copy.
+    pub fn t(self) -> Self {
         Self {
             rows: self.cols,
             cols: self.rows,
@@ -198,7 +199,7 @@ impl<'a, T> View<'a, T> {
 
 /// dst = a·b, or dst += a·b with `accumulate`; dst is row-major with row stride `dst_rs`. The
 /// `gemm` crate candle runs on, multi-threaded on the rayon pool.
-pub(crate) fn gemm_into<T: Float + 'static>(
+pub fn gemm_into<T: Float + 'static>(
     dst: &mut [T],
     dst_rs: usize,
     a: View<T>,

@@ -11,7 +11,7 @@ pub mod dropout;
 pub mod error;
 pub mod gelu;
 pub mod json;
-mod kernel;
+pub mod kernel;
 pub mod layer_norm;
 pub mod linear;
 pub mod memory;

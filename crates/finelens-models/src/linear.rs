@@ -151,9 +151,8 @@ impl CustomOp3 for Dense {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         if let Some(rule) = self.lrp {
             // LRP-ε: g_x = Wᵀ(g ⊙ z / (z + ε·sign z)), z = y with its bias.
-            let (z, eps) = (y.detach(), rule.epsilon());
-            let denominator = (&z + z.ge(0.0)?.to_dtype(z.dtype())?.affine(2.0 * eps, -eps)?)?;
-            let s = ((grad.detach() * z)? / denominator)?.contiguous()?;
+            let z = y.detach();
+            let s = crate::rules::lrp_message(&grad.detach(), &z, &z, rule.epsilon())?;
             let dx = s.apply_op2_no_bwd(&w.detach(), &Grad(*self, Wrt::Input))?;
             return Ok((Some(dx), None, None));
         }

@@ -155,6 +155,19 @@ pub fn lrp_conv() -> Option<LrpLayer> {
     })
 }
 
+/// The message every LRP rule sends back before its weights: s = g ⊙ z / (z′ + ε·sign z′), with
+/// g the upstream gradient, z the layer's output and z′ the rule's activations (sign 0 = +1).
+pub fn lrp_message(
+    grad: &candle_core::Tensor,
+    z: &candle_core::Tensor,
+    z_rule: &candle_core::Tensor,
+    epsilon: f64,
+) -> candle_core::Result<candle_core::Tensor> {
+    let sign = z_rule.ge(0.0)?.to_dtype(z_rule.dtype())?;
+    let denominator = (z_rule + sign.affine(2.0 * epsilon, -epsilon)?)?;
+    ((grad * z)? / denominator)?.contiguous()
+}
+
 /// The rule a dense layer built now takes: ε; `None` outside LRP.
 pub fn lrp_dense() -> Option<LrpLayer> {
     let rules = LRP

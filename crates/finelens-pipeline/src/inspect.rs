@@ -74,14 +74,9 @@ pub fn spectra_table(spectra: &[LayerSpectrum]) -> String {
             .collect::<Vec<_>>()
             .join("×");
         let reading = s.alpha.map_or("no fit (too few eigenvalues)", |a| {
-            counts[if a < 2.0 {
-                0
-            } else if a <= 6.0 {
-                1
-            } else {
-                2
-            }] += 1;
-            finelens_drift::spectrum::reading(a)
+            let i = finelens_drift::spectrum::reading_index(a);
+            counts[i] += 1;
+            finelens_drift::spectrum::READINGS[i]
         });
         let _ = writeln!(
             out,
