@@ -495,7 +495,7 @@ fn demo_evaluates_the_shipped_fixture() {
         // The text audits with the default policy: the clean model passes, the shortcut model is
         // flagged, its top word a title in no rationale.
         let clean = read_json(&out_dir.join("audit-text-sentiment/report.json"));
-        assert_eq!(clean["schema_version"], "finelens-text-audit/2");
+        assert_eq!(clean["schema_version"], "finelens-text-audit/3");
         assert_eq!(clean["sanity"]["independent"].as_array().unwrap().len(), 9);
         assert_eq!(clean["pass"], true, "{}", clean["verdicts"]);
         // WeightWatcher's α per matrix, before and after, in the drift section: the frozen
@@ -2310,11 +2310,31 @@ fn text_audit_report_escapes_data_and_renders_in_a_browser() {
     let o = audit(&report, &val, &[]);
     assert!(matches!(o.status.code(), Some(0 | 1)), "{}", stderr(&o));
     let r = read_json(&report.join("report.json"));
-    assert_eq!(r["schema_version"], "finelens-text-audit/2");
-    let c = &r["complexity"];
+    assert_eq!(r["schema_version"], "finelens-text-audit/3");
+    let gated = &r["methods"][0];
+    let c = &gated["complexity"];
     assert_eq!(c["maps"], 6, "{c}");
     let rel = c["mean_relative_complexity"].as_f64().unwrap();
     assert!(rel > 0.0 && rel <= 1.0, "{c}");
+    // Quantus's figures in tokens: every text's perturbation figures, robustness and the random
+    // logit on the one randomisation text, and each gated through the policy.
+    assert_eq!(gated["perturbation"]["images"], 6, "{gated}");
+    assert_eq!(gated["robustness"]["images"], 1, "{gated}");
+    assert_eq!(gated["random_logit"]["images"], 1, "{gated}");
+    let figure = |k: &str| r["figures"][k].as_f64().unwrap_or_else(|| panic!("{k}"));
+    for (k, lo, hi) in [
+        ("faithfulness.min_correlation", -1.0, 1.0),
+        ("faithfulness.min_monotonicity", -1.0, 1.0),
+        ("faithfulness.max_infidelity", 0.0, 1.0),
+        ("sanity.max_random_logit_ssim", -1.0, 1.0),
+        ("robustness.max_sensitivity", 0.0, f64::INFINITY),
+    ] {
+        assert!((lo..=hi).contains(&figure(k)), "{k}: {}", figure(k));
+    }
+    assert_eq!(
+        gated["perturbation"]["faithfulness_correlation"].as_f64(),
+        Some(figure("faithfulness.min_correlation"))
+    );
     let stages = [
         "head",
         "pooler",
@@ -2372,11 +2392,42 @@ fn text_audit_report_escapes_data_and_renders_in_a_browser() {
         "independent (it alone)",
         "Drift from the base",
         "Provenance",
+        "figures per method",
     ] {
         assert!(html.contains(needle), "{needle}");
     }
     if let Some(browser) = chromium() {
         assert_renders_in_chromium(&browser, &report.join("index.html"), "text-audit.png");
+    }
+
+    // `evaluate` on a text model: every gradient method measured, one row each, no gate; the
+    // gated method's figures as the audit's (same seed, same texts).
+    let ev = d.path().join("evaluate");
+    let o = finelens(&[
+        "evaluate",
+        out.to_str().unwrap(),
+        "--data",
+        val.to_str().unwrap(),
+        "--methods",
+        "integrated_gradients:steps=16,saliency,gradient_x_input",
+        "--sanity-images",
+        "1",
+        "--out",
+        ev.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let table = String::from_utf8_lossy(&o.stdout).to_string() + &stderr(&o);
+    for m in ["saliency", "gradient_x_input"] {
+        assert!(table.lines().any(|l| l.starts_with(m)), "{m}: {table}");
+    }
+    let e = read_json(&ev.join("report.json"));
+    let methods = e["methods"].as_array().unwrap();
+    assert_eq!(methods.len(), 3);
+    assert_eq!(methods[0]["perturbation"], gated["perturbation"]);
+    for m in methods {
+        let rho = m["randomised_spearman"].as_f64().unwrap();
+        assert!(rho.abs() <= 1.0, "{m}");
+        assert_eq!(m["robustness"]["images"], 1, "{m}");
     }
 
     // Bad input: a rationale beyond its text, a shard of a text audit.

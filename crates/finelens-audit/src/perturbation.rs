@@ -145,11 +145,73 @@ pub fn perturbation_scores(
         .into_iter()
         .map(|f| (full - f).abs() as f32)
         .collect();
-    Ok(PerturbationScores {
-        faithfulness_correlation: pearson(&sums, &drops),
-        monotonicity: spearman(&mass, &changes),
-        infidelity: infidelity(&predicted, &drops),
-    })
+    Ok(PerturbationScores::of(
+        &sums, &predicted, &drops, &mass, &changes,
+    ))
+}
+
+/// The three figures over a text's word tokens, [MASK] standing in for the replacement image:
+/// subsets of a quarter of the words (at least one) for faithfulness correlation and
+/// infidelity, each word alone — a token is the text's patch — for monotonicity.
+/// `logits(variants)` is the target's logit for each variant, a variant being the positions to
+/// mask (the first is empty: the text itself); `words` the positions that may be masked;
+/// `relevance[i]` a position's score and `first_order[i]` its first-order prediction of the drop
+/// when it is masked, Iᵢᵀφᵢ with Iᵢ = eᵢ − e_[MASK] in the attributed embedding space.
+pub fn token_perturbation_scores<E>(
+    mut logits: impl FnMut(&[Vec<usize>]) -> std::result::Result<Vec<f64>, E>,
+    words: &[usize],
+    relevance: &[f32],
+    first_order: &[f64],
+    seed: u64,
+) -> std::result::Result<PerturbationScores, E> {
+    let n = words.len();
+    let size = (n / 4).max(1).min(n);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut variants: Vec<Vec<usize>> = vec![Vec::new()];
+    if n > 0 {
+        for _ in 0..CORRELATION_RUNS {
+            variants.push(
+                sample(&mut rng, n, size)
+                    .into_iter()
+                    .map(|k| words[k])
+                    .collect(),
+            );
+        }
+        variants.extend(words.iter().map(|&i| vec![i]));
+    }
+    let f = logits(&variants)?;
+    let full = f[0];
+    let subsets = &variants[1..variants.len() - n];
+    let sum = |s: &[usize], v: &dyn Fn(usize) -> f64| s.iter().map(|&i| v(i)).sum::<f64>();
+    let sums: Vec<f64> = subsets
+        .iter()
+        .map(|s| sum(s, &|i| relevance[i] as f64))
+        .collect();
+    let predicted: Vec<f64> = subsets
+        .iter()
+        .map(|s| sum(s, &|i| first_order[i]))
+        .collect();
+    let drops: Vec<f64> = f[1..=subsets.len()].iter().map(|v| full - v).collect();
+    let mass: Vec<f32> = words.iter().map(|&i| relevance[i].abs()).collect();
+    let changes: Vec<f32> = f[1 + subsets.len()..]
+        .iter()
+        .map(|v| (full - v).abs() as f32)
+        .collect();
+    Ok(PerturbationScores::of(
+        &sums, &predicted, &drops, &mass, &changes,
+    ))
+}
+
+impl PerturbationScores {
+    /// From the subsets' relevance sums, first-order predictions and logit drops, and the
+    /// patches' (tokens') |relevance| and |logit change|.
+    fn of(sums: &[f64], predicted: &[f64], drops: &[f64], mass: &[f32], changes: &[f32]) -> Self {
+        PerturbationScores {
+            faithfulness_correlation: pearson(sums, drops),
+            monotonicity: spearman(mass, changes),
+            infidelity: infidelity(predicted, drops),
+        }
+    }
 }
 
 /// Yeh et al.'s infidelity at the best non-negative scale, relative to E[Δf²] (module docs).
@@ -301,5 +363,54 @@ mod tests {
         assert!(infidelity(&[1.0, 2.0, -1.0], &[2.0, 4.0, -2.0]) < 1e-12);
         assert_eq!(infidelity(&[0.0, 0.0], &[1.0, 2.0]), 1.0);
         assert!(infidelity(&[1.0], &[0.0]).is_nan());
+    }
+
+    /// A bag-of-words logit, F = Σᵢ w[idᵢ]: masking a set of positions drops it by exactly
+    /// Σ (w[idᵢ] − w[MASK]) over them, so that map — which is also its own first-order
+    /// prediction — scores correlation 1, monotonicity 1 and infidelity 0; its negation −1 and
+    /// 1. The special tokens (positions 0 and last) are never masked.
+    #[test]
+    fn token_scores_of_a_bag_of_words_model() {
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        use rand::Rng;
+        use rand_distr::{Distribution, StandardNormal};
+        let w: Vec<f64> = (0..50).map(|_| StandardNormal.sample(&mut rng)).collect();
+        let mask = 49;
+        let ids: Vec<usize> = (0..22).map(|_| rng.random_range(0..49)).collect();
+        let words: Vec<usize> = (1..ids.len() - 1).collect();
+        let logits = |variants: &[Vec<usize>]| -> std::result::Result<Vec<f64>, ()> {
+            Ok(variants
+                .iter()
+                .map(|hide| {
+                    assert!(!hide.contains(&0) && !hide.contains(&(ids.len() - 1)));
+                    (0..ids.len())
+                        .map(|i| w[if hide.contains(&i) { mask } else { ids[i] }])
+                        .sum()
+                })
+                .collect())
+        };
+        let exact: Vec<f64> = ids.iter().map(|&id| w[id] - w[mask]).collect();
+        let rel: Vec<f32> = exact.iter().map(|&v| v as f32).collect();
+        let s = token_perturbation_scores(logits, &words, &rel, &exact, 2).unwrap();
+        assert!((s.faithfulness_correlation - 1.0).abs() < 1e-6, "{s:?}");
+        assert!((s.monotonicity - 1.0).abs() < 1e-9, "{s:?}");
+        assert!(s.infidelity < 1e-9, "{s:?}");
+        let neg: Vec<f64> = exact.iter().map(|v| -v).collect();
+        let negf: Vec<f32> = rel.iter().map(|v| -v).collect();
+        let a = token_perturbation_scores(logits, &words, &negf, &neg, 2).unwrap();
+        assert!((a.faithfulness_correlation + 1.0).abs() < 1e-6, "{a:?}");
+        assert_eq!(a.infidelity, 1.0);
+        // A constant map predicts nothing: no correlation to speak of, infidelity well above 0.
+        let flat = vec![1f32; ids.len()];
+        let c = token_perturbation_scores(logits, &words, &flat, &vec![1.0; ids.len()], 2).unwrap();
+        assert!(
+            c.faithfulness_correlation.abs() < 0.3 && c.infidelity > 0.5,
+            "{c:?}"
+        );
+        // Seeded.
+        assert_eq!(
+            s,
+            token_perturbation_scores(logits, &words, &rel, &exact, 2).unwrap()
+        );
     }
 }

@@ -192,7 +192,7 @@ pub const RULES: &[Rule] = &[
         key: "min_correlation",
         bound: Bound::Min,
         default: 0.0,
-        meaning: "faithfulness correlation (Bhatt et al. 2020): Pearson correlation, over random subsets of pixels, between the attribution they hold and the drop of the logit when they are replaced; above 0 when the map's sums predict what removing pixels does",
+        meaning: "faithfulness correlation (Bhatt et al. 2020): Pearson correlation, over random subsets of pixels, between the attribution they hold and the drop of the logit when they are replaced (for text: random quarters of the words, replaced by [MASK]); above 0 when the map's sums predict what removing pixels does",
     },
     Rule {
         figure: Figure::FaithfulnessMinMonotonicity,
@@ -200,7 +200,7 @@ pub const RULES: &[Rule] = &[
         key: "min_monotonicity",
         bound: Bound::Min,
         default: 0.0,
-        meaning: "monotonicity correlation (Nguyen & Martínez 2020): Spearman correlation, over an 8×8 grid of patches, between a patch's |attribution| and how much replacing it alone changes the logit",
+        meaning: "monotonicity correlation (Nguyen & Martínez 2020): Spearman correlation, over an 8×8 grid of patches (for text: each word), between a patch's |attribution| and how much replacing it alone changes the logit",
     },
     Rule {
         figure: Figure::FaithfulnessMaxInfidelity,
@@ -224,7 +224,7 @@ pub const RULES: &[Rule] = &[
         key: "max_sensitivity",
         bound: Bound::Max,
         default: 10.0,
-        meaning: "max-sensitivity (Yeh et al. 2019): the largest relative change of the map, ‖a(x̃) − a(x)‖/‖a(x)‖, over 8 inputs perturbed by 2% of their range, on the randomisation check's images (report-only by default)",
+        meaning: "max-sensitivity (Yeh et al. 2019): the largest relative change of the map, ‖a(x̃) − a(x)‖/‖a(x)‖, over 8 inputs perturbed by 2% of their range (for text: the word embeddings), on the randomisation check's images or texts (report-only by default)",
     },
     // Report-only by default (no explanation fails them); a team that wants concise maps sets them.
     Rule {

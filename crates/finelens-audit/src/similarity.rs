@@ -16,22 +16,23 @@ pub fn normalised_magnitude(a: &Array2<f32>) -> Array2<f32> {
     }
 }
 
-/// Mean SSIM over all 7×7 windows of two maps with values in [0, 1] (data range 1,
+/// Mean SSIM over all 7×7 windows (fewer on a side shorter than 7) of two maps with values in [0, 1] (data range 1,
 /// K₁ = 0.01, K₂ = 0.03, sample covariances as scikit-image computes them).
 pub fn ssim(a: &Array2<f32>, b: &Array2<f32>) -> f64 {
     assert_eq!(a.dim(), b.dim(), "maps of different sizes");
     let (h, w) = a.dim();
-    let win = SSIM_WINDOW.min(h).min(w).max(1);
+    // Per axis, so that a row (a text's tokens) gets SSIM's 1-D form, a 1×7 window.
+    let (wh, ww) = (SSIM_WINDOW.min(h).max(1), SSIM_WINDOW.min(w).max(1));
     let (c1, c2) = (0.01f64.powi(2), 0.03f64.powi(2));
-    let np = (win * win) as f64;
+    let np = (wh * ww) as f64;
     let cov_norm = if np > 1.0 { np / (np - 1.0) } else { 1.0 };
     let mut total = 0.0;
     let mut count = 0usize;
-    for y in 0..=h - win {
-        for x in 0..=w - win {
+    for y in 0..=h - wh {
+        for x in 0..=w - ww {
             let (mut sa, mut sb, mut saa, mut sbb, mut sab) = (0.0, 0.0, 0.0, 0.0, 0.0);
-            for i in y..y + win {
-                for j in x..x + win {
+            for i in y..y + wh {
+                for j in x..x + ww {
                     let (p, q) = (a[[i, j]] as f64, b[[i, j]] as f64);
                     sa += p;
                     sb += q;
@@ -74,6 +75,10 @@ mod tests {
         let s = ssim(&a, &b);
         assert!(s < 0.5, "{s}");
         assert!((rank_correlation(&a, &a) - 1.0).abs() < 1e-12);
+        // A row of tokens: the 1-D form, 1 for itself and lower for a shifted pattern.
+        let r = a.slice(ndarray::s![0..1, ..]).to_owned();
+        assert!((ssim(&r, &r) - 1.0).abs() < 1e-12);
+        assert!(ssim(&r, &b.slice(ndarray::s![0..1, ..]).to_owned()) < 0.5);
         assert_eq!(
             normalised_magnitude(&(&a * -2.0)),
             a.mapv(|v| v / (6.0 / 7.0))

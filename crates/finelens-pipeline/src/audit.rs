@@ -574,23 +574,56 @@ pub(crate) fn write_report(
 
 /// `finelens evaluate`: the audit with every metric for every method ([`AuditJob::evaluate`]),
 /// its report written as the audit's, then one row per method; no gate. A text model folder
-/// gets its text audit, whose figures are per method already.
+/// gets the text audit with every gradient method measured.
 pub fn evaluate(job: &AuditJob, progress: Progress) -> Result<()> {
     let job = AuditJob {
         evaluate: true,
         ..job.clone()
     };
-    if crate::text::is_model_folder(&job.model.path) {
-        crate::text_audit::audit_text(&job, progress)?;
-        return Ok(());
-    }
-    let outcome = audit(&job, progress)?;
-    progress(Event::Info(method_table(&outcome.document.audit.methods)));
+    let rows: Vec<_> = if crate::text::is_model_folder(&job.model.path) {
+        crate::text_audit::audit_text(&job, progress)?
+            .methods
+            .iter()
+            .map(|m| m.row())
+            .collect()
+    } else {
+        audit(&job, progress)?
+            .document
+            .audit
+            .methods
+            .iter()
+            .map(|m| {
+                let p = m.perturbation;
+                (
+                    m.method.clone(),
+                    [
+                        Some(m.sanity.fully_randomised_spearman()),
+                        Some(m.faithfulness.gain_over_random),
+                        m.road.as_ref().map(|r| r.gap),
+                        p.map(|p| p.faithfulness_correlation),
+                        p.map(|p| p.monotonicity),
+                        p.map(|p| p.infidelity),
+                        m.robustness.map(|r| r.max_sensitivity),
+                        m.random_logit.map(|r| r.ssim),
+                        m.complexity.as_ref().map(|c| c.mean_sparseness),
+                        m.complexity.as_ref().map(|c| c.mean_relative_complexity),
+                        m.localisation.as_ref().map(|l| l.relevance_mass_accuracy),
+                        m.localisation.as_ref().map(|l| l.pointing_game_hit_rate),
+                    ],
+                )
+            })
+            .collect()
+    };
+    progress(Event::Info(method_table(&rows)));
     Ok(())
 }
 
+/// Quantus's figures, one row per method (— where not measured): the method and, in
+/// [`method_table`]'s column order, its figures.
+pub type MethodRow = (String, [Option<f64>; 12]);
+
 /// Quantus's figures, one row per method (— where not measured).
-pub fn method_table(methods: &[finelens_audit::run::MethodResult]) -> String {
+pub fn method_table(methods: &[MethodRow]) -> String {
     let heads = [
         "method", "ρ rand", "gain", "ROAD", "corr", "monot", "infid", "max-sens", "logit",
         "sparse", "entropy", "mass", "point",
@@ -606,23 +639,8 @@ pub fn method_table(methods: &[finelens_audit::run::MethodResult]) -> String {
             }
         })
         .collect::<String>();
-    for m in methods {
-        let p = m.perturbation;
-        let cells = [
-            Some(m.sanity.fully_randomised_spearman()),
-            Some(m.faithfulness.gain_over_random),
-            m.road.as_ref().map(|r| r.gap),
-            p.map(|p| p.faithfulness_correlation),
-            p.map(|p| p.monotonicity),
-            p.map(|p| p.infidelity),
-            m.robustness.map(|r| r.max_sensitivity),
-            m.random_logit.map(|r| r.ssim),
-            m.complexity.as_ref().map(|c| c.mean_sparseness),
-            m.complexity.as_ref().map(|c| c.mean_relative_complexity),
-            m.localisation.as_ref().map(|l| l.relevance_mass_accuracy),
-            m.localisation.as_ref().map(|l| l.pointing_game_hit_rate),
-        ];
-        out.push_str(&format!("\n{:<28}", m.method));
+    for (method, cells) in methods {
+        out.push_str(&format!("\n{method:<28}"));
         for c in cells {
             out.push_str(&match c {
                 Some(v) if v.is_finite() => format!("{v:>9.3}"),
@@ -635,7 +653,8 @@ pub fn method_table(methods: &[finelens_audit::run::MethodResult]) -> String {
          random; ROAD: LeRF − MoRF; corr, monot: faithfulness and monotonicity correlation; \
          infid: infidelity at the best scale (low is good); max-sens: max-sensitivity; logit: \
          random-logit SSIM (low is good); sparse, entropy: Gini and relative entropy; mass, \
-         point: relevance mass accuracy and pointing game against the masks",
+         point: relevance mass accuracy and pointing game against the masks (texts: the \
+         rationales; ROAD is images' only)",
     );
     out
 }

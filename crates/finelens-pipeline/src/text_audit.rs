@@ -20,6 +20,13 @@
 //!   (lower-cased, over the class's texts); that word is flagged when it holds most of the
 //!   class's relevance and is in none of its rationales.
 //! * **completeness**: Σ|δ| / Σ|F(x) − F(baseline)| of integrated gradients.
+//! * **Quantus's figures** in tokens: faithfulness correlation, monotonicity and infidelity
+//!   with [MASK] as the removal ([`token_perturbation_scores`]; ROAD's imputation is for pixels —
+//!   a BERT was pretrained to read [MASK], the in-distribution removal ROAD builds for images);
+//!   on the randomisation check's texts max/avg-sensitivity and the local Lipschitz estimate of
+//!   the word-embedding map, and the random-logit test (SSIM of |scores| as a 1-D signal); the
+//!   sparseness and entropy of |scores|. Gated on the first method; `finelens evaluate`
+//!   measures every gradient method asked for.
 //! * **drift** (with `--base`): weight drift per stage, linear CKA per layer of the mean token
 //!   vector and attention drift, as `finelens drift` measures them; the policy gates the CKA of
 //!   the encoder's output (the last layer's mean over tokens).
@@ -32,10 +39,16 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use finelens_attrib::{Attribution, Attributor};
 use finelens_attrib::{BaselineSpec, Method, MethodSpec, TokenBaseline};
 use finelens_audit::complexity::{Complexity, MapComplexity};
+use finelens_audit::perturbation::{token_perturbation_scores, Perturbation, PerturbationScores};
 use finelens_audit::policy::{all_pass, Figure, Figures, Policy, Verdict};
-use finelens_data::text::{Columns, TextSet, TextTokenizer};
+use finelens_audit::robustness::{robustness, ImageRobustness, Robustness};
+use finelens_audit::run::RandomLogit;
+use finelens_audit::sanity::StageSimilarity;
+use finelens_audit::similarity::{normalised_magnitude, ssim};
+use finelens_data::text::{Columns, Encoded, TextSet, TextTokenizer};
 use finelens_drift::cka::RepresentationDrift;
 use finelens_drift::{spearman, WeightDrift};
 use finelens_models::bert::{Bert, TokenBatch};
@@ -90,6 +103,35 @@ pub struct AuditedText {
     /// Sparseness and complexity of |relevance| over the word tokens.
     #[serde(default)]
     pub complexity: Option<MapComplexity>,
+    /// Faithfulness correlation, monotonicity and infidelity over the word tokens.
+    #[serde(default)]
+    pub perturbation: Option<PerturbationScores>,
+    /// On the randomisation check's texts: max/avg-sensitivity and the local Lipschitz
+    /// estimate of the word-embedding map.
+    #[serde(default)]
+    pub robustness: Option<ImageRobustness>,
+    /// On the randomisation check's texts: the map of a random other class, compared.
+    #[serde(default)]
+    pub random_logit: Option<StageSimilarity>,
+}
+
+/// Quantus's figures for one method over the texts: the gated method's, and with
+/// `finelens evaluate` every gradient method's.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TextMethodResult {
+    pub method: String,
+    pub texts: usize,
+    /// (random − map) deletion AUC + (map − random) insertion AUC.
+    pub gain_over_random: f64,
+    pub perturbation: Option<Perturbation>,
+    pub robustness: Option<Robustness>,
+    pub random_logit: Option<RandomLogit>,
+    pub complexity: Option<Complexity>,
+    /// Spearman ρ of |token scores| with every weight random, on the randomisation check's
+    /// texts.
+    pub randomised_spearman: Option<f64>,
+    pub mass_on_rationale: Option<f64>,
+    pub pointing_game: Option<f64>,
 }
 
 /// ERASER's figures at one k.
@@ -179,8 +221,9 @@ pub struct TextAuditReport {
     pub figures: BTreeMap<String, f64>,
     pub sanity: TextSanity,
     pub eraser: Vec<Eraser>,
-    /// The gated method's complexity over the texts (Quantus's sparseness and complexity).
-    pub complexity: Option<Complexity>,
+    /// Quantus's figures per method: the gated method first, then (`finelens evaluate`) every
+    /// other gradient method asked for.
+    pub methods: Vec<TextMethodResult>,
     pub shortcut: Vec<ClassShortcut>,
     pub drift: Option<TextAuditDrift>,
     pub texts: Vec<AuditedText>,
@@ -191,30 +234,38 @@ pub struct TextAuditReport {
 }
 
 impl Versioned for TextAuditReport {
-    const SCHEMA: &'static str = "finelens-text-audit/2";
+    const SCHEMA: &'static str = "finelens-text-audit/3";
     fn schema_version(&self) -> &str {
         &self.schema_version
     }
 }
 
-/// Every class's probability for each token sequence (padded per batch).
-fn class_probabilities(bert: &Bert, variants: &[Vec<u32>], pad: u32) -> Result<Vec<Vec<f64>>> {
+/// Every class's logit for each token sequence (padded per batch).
+fn class_logits(bert: &Bert, variants: &[Vec<u32>], pad: u32) -> Result<Vec<Vec<f64>>> {
     let mut out = Vec::with_capacity(variants.len());
     for chunk in variants.chunks(VARIANT_BATCH) {
         let rows: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
         let batch = TokenBatch::padded(&rows, None, pad, &Device::Cpu)?;
-        let logits: Vec<Vec<f64>> = bert
-            .forward(&batch, Mode::Eval)?
-            .to_dtype(DType::F64)?
-            .to_vec2()?;
-        out.extend(logits.into_iter().map(|l| {
+        out.extend(
+            bert.forward(&batch, Mode::Eval)?
+                .to_dtype(DType::F64)?
+                .to_vec2::<f64>()?,
+        );
+    }
+    Ok(out)
+}
+
+/// Every class's probability for each token sequence.
+fn class_probabilities(bert: &Bert, variants: &[Vec<u32>], pad: u32) -> Result<Vec<Vec<f64>>> {
+    Ok(class_logits(bert, variants, pad)?
+        .into_iter()
+        .map(|l| {
             let max = l.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let e: Vec<f64> = l.iter().map(|v| (v - max).exp()).collect();
             let z: f64 = e.iter().sum();
             e.into_iter().map(|v| v / z).collect()
-        }));
-    }
-    Ok(out)
+        })
+        .collect())
 }
 
 /// The target's probability for each token sequence.
@@ -225,18 +276,20 @@ fn probabilities(bert: &Bert, variants: &[Vec<u32>], pad: u32, target: usize) ->
         .collect())
 }
 
+/// SplitMix64's step: the next state and its draw.
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 /// Fisher–Yates with SplitMix64 draws: a random order that depends only on the seed.
 fn shuffle(v: &mut [usize], seed: u64) {
     let mut state = seed;
-    let mut next = || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
     for i in (1..v.len()).rev() {
-        let j = (next() % (i as u64 + 1)) as usize;
+        let j = (splitmix64(&mut state) % (i as u64 + 1)) as usize;
         v.swap(i, j);
     }
 }
@@ -339,18 +392,43 @@ fn faithfulness(
     Ok(([del, ins, rdel, rins], eraser))
 }
 
-/// Token scores (Σ over hidden units), and integrated gradients' (|δ|, |ΔF|).
-type Scored = (Vec<f32>, Option<(f64, f64)>);
+/// One method's explanation of one text.
+struct Scored {
+    /// Per token, Σ over hidden units.
+    scores: Vec<f32>,
+    /// Per token, the first-order prediction of the logit's drop when it is masked,
+    /// (eᵢ − e_[MASK])ᵀφᵢ: infidelity's Iᵀφ.
+    first_order: Vec<f64>,
+    /// Integrated gradients: (|δ|, |ΔF|).
+    completeness: Option<(f64, f64)>,
+}
 
-/// The gated method's token scores for one text under `bert`.
+/// One method's token scores for a text under a model.
 struct Scorer<'a> {
     spec: &'a MethodSpec,
     hidden: usize,
     pad: u32,
+    mask_id: u32,
 }
 
 impl Scorer<'_> {
-    /// (Σ-over-hidden token scores, IG's (|δ|, |ΔF|)).
+    fn attribute<'b>(
+        &self,
+        bert: &'b Bert,
+        ids: &[u32],
+        word_ids: &[Option<u32>],
+        target: usize,
+    ) -> Result<(TextInput<'b>, Box<dyn Attributor>, Attribution)> {
+        let input = TextInput::new(bert, ids, &vec![0; ids.len()], word_ids)?;
+        let method = input
+            .methods([self.spec], self.pad, Some(self.mask_id))?
+            .remove(0);
+        let a = method
+            .attribute(&input.model, &input.x, &[target])?
+            .remove(0);
+        Ok((input, method, a))
+    }
+
     fn scores(
         &self,
         bert: &Bert,
@@ -358,22 +436,256 @@ impl Scorer<'_> {
         word_ids: &[Option<u32>],
         target: usize,
     ) -> Result<Scored> {
-        let input = TextInput::new(bert, ids, &vec![0; ids.len()], word_ids)?;
-        let method = input.methods([self.spec], self.pad, None)?.remove(0);
-        let a = method
-            .attribute(&input.model, &input.x, &[target])?
-            .remove(0);
-        let scores = a
-            .map
-            .as_slice()
-            .expect("standard layout")
+        let (input, _, a) = self.attribute(bert, ids, word_ids, target)?;
+        let map = a.map.as_slice().expect("standard layout");
+        let x: Vec<f32> = input.x.flatten_all()?.to_vec1()?;
+        let mask: Vec<f32> = input
+            .model
+            .input(&Tensor::new(&[[self.mask_id]], &Device::Cpu)?)?
+            .flatten_all()?
+            .to_vec1()?;
+        let scores = map
             .chunks(self.hidden)
             .map(|r| r.iter().map(|&v| v as f64).sum::<f64>() as f32)
             .collect();
-        Ok((
+        let first_order = map
+            .chunks(self.hidden)
+            .zip(x.chunks(self.hidden))
+            .map(|(phi, e)| {
+                phi.iter()
+                    .zip(e)
+                    .zip(&mask)
+                    .map(|((&p, &e), &m)| p as f64 * (e - m) as f64)
+                    .sum()
+            })
+            .collect();
+        Ok(Scored {
             scores,
-            a.completeness.map(|c| (c.delta, c.output_difference.abs())),
-        ))
+            first_order,
+            completeness: a.completeness.map(|c| (c.delta, c.output_difference.abs())),
+        })
+    }
+
+    /// Quantus's robustness estimates, the word embeddings perturbed (every token's, the
+    /// special tokens' too: they are the input as the method sees it).
+    fn robustness(
+        &self,
+        bert: &Bert,
+        ids: &[u32],
+        word_ids: &[Option<u32>],
+        target: usize,
+        seed: u64,
+    ) -> Result<ImageRobustness> {
+        let (input, method, a) = self.attribute(bert, ids, word_ids, target)?;
+        let map: Vec<f32> = a.map.iter().copied().collect();
+        Ok(robustness(
+            &input.model,
+            method.as_ref(),
+            &input.x,
+            &map,
+            target,
+            seed,
+        )?)
+    }
+}
+
+/// What one method's explanation of one text scores.
+struct OnText {
+    scored: Scored,
+    curves: [f64; 4],
+    eraser: Vec<[f64; 4]>,
+    perturbation: PerturbationScores,
+    complexity: Option<MapComplexity>,
+    /// (mass on the rationale, pointing, token F1, AUPRC), where the text has rationales.
+    plausibility: [Option<f64>; 4],
+    robustness: Option<ImageRobustness>,
+    random_logit: Option<StageSimilarity>,
+}
+
+/// One text as the checks read it.
+struct Read<'a> {
+    e: &'a Encoded,
+    /// The word tokens' positions.
+    words: &'a [usize],
+    in_rationale: Option<&'a [bool]>,
+    target: usize,
+    /// The target's probability on the whole text.
+    full: f64,
+    /// Its index among the audited texts (seeds the random draws).
+    index: usize,
+}
+
+/// The model under audit and what the checks share.
+struct Checks<'a> {
+    bert: &'a Bert,
+    mask_id: u32,
+    pad: u32,
+    classes: usize,
+    seed: u64,
+}
+
+impl Checks<'_> {
+    /// Every check of one method on one text; robustness and the random logit test only on the
+    /// randomisation check's texts (`sanity`), as for images.
+    fn measure(&self, scorer: &Scorer, t: &Read, sanity: bool) -> Result<OnText> {
+        let (bert, ids, words) = (self.bert, &t.e.ids, t.words);
+        let scored = scorer.scores(bert, ids, &t.e.word_ids, t.target)?;
+        let rel = &scored.scores;
+        let mut order = words.to_vec();
+        order.sort_by(|&a, &b| rel[b].total_cmp(&rel[a]).then(a.cmp(&b)));
+        let mix = (t.index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut random = words.to_vec();
+        shuffle(&mut random, self.seed ^ mix);
+        let (curves, eraser) = faithfulness(
+            bert,
+            ids,
+            words,
+            &order,
+            &random,
+            (self.mask_id, self.pad),
+            t.target,
+            t.full,
+        )?;
+        let perturbation = token_perturbation_scores(
+            |variants: &[Vec<usize>]| -> Result<Vec<f64>> {
+                let masked: Vec<Vec<u32>> = variants
+                    .iter()
+                    .map(|hide| {
+                        let mut v = ids.clone();
+                        for &i in hide {
+                            v[i] = self.mask_id;
+                        }
+                        v
+                    })
+                    .collect();
+                Ok(class_logits(bert, &masked, self.pad)?
+                    .into_iter()
+                    .map(|l| l[t.target])
+                    .collect())
+            },
+            words,
+            rel,
+            &scored.first_order,
+            self.seed ^ 0xFA17 ^ mix,
+        )?;
+        let (mut robust, mut random_logit) = (None, None);
+        if sanity {
+            robust = Some(scorer.robustness(
+                bert,
+                ids,
+                &t.e.word_ids,
+                t.target,
+                self.seed ^ 0x0B05 ^ mix,
+            )?);
+            if self.classes > 1 {
+                let mut state = self.seed ^ 0x5EED ^ mix;
+                let draw = splitmix64(&mut state) % (self.classes as u64 - 1);
+                let other = (t.target + 1 + draw as usize) % self.classes;
+                let theirs = scorer.scores(bert, ids, &t.e.word_ids, other)?.scores;
+                let row = |v: &[f32]| {
+                    ndarray::Array2::from_shape_fn((1, words.len()), |(_, j)| v[words[j]])
+                };
+                random_logit = Some(StageSimilarity {
+                    stage: format!("class {other}"),
+                    spearman: rank_similarity(rel, &theirs, words),
+                    ssim: ssim(
+                        &normalised_magnitude(&row(rel)),
+                        &normalised_magnitude(&row(&theirs)),
+                    ),
+                });
+            }
+        }
+        Ok(OnText {
+            complexity: MapComplexity::of(words.iter().map(|&i| rel[i])),
+            plausibility: t
+                .in_rationale
+                .map_or([None; 4], |r| plausibility(rel, &order, words, r)),
+            scored,
+            curves,
+            eraser,
+            perturbation,
+            robustness: robust,
+            random_logit,
+        })
+    }
+}
+
+/// Against a text's rationale (per token, inside a span): the share of positive relevance on
+/// it, whether the top token is in it (pointing), token F1 of the top-|R| tokens, and AUPRC.
+fn plausibility(rel: &[f32], order: &[usize], words: &[usize], r: &[bool]) -> [Option<f64>; 4] {
+    let positive = |i: usize| rel[i].max(0.0) as f64;
+    let total: f64 = words.iter().map(|&i| positive(i)).sum();
+    let on: f64 = words.iter().filter(|&&i| r[i]).map(|&i| positive(i)).sum();
+    let mass = if total > 0.0 { on / total } else { 0.0 };
+    let pointing = f64::from(u8::from(r[order[0]]));
+    let size = words.iter().filter(|&&i| r[i]).count();
+    let (mut f1, mut ap) = (None, None);
+    if size > 0 {
+        let hits = order[..size.min(order.len())]
+            .iter()
+            .filter(|&&i| r[i])
+            .count();
+        f1 = Some(hits as f64 / size as f64);
+        let w_scores: Vec<f32> = words.iter().map(|&i| rel[i]).collect();
+        let w_labels: Vec<bool> = words.iter().map(|&i| r[i]).collect();
+        ap = average_precision(&w_scores, &w_labels);
+    }
+    [Some(mass), Some(pointing), f1, ap]
+}
+
+impl TextMethodResult {
+    fn summarise(method: String, on: &[OnText], randomised_spearman: Option<f64>) -> Self {
+        let mean = |v: Vec<f64>| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+        let robust: Vec<ImageRobustness> = on.iter().filter_map(|o| o.robustness).collect();
+        let logit: Vec<&StageSimilarity> =
+            on.iter().filter_map(|o| o.random_logit.as_ref()).collect();
+        TextMethodResult {
+            method,
+            texts: on.len(),
+            gain_over_random: mean(
+                on.iter()
+                    .map(|o| (o.curves[2] - o.curves[0]) + (o.curves[1] - o.curves[3]))
+                    .collect(),
+            )
+            .unwrap_or(f64::NAN),
+            perturbation: Perturbation::summarise(
+                &on.iter().map(|o| o.perturbation).collect::<Vec<_>>(),
+            ),
+            robustness: Robustness::summarise(&robust),
+            random_logit: (!logit.is_empty()).then(|| RandomLogit {
+                images: logit.len(),
+                spearman: logit.iter().map(|l| l.spearman).sum::<f64>() / logit.len() as f64,
+                ssim: logit.iter().map(|l| l.ssim).sum::<f64>() / logit.len() as f64,
+            }),
+            complexity: Complexity::summarise(
+                &on.iter().filter_map(|o| o.complexity).collect::<Vec<_>>(),
+            ),
+            randomised_spearman,
+            mass_on_rationale: mean(on.iter().filter_map(|o| o.plausibility[0]).collect()),
+            pointing_game: mean(on.iter().filter_map(|o| o.plausibility[1]).collect()),
+        }
+    }
+
+    /// The row of `finelens evaluate`'s table (the image audit's columns; ROAD is images' only).
+    pub fn row(&self) -> crate::audit::MethodRow {
+        let p = self.perturbation;
+        (
+            self.method.clone(),
+            [
+                self.randomised_spearman,
+                Some(self.gain_over_random),
+                None,
+                p.map(|p| p.faithfulness_correlation),
+                p.map(|p| p.monotonicity),
+                p.map(|p| p.infidelity),
+                self.robustness.map(|r| r.max_sensitivity),
+                self.random_logit.map(|r| r.ssim),
+                self.complexity.as_ref().map(|c| c.mean_sparseness),
+                self.complexity.as_ref().map(|c| c.mean_relative_complexity),
+                self.mass_on_rationale,
+                self.pointing_game,
+            ],
+        )
     }
 }
 
@@ -398,22 +710,32 @@ pub fn audit_text(job: &AuditJob, progress: Progress) -> Result<TextAuditReport>
         }
         None => Policy::default(),
     };
-    let first = job
+    // The methods that give every token a score on the word embeddings; the first is gated,
+    // `finelens evaluate` measures them all.
+    let gradient = |s: &&MethodSpec| {
+        !matches!(s.method, Method::GradCam | Method::Occlusion)
+            && !Method::TEXT_ONLY.contains(&s.method)
+            && !Method::RELU_RULES.contains(&s.method)
+    };
+    let specs: Vec<MethodSpec> = job
         .methods
         .iter()
-        .find(|s| {
-            !matches!(s.method, Method::GradCam | Method::Occlusion)
-                && !Method::TEXT_ONLY.contains(&s.method)
-                && !Method::RELU_RULES.contains(&s.method)
+        .filter(gradient)
+        .take(if job.evaluate { usize::MAX } else { 1 })
+        .map(|s| {
+            let mut spec = MethodSpec {
+                method: s.method,
+                options: s.options.or(&job.shared),
+            };
+            if spec.method == Method::IntegratedGradients && spec.options.baseline.is_none() {
+                spec.options.baseline = Some(BaselineSpec::Tokens(TokenBaseline::Pad));
+            }
+            spec
         })
-        .ok_or_else(|| settings("audit: no gradient method to gate on (integrated_gradients, saliency, gradient_x_input…)"))?;
-    let mut spec = MethodSpec {
-        method: first.method,
-        options: first.options.or(&job.shared),
+        .collect();
+    let Some(spec) = specs.first() else {
+        return Err(settings("audit: no gradient method to gate on (integrated_gradients, saliency, gradient_x_input…)"));
     };
-    if spec.method == Method::IntegratedGradients && spec.options.baseline.is_none() {
-        spec.options.baseline = Some(BaselineSpec::Tokens(TokenBaseline::Pad));
-    }
     let max_length = m
         .record
         .as_ref()
@@ -439,25 +761,40 @@ pub fn audit_text(job: &AuditJob, progress: Progress) -> Result<TextAuditReport>
         )
     })?;
     let bert = Bert::new(m.spec.clone(), &m.store.frozen_as(DType::F32)?)?;
-    let scorer = Scorer {
-        spec: &spec,
+    let scorer_of = |spec| Scorer {
+        spec,
         hidden: m.spec.config.hidden_size,
         pad,
+        mask_id,
     };
+    let scorer = scorer_of(spec);
+    let checks = Checks {
+        bert: &bert,
+        mask_id,
+        pad,
+        classes: m.classes.len(),
+        seed: job.seed,
+    };
+    let n_sanity = job.sanity_images.min(samples.len());
     progress(Event::Info(format!(
         "auditing {} on {} text(s) of {} with {}",
         dir.display(),
         samples.len(),
         job.data.display(),
-        spec
+        specs
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
     )));
     progress(Event::Stage {
         name: "audit",
-        total: samples.len(),
+        total: samples.len() * specs.len(),
         unit: "texts",
     });
     let mut texts = Vec::new();
     let mut encoded = Vec::new();
+    let mut gated = Vec::new();
     for (k, s) in samples.iter().enumerate() {
         let e = tok.encode(&s.text)?;
         let words: Vec<usize> = (0..e.ids.len())
@@ -470,24 +807,6 @@ pub fn audit_text(job: &AuditJob, progress: Progress) -> Result<TextAuditReport>
         let predicted = (0..probs.len())
             .max_by(|&a, &b| probs[a].total_cmp(&probs[b]))
             .expect("classes");
-        let (relevance, completeness) = scorer.scores(&bert, &e.ids, &e.word_ids, predicted)?;
-        let mut order = words.clone();
-        order.sort_by(|&a, &b| relevance[b].total_cmp(&relevance[a]).then(a.cmp(&b)));
-        let mut random = words.clone();
-        shuffle(
-            &mut random,
-            job.seed ^ (k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-        );
-        let (curves, eraser) = faithfulness(
-            &bert,
-            &e.ids,
-            &words,
-            &order,
-            &random,
-            (mask_id, pad),
-            predicted,
-            probs[predicted],
-        )?;
         let in_rationale: Option<Vec<bool>> = (!s.rationale.is_empty()).then(|| {
             e.offsets
                 .iter()
@@ -495,52 +814,74 @@ pub fn audit_text(job: &AuditJob, progress: Progress) -> Result<TextAuditReport>
                 .map(|(&(a, b), w)| w.is_some() && s.rationale.iter().any(|&(x, y)| a < y && x < b))
                 .collect()
         });
-        let (mut mass, mut pointing, mut f1, mut ap) = (None, None, None, None);
-        if let Some(r) = &in_rationale {
-            let positive = |i: usize| relevance[i].max(0.0) as f64;
-            let total: f64 = words.iter().map(|&i| positive(i)).sum();
-            let on: f64 = words.iter().filter(|&&i| r[i]).map(|&i| positive(i)).sum();
-            mass = Some(if total > 0.0 { on / total } else { 0.0 });
-            pointing = Some(r[order[0]]);
-            let size = words.iter().filter(|&&i| r[i]).count();
-            if size > 0 {
-                let hits = order[..size.min(order.len())]
-                    .iter()
-                    .filter(|&&i| r[i])
-                    .count();
-                f1 = Some(hits as f64 / size as f64);
-                let w_scores: Vec<f32> = words.iter().map(|&i| relevance[i]).collect();
-                let w_labels: Vec<bool> = words.iter().map(|&i| r[i]).collect();
-                ap = average_precision(&w_scores, &w_labels);
-            }
-        }
-        let complexity = MapComplexity::of(words.iter().map(|&i| relevance[i]));
+        let on = checks.measure(
+            &scorer,
+            &Read {
+                e: &e,
+                words: &words,
+                in_rationale: in_rationale.as_deref(),
+                target: predicted,
+                full: probs[predicted],
+                index: k,
+            },
+            k < n_sanity,
+        )?;
+        let [mass, pointing, f1, ap] = on.plausibility;
         texts.push(AuditedText {
-            complexity,
+            complexity: on.complexity,
+            perturbation: Some(on.perturbation),
+            robustness: on.robustness,
+            random_logit: on.random_logit.clone(),
             source: s.source.clone(),
             text: s.text.clone(),
             label: m.classes[s.label].clone(),
             predicted: m.classes[predicted].clone(),
             probability: probs[predicted] as f32,
             tokens: e.tokens.clone(),
-            relevance,
+            relevance: on.scored.scores.clone(),
             in_rationale,
-            deletion_auc: curves[0],
-            insertion_auc: curves[1],
-            random_deletion_auc: curves[2],
-            random_insertion_auc: curves[3],
-            eraser,
+            deletion_auc: on.curves[0],
+            insertion_auc: on.curves[1],
+            random_deletion_auc: on.curves[2],
+            random_insertion_auc: on.curves[3],
+            eraser: on.eraser.clone(),
             mass_on_rationale: mass,
-            pointing,
+            pointing: pointing.map(|p| p > 0.5),
             token_f1: f1,
             auprc: ap,
-            completeness,
+            completeness: on.scored.completeness,
         });
+        gated.push(on);
         encoded.push((e, words, predicted));
         progress(Event::Advance {
             done: k + 1,
             item: &s.source,
         });
+    }
+    // `finelens evaluate`: the other methods on the same texts.
+    let mut others = Vec::new();
+    for (mi, spec) in specs.iter().enumerate().skip(1) {
+        let scorer = scorer_of(spec);
+        let mut on = Vec::new();
+        for (k, ((e, words, target), t)) in encoded.iter().zip(&texts).enumerate() {
+            on.push(checks.measure(
+                &scorer,
+                &Read {
+                    e,
+                    words,
+                    in_rationale: t.in_rationale.as_deref(),
+                    target: *target,
+                    full: t.probability as f64,
+                    index: k,
+                },
+                k < n_sanity,
+            )?);
+            progress(Event::Advance {
+                done: mi * texts.len() + k + 1,
+                item: &t.source,
+            });
+        }
+        others.push((spec, on));
     }
     progress(Event::StageEnd);
 
@@ -552,8 +893,7 @@ pub fn audit_text(job: &AuditJob, progress: Progress) -> Result<TextAuditReport>
         job.seed.wrapping_add(1),
         &Device::Cpu,
     )?;
-    let n_sanity = job.sanity_images.min(texts.len());
-    let randomised_rho = |prefixes: &[String]| -> Result<f64> {
+    let randomised = |prefixes: &[String]| -> Result<Bert> {
         let tensors: BTreeMap<String, Tensor> = m
             .store
             .iter()
@@ -567,14 +907,21 @@ pub fn audit_text(job: &AuditJob, progress: Progress) -> Result<TextAuditReport>
             })
             .collect::<Result<_>>()?;
         let store = ParamStore::from_tensors(&m.spec.param_specs(), tensors, &dir, "bert")?;
-        let random_bert = Bert::new(m.spec.clone(), &store.frozen_as(DType::F32)?)?;
+        Ok(Bert::new(m.spec.clone(), &store.frozen_as(DType::F32)?)?)
+    };
+    // Spearman ρ of a method's |token scores| (`own`, per text) under a randomised model with
+    // the trained model's, on the randomisation check's texts.
+    let rho = |scorer: &Scorer, own: &[&[f32]], random: &Bert| -> Result<f64> {
         let mut rho = 0.0;
-        for (t, (e, words, target)) in texts.iter().zip(&encoded).take(n_sanity) {
-            let (r, _) = scorer.scores(&random_bert, &e.ids, &e.word_ids, *target)?;
-            rho += rank_similarity(&t.relevance, &r, words);
+        for ((e, words, target), own) in encoded.iter().zip(own).take(n_sanity) {
+            let r = scorer.scores(random, &e.ids, &e.word_ids, *target)?.scores;
+            rho += rank_similarity(own, &r, words);
         }
         Ok(rho / n_sanity as f64)
     };
+    let relevance: Vec<&[f32]> = texts.iter().map(|t| t.relevance.as_slice()).collect();
+    let randomised_rho =
+        |prefixes: &[String]| -> Result<f64> { rho(&scorer, &relevance, &randomised(prefixes)?) };
     let mut sanity = TextSanity {
         cascading: Vec::new(),
         independent: Vec::new(),
@@ -603,6 +950,20 @@ pub fn audit_text(job: &AuditJob, progress: Progress) -> Result<TextAuditReport>
             done: stages.len() + sanity.independent.len(),
             item: &stage.name,
         });
+    }
+    let mut methods = vec![TextMethodResult::summarise(
+        spec.to_string(),
+        &gated,
+        sanity.cascading.last().map(|c| c.1),
+    )];
+    if !others.is_empty() {
+        let all: Vec<String> = stages.iter().flat_map(|s| s.prefixes.clone()).collect();
+        let random = randomised(&all)?;
+        for (spec, on) in &others {
+            let own: Vec<&[f32]> = on.iter().map(|o| o.scored.scores.as_slice()).collect();
+            let r = rho(&scorer_of(spec), &own, &random)?;
+            methods.push(TextMethodResult::summarise(spec.to_string(), on, Some(r)));
+        }
     }
     progress(Event::StageEnd);
 
@@ -709,18 +1070,27 @@ pub fn audit_text(job: &AuditJob, progress: Progress) -> Result<TextAuditReport>
     {
         figures.insert(Figure::ShortcutMaxHotspotConcentration, v);
     }
-    let complexity = Complexity::summarise(
-        &texts
-            .iter()
-            .filter_map(|t| t.complexity)
-            .collect::<Vec<_>>(),
-    );
-    if let Some(c) = &complexity {
+    let first = &methods[0];
+    if let Some(c) = &first.complexity {
         figures.insert(Figure::ComplexityMinSparseness, c.mean_sparseness);
         figures.insert(
             Figure::ComplexityMaxRelativeEntropy,
             c.mean_relative_complexity,
         );
+    }
+    if let Some(p) = &first.perturbation {
+        figures.insert(
+            Figure::FaithfulnessMinCorrelation,
+            p.faithfulness_correlation,
+        );
+        figures.insert(Figure::FaithfulnessMinMonotonicity, p.monotonicity);
+        figures.insert(Figure::FaithfulnessMaxInfidelity, p.infidelity);
+    }
+    if let Some(r) = &first.robustness {
+        figures.insert(Figure::RobustnessMaxSensitivity, r.max_sensitivity);
+    }
+    if let Some(r) = &first.random_logit {
+        figures.insert(Figure::SanityMaxRandomLogitSsim, r.ssim);
     }
     let (deltas, diffs): (f64, f64) = texts
         .iter()
@@ -776,7 +1146,7 @@ pub fn audit_text(job: &AuditJob, progress: Progress) -> Result<TextAuditReport>
         verdicts,
         sanity,
         eraser,
-        complexity,
+        methods,
         shortcut,
         drift,
         texts,
@@ -864,6 +1234,21 @@ fn summary(r: &TextAuditReport) -> String {
             .collect::<Vec<_>>()
             .join(", ")
     ));
+    let na = |v: Option<f64>| v.map_or("—".into(), |v| format!("{v:.3}"));
+    for m in &r.methods {
+        let p = m.perturbation;
+        lines.push(format!(
+            "{}: faithfulness correlation {}, monotonicity {}, infidelity {}, max-sensitivity {}, \
+             random-logit SSIM {}, sparseness {}",
+            m.method,
+            na(p.map(|p| p.faithfulness_correlation)),
+            na(p.map(|p| p.monotonicity)),
+            na(p.map(|p| p.infidelity)),
+            na(m.robustness.map(|r| r.max_sensitivity)),
+            na(m.random_logit.map(|r| r.ssim)),
+            na(m.complexity.as_ref().map(|c| c.mean_sparseness)),
+        ));
+    }
     lines.push(if r.pass {
         "verdict: all checks pass".into()
     } else {
@@ -1064,14 +1449,64 @@ pub fn blocks(r: &TextAuditReport) -> Result<Vec<Block>> {
             })
             .collect(),
     ));
-    if let Some(c) = &r.complexity {
-        b.push(Block::Paragraph(format!(
-            "Complexity of |{}| over the word tokens (Quantus; mean of {} texts): sparseness (Gini \
-             index, Chalasani et al. 2020) {:.3}; entropy {:.3} nats, {:.3} of its maximum \
-             (Bhatt et al. 2020).",
-            r.method, c.maps, c.mean_sparseness, c.mean_complexity, c.mean_relative_complexity
-        )));
-    }
+    b.push(Block::Heading(3, "Quantus's figures per method".into()));
+    b.push(Block::Paragraph(
+        "Over the word tokens, [MASK] standing in for a removed token: faithfulness correlation \
+         (Bhatt et al. 2020; random quarters of the words, Pearson of their score sums with the \
+         logit's drop), monotonicity (Nguyen & Martínez 2020; each word alone, Spearman of \
+         |score| with |logit change|), infidelity (Yeh et al. 2019; the same subsets, the scores' \
+         first-order prediction (e − e_[MASK])ᵀφ against the drop, at the best scale; low is \
+         good). On the randomisation check's texts: max- and avg-sensitivity and the local \
+         Lipschitz estimate (Yeh et al. 2019; Alvarez-Melis & Jaakkola 2018; the word embeddings \
+         perturbed by 2% of their range, 8 draws), the random-logit test (Sixt et al. 2020; \
+         SSIM of |scores| as a 1-D signal against a random other class's; low is good) and ρ with \
+         every weight random. Sparseness (Gini; Chalasani et al. 2020) and relative entropy \
+         (Bhatt et al. 2020) of |scores|; relevance mass and pointing against the rationales."
+            .into(),
+    ));
+    let opt = |v: Option<f64>| Cell::Number(v.unwrap_or(f64::NAN), 3);
+    b.push(Block::Table(
+        [
+            "method",
+            "ρ, all random",
+            "gain over random",
+            "faithfulness corr.",
+            "monotonicity",
+            "infidelity",
+            "max-sensitivity",
+            "avg-sensitivity",
+            "local Lipschitz",
+            "SSIM, random logit",
+            "sparseness",
+            "relative entropy",
+            "mass on rationale",
+            "pointing",
+        ]
+        .map(String::from)
+        .to_vec(),
+        r.methods
+            .iter()
+            .map(|m| {
+                let (p, rb) = (m.perturbation, m.robustness);
+                vec![
+                    Cell::Text(m.method.clone()),
+                    opt(m.randomised_spearman),
+                    Cell::Number(m.gain_over_random, 3),
+                    opt(p.map(|p| p.faithfulness_correlation)),
+                    opt(p.map(|p| p.monotonicity)),
+                    opt(p.map(|p| p.infidelity)),
+                    opt(rb.map(|r| r.max_sensitivity)),
+                    opt(rb.map(|r| r.avg_sensitivity)),
+                    opt(rb.map(|r| r.local_lipschitz)),
+                    opt(m.random_logit.map(|r| r.ssim)),
+                    opt(m.complexity.as_ref().map(|c| c.mean_sparseness)),
+                    opt(m.complexity.as_ref().map(|c| c.mean_relative_complexity)),
+                    opt(m.mass_on_rationale),
+                    opt(m.pointing_game),
+                ]
+            })
+            .collect(),
+    ));
     b.push(Block::Heading(3, "Sanity: parameter randomisation".into()));
     b.push(Block::Paragraph(
         "Spearman ρ of |token scores| between the trained model and the model with stages \
