@@ -573,27 +573,13 @@ pub fn summarise(partial: AuditPartial, class_names: &[String]) -> Result<AuditR
     if let Some(r) = &first.road {
         figures.insert(Figure::FaithfulnessMinRoadGap, r.gap);
     }
-    if let Some(r) = &first.robustness {
-        figures.insert(Figure::RobustnessMaxSensitivity, r.max_sensitivity);
-    }
-    if let Some(r) = &first.random_logit {
-        figures.insert(Figure::SanityMaxRandomLogitSsim, r.ssim);
-    }
-    if let Some(p) = &first.perturbation {
-        figures.insert(
-            Figure::FaithfulnessMinCorrelation,
-            p.faithfulness_correlation,
-        );
-        figures.insert(Figure::FaithfulnessMinMonotonicity, p.monotonicity);
-        figures.insert(Figure::FaithfulnessMaxInfidelity, p.infidelity);
-    }
-    if let Some(c) = &first.complexity {
-        figures.insert(Figure::ComplexityMinSparseness, c.mean_sparseness);
-        figures.insert(
-            Figure::ComplexityMaxRelativeEntropy,
-            c.mean_relative_complexity,
-        );
-    }
+    insert_quantus_figures(
+        &mut figures,
+        first.perturbation.as_ref(),
+        first.robustness.as_ref(),
+        first.random_logit.as_ref(),
+        first.complexity.as_ref(),
+    );
     if let Some(l) = &first.localisation {
         figures.insert(
             Figure::LocalisationMinMassAccuracy,
@@ -660,6 +646,38 @@ pub fn audit(
 /// Σᵢ |δᵢ| / Σᵢ |F(xᵢ) − F(x′)|: the mean completeness gap relative to the mean output change.
 /// A mean of per-image ratios explodes on one image whose output barely moves from the
 /// baseline's (|F(x) − F(x′)| ≈ 0), however exact its attribution, and fails a sound audit.
+/// The gated method's Quantus figures — perturbation, robustness, random logit, complexity —
+/// where measured, into the figures the policy reads (the image and the text audit alike).
+pub fn insert_quantus_figures(
+    figures: &mut Figures,
+    perturbation: Option<&Perturbation>,
+    robustness: Option<&Robustness>,
+    random_logit: Option<&RandomLogit>,
+    complexity: Option<&Complexity>,
+) {
+    if let Some(p) = perturbation {
+        figures.insert(
+            Figure::FaithfulnessMinCorrelation,
+            p.faithfulness_correlation,
+        );
+        figures.insert(Figure::FaithfulnessMinMonotonicity, p.monotonicity);
+        figures.insert(Figure::FaithfulnessMaxInfidelity, p.infidelity);
+    }
+    if let Some(r) = robustness {
+        figures.insert(Figure::RobustnessMaxSensitivity, r.max_sensitivity);
+    }
+    if let Some(r) = random_logit {
+        figures.insert(Figure::SanityMaxRandomLogitSsim, r.ssim);
+    }
+    if let Some(c) = complexity {
+        figures.insert(Figure::ComplexityMinSparseness, c.mean_sparseness);
+        figures.insert(
+            Figure::ComplexityMaxRelativeEntropy,
+            c.mean_relative_complexity,
+        );
+    }
+}
+
 pub fn pooled_relative_delta(images: &[Completeness]) -> Option<f64> {
     let gap: f64 = images.iter().map(|c| c.delta.abs()).sum();
     let moved: f64 = images.iter().map(|c| c.output_difference.abs()).sum();

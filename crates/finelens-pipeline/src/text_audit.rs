@@ -1071,27 +1071,13 @@ pub fn audit_text(job: &AuditJob, progress: Progress) -> Result<TextAuditReport>
         figures.insert(Figure::ShortcutMaxHotspotConcentration, v);
     }
     let first = &methods[0];
-    if let Some(c) = &first.complexity {
-        figures.insert(Figure::ComplexityMinSparseness, c.mean_sparseness);
-        figures.insert(
-            Figure::ComplexityMaxRelativeEntropy,
-            c.mean_relative_complexity,
-        );
-    }
-    if let Some(p) = &first.perturbation {
-        figures.insert(
-            Figure::FaithfulnessMinCorrelation,
-            p.faithfulness_correlation,
-        );
-        figures.insert(Figure::FaithfulnessMinMonotonicity, p.monotonicity);
-        figures.insert(Figure::FaithfulnessMaxInfidelity, p.infidelity);
-    }
-    if let Some(r) = &first.robustness {
-        figures.insert(Figure::RobustnessMaxSensitivity, r.max_sensitivity);
-    }
-    if let Some(r) = &first.random_logit {
-        figures.insert(Figure::SanityMaxRandomLogitSsim, r.ssim);
-    }
+    finelens_audit::run::insert_quantus_figures(
+        &mut figures,
+        first.perturbation.as_ref(),
+        first.robustness.as_ref(),
+        first.random_logit.as_ref(),
+        first.complexity.as_ref(),
+    );
     let (deltas, diffs): (f64, f64) = texts
         .iter()
         .filter_map(|t| t.completeness)
