@@ -34,3 +34,14 @@ pub(crate) fn settings(method: &'static str, reason: impl Into<String>) -> Attri
         reason: reason.into(),
     }
 }
+
+/// A method's internal batch, when set, holds at least one input.
+pub(crate) fn check_internal_batch(
+    method: &'static str,
+    internal_batch: Option<usize>,
+) -> Result<()> {
+    if internal_batch == Some(0) {
+        return Err(settings(method, "internal batch must be at least 1"));
+    }
+    Ok(())
+}

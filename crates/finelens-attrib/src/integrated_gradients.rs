@@ -11,7 +11,7 @@ use candle_core::Tensor;
 use finelens_models::Classifier;
 
 use crate::baseline::{Baseline, Normalisation};
-use crate::error::{settings, Result};
+use crate::error::{check_internal_batch, Result};
 use crate::quadrature::Rule;
 use crate::target::{input_gradients, target_logits};
 use crate::{
@@ -121,9 +121,7 @@ impl Attributor for IntegratedGradients {
 
     fn check(&self, _: &dyn Classifier) -> Result<()> {
         self.rule.nodes(self.steps)?;
-        if self.internal_batch == Some(0) {
-            return Err(settings(self.name(), "internal batch must be at least 1"));
-        }
+        check_internal_batch(self.name(), self.internal_batch)?;
         self.baseline.check(self.name())
     }
 

@@ -27,7 +27,7 @@ use finelens_models::{Classifier, Mode, ModelDescription};
 use ndarray::{Array3, Axis};
 
 use crate::baseline::{Baseline, Normalisation};
-use crate::error::{settings, Result};
+use crate::error::{check_internal_batch, settings, Result};
 use crate::grad_cam::upsample_bilinear;
 use crate::integrated_gradients::output_difference;
 use crate::integrated_gradients::IntegratedGradients;
@@ -357,9 +357,7 @@ impl Attributor for LayerConductance {
         if self.steps == 0 {
             return Err(settings(self.name(), "steps must be at least 1"));
         }
-        if self.internal_batch == Some(0) {
-            return Err(settings(self.name(), "internal batch must be at least 1"));
-        }
+        check_internal_batch(self.name(), self.internal_batch)?;
         self.baseline.check(self.name())?;
         Ok(model.check_layer(&resolve_layer(self.name(), &self.layer, model)?)?)
     }

@@ -8,7 +8,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
-use crate::error::{settings, Result};
+use crate::error::{check_internal_batch, settings, Result};
 use crate::target::input_gradients;
 use crate::{
     chunks, default_internal_batch, plain_attributions, to_maps, Attribution, Attributor, Sign,
@@ -82,9 +82,7 @@ pub(crate) fn check_sampling(
             format!("noise must be a non-negative fraction of the input range, got {noise}"),
         ));
     }
-    if internal_batch == Some(0) {
-        return Err(settings(method, "internal batch must be at least 1"));
-    }
+    check_internal_batch(method, internal_batch)?;
     Ok(())
 }
 

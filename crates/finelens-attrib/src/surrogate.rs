@@ -28,7 +28,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::baseline::{Baseline, Normalisation};
-use crate::error::{settings, Result};
+use crate::error::{check_internal_batch, settings, Result};
 use crate::segments::{slic, Segments};
 use crate::target::target_logits;
 use crate::{
@@ -401,9 +401,7 @@ impl Attributor for FeaturePerturbation {
         if self.kind != Kind::Ablation && self.samples < 2 {
             return Err(settings(self.name(), "samples must be at least 2"));
         }
-        if self.internal_batch == Some(0) {
-            return Err(settings(self.name(), "internal batch must be at least 1"));
-        }
+        check_internal_batch(self.name(), self.internal_batch)?;
         self.baseline.check(self.name())
     }
 

@@ -401,6 +401,8 @@ struct Scored {
     first_order: Vec<f64>,
     /// Integrated gradients: (|δ|, |ΔF|).
     completeness: Option<(f64, f64)>,
+    /// When asked for: max/avg-sensitivity and the local Lipschitz estimate.
+    robustness: Option<ImageRobustness>,
 }
 
 /// One method's token scores for a text under a model.
@@ -436,7 +438,21 @@ impl Scorer<'_> {
         word_ids: &[Option<u32>],
         target: usize,
     ) -> Result<Scored> {
-        let (input, _, a) = self.attribute(bert, ids, word_ids, target)?;
+        self.scores_with(bert, ids, word_ids, target, None)
+    }
+
+    /// [`Self::scores`], and with `robustness_seed` Quantus's robustness estimates from the same
+    /// attribution, the word embeddings perturbed (every token's, the special tokens' too: they
+    /// are the input as the method sees it).
+    fn scores_with(
+        &self,
+        bert: &Bert,
+        ids: &[u32],
+        word_ids: &[Option<u32>],
+        target: usize,
+        robustness_seed: Option<u64>,
+    ) -> Result<Scored> {
+        let (input, method, a) = self.attribute(bert, ids, word_ids, target)?;
         let map = a.map.as_slice().expect("standard layout");
         let x: Vec<f32> = input.x.flatten_all()?.to_vec1()?;
         let mask: Vec<f32> = input
@@ -459,33 +475,15 @@ impl Scorer<'_> {
                     .sum()
             })
             .collect();
+        let robustness = robustness_seed
+            .map(|seed| robustness(&input.model, method.as_ref(), &input.x, map, target, seed))
+            .transpose()?;
         Ok(Scored {
             scores,
             first_order,
             completeness: a.completeness.map(|c| (c.delta, c.output_difference.abs())),
+            robustness,
         })
-    }
-
-    /// Quantus's robustness estimates, the word embeddings perturbed (every token's, the
-    /// special tokens' too: they are the input as the method sees it).
-    fn robustness(
-        &self,
-        bert: &Bert,
-        ids: &[u32],
-        word_ids: &[Option<u32>],
-        target: usize,
-        seed: u64,
-    ) -> Result<ImageRobustness> {
-        let (input, method, a) = self.attribute(bert, ids, word_ids, target)?;
-        let map: Vec<f32> = a.map.iter().copied().collect();
-        Ok(robustness(
-            &input.model,
-            method.as_ref(),
-            &input.x,
-            &map,
-            target,
-            seed,
-        )?)
     }
 }
 
@@ -498,7 +496,6 @@ struct OnText {
     complexity: Option<MapComplexity>,
     /// (mass on the rationale, pointing, token F1, AUPRC), where the text has rationales.
     plausibility: [Option<f64>; 4],
-    robustness: Option<ImageRobustness>,
     random_logit: Option<StageSimilarity>,
 }
 
@@ -529,11 +526,12 @@ impl Checks<'_> {
     /// randomisation check's texts (`sanity`), as for images.
     fn measure(&self, scorer: &Scorer, t: &Read, sanity: bool) -> Result<OnText> {
         let (bert, ids, words) = (self.bert, &t.e.ids, t.words);
-        let scored = scorer.scores(bert, ids, &t.e.word_ids, t.target)?;
+        let mix = (t.index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let robustness_seed = sanity.then_some(self.seed ^ 0x0B05 ^ mix);
+        let scored = scorer.scores_with(bert, ids, &t.e.word_ids, t.target, robustness_seed)?;
         let rel = &scored.scores;
         let mut order = words.to_vec();
         order.sort_by(|&a, &b| rel[b].total_cmp(&rel[a]).then(a.cmp(&b)));
-        let mix = (t.index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let mut random = words.to_vec();
         shuffle(&mut random, self.seed ^ mix);
         let (curves, eraser) = faithfulness(
@@ -568,32 +566,22 @@ impl Checks<'_> {
             &scored.first_order,
             self.seed ^ 0xFA17 ^ mix,
         )?;
-        let (mut robust, mut random_logit) = (None, None);
-        if sanity {
-            robust = Some(scorer.robustness(
-                bert,
-                ids,
-                &t.e.word_ids,
-                t.target,
-                self.seed ^ 0x0B05 ^ mix,
-            )?);
-            if self.classes > 1 {
-                let mut state = self.seed ^ 0x5EED ^ mix;
-                let draw = splitmix64(&mut state) % (self.classes as u64 - 1);
-                let other = (t.target + 1 + draw as usize) % self.classes;
-                let theirs = scorer.scores(bert, ids, &t.e.word_ids, other)?.scores;
-                let row = |v: &[f32]| {
-                    ndarray::Array2::from_shape_fn((1, words.len()), |(_, j)| v[words[j]])
-                };
-                random_logit = Some(StageSimilarity {
-                    stage: format!("class {other}"),
-                    spearman: rank_similarity(rel, &theirs, words),
-                    ssim: ssim(
-                        &normalised_magnitude(&row(rel)),
-                        &normalised_magnitude(&row(&theirs)),
-                    ),
-                });
-            }
+        let mut random_logit = None;
+        if sanity && self.classes > 1 {
+            let mut state = self.seed ^ 0x5EED ^ mix;
+            let draw = splitmix64(&mut state) % (self.classes as u64 - 1);
+            let other = (t.target + 1 + draw as usize) % self.classes;
+            let theirs = scorer.scores(bert, ids, &t.e.word_ids, other)?.scores;
+            let row =
+                |v: &[f32]| ndarray::Array2::from_shape_fn((1, words.len()), |(_, j)| v[words[j]]);
+            random_logit = Some(StageSimilarity {
+                stage: format!("class {other}"),
+                spearman: rank_similarity(rel, &theirs, words),
+                ssim: ssim(
+                    &normalised_magnitude(&row(rel)),
+                    &normalised_magnitude(&row(&theirs)),
+                ),
+            });
         }
         Ok(OnText {
             complexity: MapComplexity::of(words.iter().map(|&i| rel[i])),
@@ -604,7 +592,6 @@ impl Checks<'_> {
             curves,
             eraser,
             perturbation,
-            robustness: robust,
             random_logit,
         })
     }
@@ -636,7 +623,7 @@ fn plausibility(rel: &[f32], order: &[usize], words: &[usize], r: &[bool]) -> [O
 impl TextMethodResult {
     fn summarise(method: String, on: &[OnText], randomised_spearman: Option<f64>) -> Self {
         let mean = |v: Vec<f64>| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
-        let robust: Vec<ImageRobustness> = on.iter().filter_map(|o| o.robustness).collect();
+        let robust: Vec<ImageRobustness> = on.iter().filter_map(|o| o.scored.robustness).collect();
         let logit: Vec<&StageSimilarity> =
             on.iter().filter_map(|o| o.random_logit.as_ref()).collect();
         TextMethodResult {
@@ -830,7 +817,7 @@ pub fn audit_text(job: &AuditJob, progress: Progress) -> Result<TextAuditReport>
         texts.push(AuditedText {
             complexity: on.complexity,
             perturbation: Some(on.perturbation),
-            robustness: on.robustness,
+            robustness: on.scored.robustness,
             random_logit: on.random_logit.clone(),
             source: s.source.clone(),
             text: s.text.clone(),
