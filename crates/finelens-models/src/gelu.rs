@@ -28,7 +28,7 @@ static OP: Pointwise = Pointwise {
 };
 
 /// The error function of candle's CPU kernels (libm's), per float type.
-trait Erf: Float + Send + Sync {
+pub(crate) trait Erf: Float + Send + Sync {
     fn erf(self) -> Self;
 }
 
@@ -50,7 +50,7 @@ fn cdf<T: Erf>(x: T) -> T {
     half * ((x / T::from(std::f64::consts::SQRT_2).unwrap()).erf() + T::one())
 }
 
-fn forward<T: Erf>(x: &[T]) -> Vec<T> {
+pub(crate) fn forward<T: Erf>(x: &[T]) -> Vec<T> {
     let mut y = vec![T::zero(); x.len()];
     y.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
@@ -62,7 +62,7 @@ fn forward<T: Erf>(x: &[T]) -> Vec<T> {
     y
 }
 
-fn backward<T: Erf>(x: &[T], dy: &[T]) -> Vec<T> {
+pub(crate) fn backward<T: Erf>(x: &[T], dy: &[T]) -> Vec<T> {
     // 1/√(2π) in full.
     let inv_sqrt_2pi =
         T::from(0.5 * std::f64::consts::FRAC_2_SQRT_PI / std::f64::consts::SQRT_2).unwrap();

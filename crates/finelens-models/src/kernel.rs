@@ -187,6 +187,17 @@ impl<'a, T> View<'a, T> {
         }
     }
 
+    /// Row-major rows of `cols` values, `rs` apart: a block of columns of a wider matrix.
+    pub fn strided(data: &'a [T], rows: usize, cols: usize, rs: usize) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            rs,
+            cs: 1,
+        }
+    }
+
     /// The transpose, without a copy.
     pub fn t(self) -> Self {
         Self {
@@ -214,6 +225,35 @@ pub fn gemm_into<T: Float + 'static>(
     b: View<T>,
     accumulate: bool,
 ) {
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    gemm_on(dst, dst_rs, a, b, accumulate, parallelism);
+}
+
+/// [`gemm_into`] on the calling thread alone: for small products that are themselves one of
+/// many tasks in parallel (attention's per-head products).
+pub fn gemm_serial_into<T: Float + 'static>(
+    dst: &mut [T],
+    dst_rs: usize,
+    a: View<T>,
+    b: View<T>,
+    accumulate: bool,
+) {
+    gemm_on(dst, dst_rs, a, b, accumulate, gemm::Parallelism::None);
+}
+
+fn gemm_on<T: Float + 'static>(
+    dst: &mut [T],
+    dst_rs: usize,
+    a: View<T>,
+    b: View<T>,
+    accumulate: bool,
+    parallelism: gemm::Parallelism,
+) {
     let (m, n, k) = (a.rows, b.cols, a.cols);
     assert!(
         a.cols == b.rows && a.fits() && b.fits(),
@@ -226,12 +266,6 @@ pub fn gemm_into<T: Float + 'static>(
     if m == 0 || n == 0 {
         return;
     }
-    let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
     // SAFETY: the asserts above keep every index `gemm` touches inside the three slices, and dst
     // (borrowed mutably) cannot alias a or b.
     unsafe {

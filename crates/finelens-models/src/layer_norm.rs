@@ -43,10 +43,11 @@ pub fn layer_norm(
     }
 }
 
+/// The kernels, on rows of `d` values.
 #[derive(Debug, Clone, Copy)]
-struct LayerNorm {
-    d: usize,
-    eps: f64,
+pub(crate) struct LayerNorm {
+    pub d: usize,
+    pub eps: f64,
 }
 
 impl LayerNorm {
@@ -65,7 +66,7 @@ impl LayerNorm {
         (mean, 1.0 / (var + self.eps).sqrt())
     }
 
-    fn forward<T: Float + Send + Sync>(&self, x: &[T], w: &[T], b: &[T]) -> Vec<T> {
+    pub fn forward<T: Float + Send + Sync>(&self, x: &[T], w: &[T], b: &[T]) -> Vec<T> {
         let mut y = vec![T::zero(); x.len()];
         y.par_chunks_mut(self.d)
             .zip(x.par_chunks(self.d))
@@ -78,6 +79,31 @@ impl LayerNorm {
                 }
             });
         y
+    }
+
+    /// dx alone (γ and β frozen), in place: `g` holds dy on entry.
+    pub fn input_grad_in_place<T: Float + Send + Sync>(&self, x: &[T], w: &[T], g: &mut [T]) {
+        let d = self.d;
+        g.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .with_min_len(16)
+            .for_each(|(g, x)| {
+                let (mean, inv) = self.stats(x);
+                let (mut g_mean, mut gx_mean) = (0f64, 0f64);
+                for j in 0..d {
+                    let xh = (x[j].to_f64().unwrap() - mean) * inv;
+                    let gj = g[j].to_f64().unwrap() * w[j].to_f64().unwrap();
+                    g_mean += gj;
+                    gx_mean += gj * xh;
+                }
+                g_mean /= d as f64;
+                gx_mean /= d as f64;
+                for j in 0..d {
+                    let xh = (x[j].to_f64().unwrap() - mean) * inv;
+                    let gj = g[j].to_f64().unwrap() * w[j].to_f64().unwrap();
+                    g[j] = T::from((gj - g_mean - xh * gx_mean) * inv).unwrap();
+                }
+            });
     }
 
     /// dx, and (dγ, dβ) as one 2×D buffer.

@@ -4,6 +4,7 @@
 
 pub mod batch_norm;
 pub mod bert;
+mod bert_layer;
 pub mod checkpoint;
 pub mod conv;
 pub mod describe;

@@ -134,6 +134,11 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(crate::linear::linear(x, &self.weight, &self.bias)?)
     }
+
+    /// The weight (out × in) and the bias.
+    pub(crate) fn parts(&self) -> [&Tensor; 2] {
+        [&self.weight, &self.bias]
+    }
 }
 
 /// `nn.BatchNorm2d` on the per-channel kernels of [`crate::batch_norm`] (candle-nn's has no

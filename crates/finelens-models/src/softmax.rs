@@ -87,57 +87,63 @@ impl Softmax {
     }
 
     fn forward<T: Float + Send + Sync>(&self, x: &[T]) -> Vec<T> {
-        let scale = T::from(self.scale).unwrap();
-        let mut y = vec![T::zero(); x.len()];
+        let mut y = x.to_vec();
         y.par_chunks_mut(self.d.max(1))
-            .zip(x.par_chunks(self.d.max(1)))
             .enumerate()
             .with_min_len(self.min_rows())
-            .for_each(|(r, (y, x))| {
-                let keep = self.keep(r);
-                // A row with no key to attend to is uniform, as transformers' all-lowest
-                // scores leave it.
-                if keep.is_some_and(|k| !k.contains(&true)) {
-                    y.fill(T::one() / T::from(y.len()).unwrap());
-                    return;
-                }
-                let kept = |j: usize| keep.is_none_or(|k| k[j]);
-                // Subtracting the row's maximum keeps exp in range; softmax does not change.
-                let max = x
-                    .iter()
-                    .enumerate()
-                    .filter(|&(j, _)| kept(j))
-                    .fold(T::neg_infinity(), |m, (_, &v)| m.max(v));
-                let mut sum = T::zero();
-                for (j, (y, &v)) in y.iter_mut().zip(x).enumerate() {
-                    if kept(j) {
-                        *y = (scale * (v - max)).exp();
-                        sum = sum + *y;
-                    }
-                }
-                for y in y.iter_mut() {
-                    *y = *y / sum;
-                }
-            });
+            .for_each(|(r, y)| softmax_in_place(y, self.scale, self.keep(r)));
         y
     }
 
     fn backward<T: Float + Send + Sync>(&self, y: &[T], dy: &[T]) -> Vec<T> {
-        let scale = T::from(self.scale).unwrap();
-        let mut dx = vec![T::zero(); y.len()];
+        let mut dx = dy.to_vec();
         dx.par_chunks_mut(self.d.max(1))
-            .zip(
-                y.par_chunks(self.d.max(1))
-                    .zip(dy.par_chunks(self.d.max(1))),
-            )
+            .zip(y.par_chunks(self.d.max(1)))
             .with_min_len(self.min_rows())
-            .for_each(|(dx, (y, dy))| {
-                let dot = y.iter().zip(dy).fold(T::zero(), |s, (&a, &b)| s + a * b);
-                for ((dx, &y), &dy) in dx.iter_mut().zip(y).zip(dy) {
-                    *dx = scale * y * (dy - dot);
-                }
-            });
+            .for_each(|(g, y)| softmax_backward_in_place(g, y, self.scale));
         dx
+    }
+}
+
+/// One row: x ← softmax(scale·x) over the kept keys (`keep`: `None` for all), 0 elsewhere.
+pub(crate) fn softmax_in_place<T: Float>(x: &mut [T], scale: f64, keep: Option<&[bool]>) {
+    // A row with no key to attend to is uniform, as transformers' all-lowest scores leave it.
+    if keep.is_some_and(|k| !k.contains(&true)) {
+        let u = T::one() / T::from(x.len()).unwrap();
+        x.fill(u);
+        return;
+    }
+    let scale = T::from(scale).unwrap();
+    let kept = |j: usize| keep.is_none_or(|k| k[j]);
+    // Subtracting the row's maximum keeps exp in range; softmax does not change.
+    let max = x
+        .iter()
+        .enumerate()
+        .filter(|&(j, _)| kept(j))
+        .fold(T::neg_infinity(), |m, (_, &v)| m.max(v));
+    let mut sum = T::zero();
+    for (j, v) in x.iter_mut().enumerate() {
+        *v = if kept(j) {
+            (scale * (*v - max)).exp()
+        } else {
+            T::zero()
+        };
+        sum = sum + *v;
+    }
+    for v in x.iter_mut() {
+        *v = *v / sum;
+    }
+}
+
+/// One row's backward, read off the output y: g ← scale·y ⊙ (g − ⟨g, y⟩), g holding dy.
+pub(crate) fn softmax_backward_in_place<T: Float>(g: &mut [T], y: &[T], scale: f64) {
+    let scale = T::from(scale).unwrap();
+    let dot = y
+        .iter()
+        .zip(g.iter())
+        .fold(T::zero(), |s, (&a, &b)| s + a * b);
+    for (g, &y) in g.iter_mut().zip(y) {
+        *g = scale * y * (*g - dot);
     }
 }
 
