@@ -222,7 +222,7 @@ fn plus_rows<T: Elem>(x: &[T], b: &[T]) -> Vec<T> {
     let mut y = x.to_vec();
     y.par_chunks_mut(b.len())
         .with_min_len(64)
-        .for_each(|row| row.iter_mut().zip(b).for_each(|(v, &b)| *v = *v + b));
+        .for_each(|row| row.iter_mut().zip(b).for_each(|(v, &b)| *v += b));
     y
 }
 
