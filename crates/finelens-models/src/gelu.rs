@@ -113,7 +113,7 @@ fn backward_exact<T: Erf>(x: &[T], dy: &[T], dx: &mut [T]) {
 mod fast {
     /// erf(z)/z in powers of z² for |z| ≤ 1.
     const ERF_SMALL: [f32; 7] = [
-        1.128_379_2,
+        std::f32::consts::FRAC_2_SQRT_PI,
         -0.376_126_26,
         0.112_835_85,
         -0.026_853_812,
@@ -124,9 +124,9 @@ mod fast {
     /// erfc(a)·e^(a²) in powers of s = 2.2353/a − 1.2353 (a ∈ [1, 9.5] ↦ s ∈ [−1, 1]).
     const ERFC_SCALED: [f32; 11] = [
         0.277_369,
-        0.182_473_09,
+        0.182_473_1,
         -0.036_218_42,
-        0.003_061_445_8,
+        0.003_061_446,
         0.001_765_223,
         -0.001_225_772_8,
         0.000_452_080_3,
@@ -135,7 +135,7 @@ mod fast {
         4.432_631e-5,
         -1.602_571_4e-5,
     ];
-    const S_SCALE: f32 = 2.235_294_1;
+    const S_SCALE: f32 = 2.235_294;
     const S_SHIFT: f32 = -1.235_294_1;
 
     #[inline(always)]
