@@ -22,11 +22,11 @@
 use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 use crate::gelu::{self, Erf};
-use crate::kernel::{contiguous, gemm_into, gemm_serial_into, View};
+use crate::kernel::{contiguous, gemm_into, gemm_serial_into, with_slices, View};
 use crate::layer_norm::LayerNorm;
 use crate::softmax::{softmax_backward_in_place, softmax_in_place};
 
@@ -199,22 +199,6 @@ struct BertLayer {
     /// The forward's activations, for the backward (only when x is tracked).
     saved: Mutex<Option<SavedAny>>,
     keep_activations: bool,
-}
-
-/// `f` on the parameters' values, read in place.
-fn with_params<T: WithDType, R>(
-    params: &[Tensor],
-    f: impl FnOnce(&[&[T]]) -> R,
-) -> candle_core::Result<R> {
-    let guards: Vec<_> = params.iter().map(|p| p.storage_and_layout()).collect();
-    let mut slices = Vec::with_capacity(guards.len());
-    for (storage, layout) in &guards {
-        let Storage::Cpu(cpu) = &**storage else {
-            candle_core::bail!("{NAME}: parameters must be on the CPU");
-        };
-        slices.push(contiguous(T::cpu_storage_as_slice(cpu)?, layout, NAME)?);
-    }
-    Ok(f(&slices))
 }
 
 /// Each row of `x` (rows of `b.len()`) plus `b`.
@@ -442,7 +426,7 @@ impl BertLayer {
     }
 
     fn run_forward<T: Elem>(&self, x: &[T]) -> candle_core::Result<CpuStorage> {
-        let (y, saved) = with_params(&self.params, |p| self.forward(x, p))?;
+        let (y, saved) = with_slices(NAME, &self.params, |p| self.forward(x, p))?;
         if self.keep_activations {
             *self.saved.lock().expect("not poisoned") = Some(T::wrap(saved));
         }
@@ -454,7 +438,7 @@ impl BertLayer {
         let Some(s) = saved.as_ref().and_then(T::unwrap) else {
             candle_core::bail!("{NAME}: backward without the forward's activations");
         };
-        let dx = with_params(&self.params, |p| self.backward(s, p, dy))?;
+        let dx = with_slices(NAME, &self.params, |p| self.backward(s, p, dy))?;
         Ok(T::to_cpu_storage_owned(dx))
     }
 }

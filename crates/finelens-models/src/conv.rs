@@ -77,7 +77,7 @@ pub fn conv2d_biased(
 
 /// The shapes of one convolution.
 #[derive(Debug, Clone, Copy)]
-struct Geometry {
+pub(crate) struct Geometry {
     n: usize,
     c_in: usize,
     h: usize,
@@ -91,7 +91,7 @@ struct Geometry {
 }
 
 impl Geometry {
-    fn new(
+    pub(crate) fn new(
         (n, c_in, h, w): (usize, usize, usize, usize),
         (c_out, kc, kh, kw): (usize, usize, usize, usize),
         stride: usize,
@@ -117,6 +117,16 @@ impl Geometry {
             oh: (h + 2 * padding - kh) / stride + 1,
             ow: (w + 2 * padding - kw) / stride + 1,
         })
+    }
+
+    /// N × C_in × H × W.
+    pub(crate) fn input_shape(&self) -> Shape {
+        Shape::from((self.n, self.c_in, self.h, self.w))
+    }
+
+    /// N × C_out × OH × OW.
+    pub(crate) fn output_shape(&self) -> Shape {
+        Shape::from((self.n, self.c_out, self.oh, self.ow))
     }
 
     /// C_in·k·k, the rows of X̂.
@@ -261,7 +271,7 @@ impl Geometry {
         View::rows(data, self.c_out, width)
     }
 
-    fn forward<T: Float + Send + Sync + 'static>(
+    pub(crate) fn forward<T: Float + Send + Sync + 'static>(
         &self,
         x: &[T],
         w: &[T],
@@ -311,7 +321,7 @@ impl Geometry {
         y
     }
 
-    fn input_grad<T: Float + Send + Sync + 'static>(&self, dy: &[T], w: &[T]) -> Vec<T> {
+    pub(crate) fn input_grad<T: Float + Send + Sync + 'static>(&self, dy: &[T], w: &[T]) -> Vec<T> {
         let (l, r) = (self.pixels(), self.rows());
         let mut dx = vec![T::zero(); self.n * self.c_in * self.h * self.w];
         let mut cols = vec![T::zero(); r * self.group() * l];
@@ -366,8 +376,7 @@ struct Conv(Geometry, Option<LrpLayer>);
 
 impl Conv {
     fn shape(&self) -> Shape {
-        let g = self.0;
-        Shape::from((g.n, g.c_out, g.oh, g.ow))
+        self.0.output_shape()
     }
 
     /// LRP's message to the input ([`crate::rules`]): g_x = W′ᵀ(g ⊙ z / (z′ + ε·sign z′)), z the

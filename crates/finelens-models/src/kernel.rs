@@ -25,6 +25,24 @@ pub(crate) fn contiguous<'a, T>(
     }
 }
 
+/// `f` on the values of `tensors` (CPU, contiguous, of type T), read in place: the frozen
+/// parameters an op holds beside its graph operands.
+pub(crate) fn with_slices<T: candle_core::WithDType, R>(
+    op: &str,
+    tensors: &[Tensor],
+    f: impl FnOnce(&[&[T]]) -> R,
+) -> candle_core::Result<R> {
+    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(guards.len());
+    for (storage, layout) in &guards {
+        let candle_core::Storage::Cpu(cpu) = &**storage else {
+            candle_core::bail!("{op}: parameters must be on the CPU");
+        };
+        slices.push(contiguous(T::cpu_storage_as_slice(cpu)?, layout, op)?);
+    }
+    Ok(f(&slices))
+}
+
 /// One operand's kernel, on f32 or f64 storage.
 pub(crate) fn run1(
     op: &str,

@@ -20,6 +20,7 @@ pub mod nn;
 pub mod params;
 pub mod pool;
 pub mod relu;
+mod residual_block;
 pub mod resnet;
 pub mod rules;
 pub mod softmax;

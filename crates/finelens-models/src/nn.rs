@@ -69,8 +69,8 @@ pub fn linear_specs(specs: &mut Vec<ParamSpec>, prefix: &str, out: usize, inp: u
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     weight: Tensor,
-    stride: usize,
-    padding: usize,
+    pub(crate) stride: usize,
+    pub(crate) padding: usize,
 }
 
 impl Conv2d {
@@ -96,22 +96,32 @@ impl Conv2d {
 /// into the convolution, conv(x; W·s) + t, so that neither pass sweeps the activations for it
 /// (forward and backward are the same function of x up to rounding).
 pub fn conv_bn(conv: &Conv2d, bn: &BatchNorm2d, x: &Tensor, mode: Mode) -> Result<Tensor> {
-    match bn.affine(mode)? {
-        Some((scale, shift)) => {
-            let c_out = scale.dim(0)?;
-            let weight = conv
-                .weight
-                .broadcast_mul(&scale.reshape((c_out, 1, 1, 1))?)?;
-            Ok(crate::conv::conv2d_biased(
-                x,
-                &weight,
-                &shift,
-                conv.stride,
-                conv.padding,
-            )?)
-        }
+    match folded(conv, bn, mode)? {
+        Some((weight, shift)) => Ok(crate::conv::conv2d_biased(
+            x,
+            &weight,
+            &shift,
+            conv.stride,
+            conv.padding,
+        )?),
         None => bn.forward(&conv.forward(x)?, mode),
     }
+}
+
+/// The convolution with its batch norm folded in, (W·s, t), where the batch norm is affine.
+pub(crate) fn folded(
+    conv: &Conv2d,
+    bn: &BatchNorm2d,
+    mode: Mode,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let Some((scale, shift)) = bn.affine(mode)? else {
+        return Ok(None);
+    };
+    let c_out = scale.dim(0)?;
+    let weight = conv
+        .weight
+        .broadcast_mul(&scale.reshape((c_out, 1, 1, 1))?)?;
+    Ok(Some((weight, shift)))
 }
 
 /// `nn.Linear`: y = x Wᵀ + b.

@@ -9,10 +9,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::describe::{InputKind, ModelDescription, Stage};
 use crate::error::{ModelError, Result};
-use crate::nn::{bn_specs, conv_bn, conv_specs, linear_specs, BatchNorm2d, Conv2d, Linear, Mode};
+use crate::nn::{
+    bn_specs, conv_bn, conv_specs, folded, linear_specs, BatchNorm2d, Conv2d, Linear, Mode,
+};
 use crate::params::{ParamSpec, ParamStore};
 use crate::pool::{max_pool2d, Pool2d};
 use crate::relu::relu;
+use crate::residual_block::{residual_block, Folded};
+use crate::rules::{backward_rule, BackwardRule};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlockKind {
@@ -291,6 +295,9 @@ impl Block {
     }
 
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        if let Some((convs, downsample)) = self.frozen(x, mode)? {
+            return Ok(residual_block(x, &convs, downsample.as_ref())?);
+        }
         let mut h = x.clone();
         let last = self.convs.len() - 1;
         for (i, (conv, bn)) in self.convs.iter().enumerate() {
@@ -304,6 +311,38 @@ impl Block {
             None => x.clone(),
         };
         Ok(relu(&(h + identity)?)?)
+    }
+}
+
+impl Block {
+    /// The block's convolutions with their batch norms folded in, when every batch norm is
+    /// affine and nothing is trained (and gradients are plain gradients): then the block runs
+    /// as one op ([`residual_block`]) — the same function with a fifth of the graph.
+    #[allow(clippy::type_complexity)]
+    fn frozen(&self, x: &Tensor, mode: Mode) -> Result<Option<(Vec<Folded>, Option<Folded>)>> {
+        if backward_rule() != BackwardRule::Gradient || !x.device().is_cpu() {
+            return Ok(None);
+        }
+        let fold = |(conv, bn): &(Conv2d, BatchNorm2d)| -> Result<Option<Folded>> {
+            Ok(folded(conv, bn, mode)?
+                .filter(|(w, b)| !w.track_op() && !b.track_op())
+                .map(|(w, b)| (w, b, conv.stride, conv.padding)))
+        };
+        let mut convs = Vec::with_capacity(self.convs.len());
+        for cb in &self.convs {
+            match fold(cb)? {
+                Some(f) => convs.push(f),
+                None => return Ok(None),
+            }
+        }
+        let downsample = match &self.downsample {
+            Some(cb) => match fold(cb)? {
+                Some(f) => Some(f),
+                None => return Ok(None),
+            },
+            None => None,
+        };
+        Ok(Some((convs, downsample)))
     }
 }
 
@@ -627,6 +666,44 @@ mod tests {
         let ((y0, g0), (y1, g1)) = (run(false), run(true));
         assert!(crate::testutil::max_rel_diff(&y0, &y1) < 1e-5);
         assert!(crate::testutil::max_rel_diff(&g0, &g1) < 1e-5);
+    }
+
+    /// With frozen weights each block is one op (`residual_block`); with trainable ones the
+    /// composed ops. Same logits and input gradient, for basic blocks (resnet-mini, strided
+    /// blocks with downsamples) and bottlenecks (resnet50), in f64 and f32, odd input sizes.
+    #[test]
+    fn fused_blocks_match_the_composed_ones() {
+        for (arch, size) in [(Arch::ResNetMini, 29), (Arch::ResNet50, 33)] {
+            let cfg = ModelConfig::new(arch, 3, Head::Linear).unwrap();
+            let store = ParamStore::init(&cfg.param_specs(), 6, &Device::Cpu).unwrap();
+            // Running statistics away from their initial values, so the folding is not trivial.
+            let warm = randn((4, 3, size, size), 0.5, 2.0, DType::F32, 2);
+            ResNet::new(cfg, &store)
+                .unwrap()
+                .forward(&warm, Mode::Train)
+                .unwrap();
+            for (dtype, tol) in [(DType::F64, 1e-11), (DType::F32, 2e-5)] {
+                let trained = store.cast(dtype).unwrap();
+                let frozen = store.frozen_as(dtype).unwrap();
+                let x = Var::from_tensor(&randn((2, 3, size, size), 0.0, 1.0, dtype, 3)).unwrap();
+                let coef = randn((2, 3), 0.0, 1.0, dtype, 4);
+                let run = |s: &ParamStore| {
+                    let m = ResNet::new(cfg, s).unwrap();
+                    let y = m.forward(x.as_tensor(), Mode::Eval).unwrap();
+                    let g = (&y * &coef).unwrap().sum_all().unwrap().backward().unwrap();
+                    (y, g.get(x.as_tensor()).unwrap().clone())
+                };
+                let ((y0, g0), (y1, g1)) = (run(&frozen), run(&trained));
+                let (ey, eg) = (
+                    crate::testutil::max_rel_diff(&y0, &y1),
+                    crate::testutil::max_rel_diff(&g0, &g1),
+                );
+                assert!(
+                    ey < tol && eg < tol,
+                    "{arch} {dtype:?}: logits {ey:.1e}, gradient {eg:.1e}"
+                );
+            }
+        }
     }
 
     /// The whole network's input gradient against central finite differences, in f64 so that

@@ -1,0 +1,263 @@
+//! A ResNet block (basic or bottleneck, He et al. 2016) as one op when its batch norms are
+//! folded into its convolutions and nothing in it is trained: explaining, auditing, evaluating,
+//! and the frozen blocks of a fine-tuning run.
+//!
+//! Composed of ops, a basic block is five graph nodes (convolution, ReLU, convolution, residual
+//! add, ReLU; six with a downsample), and candle's backward gives each node's input its gradient
+//! as zeros plus the gradient (`GradStore::or_insert`, then `add`): two sweeps of the block's
+//! activations per node. Here the backward is one pass: with the convolutions' folded weights Wᵢ
+//! and their ReLU outputs aᵢ,
+//!
+//! * forward: h₀ = x, aᵢ = ReLU(Wᵢ ∗ aᵢ₋₁ + bᵢ) for all but the last, z = W_L ∗ a_{L−1} + b_L,
+//!   y = ReLU(z + s), s = x or the downsample W_d ∗ x + b_d;
+//! * backward: g = dy ⊙ [y > 0], then back through the chain dₗ = (Wₗᵀ ⋆ dₗ₊₁) ⊙ [aₗ > 0], and
+//!   dx = W₁ᵀ ⋆ d₂ + (g or W_dᵀ ⋆ g): the ReLU masks read off the outputs, as the composed ops
+//!   (and PyTorch's `threshold_backward`) do, so the gradient at exactly 0 is 0.
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, WithDType};
+use num_traits::Float;
+use rayon::prelude::*;
+
+use crate::conv::Geometry;
+use crate::kernel::{contiguous, with_slices};
+
+const NAME: &str = "finelens-residual-block";
+
+/// Values per rayon task of the element-wise passes.
+const CHUNK: usize = 1 << 14;
+
+/// One folded convolution: weight (C_out × C_in × k × k), bias, stride, padding.
+pub(crate) type Folded = (Tensor, Tensor, usize, usize);
+
+/// The block of `convs` (a ReLU after each but the last) and `downsample` on `x` (N × C × H × W),
+/// differentiable in `x` only (the parameters must not be tracked).
+pub(crate) fn residual_block(
+    x: &Tensor,
+    convs: &[Folded],
+    downsample: Option<&Folded>,
+) -> candle_core::Result<Tensor> {
+    if convs.is_empty() {
+        candle_core::bail!("{NAME}: a block needs a convolution");
+    }
+    let dtype = x.dtype();
+    let mut geometry = Vec::with_capacity(convs.len() + 1);
+    let mut params = Vec::with_capacity(2 * convs.len() + 2);
+    let mut dims = x.dims4()?;
+    for (w, b, stride, padding) in convs.iter().chain(downsample) {
+        let input = if geometry.len() == convs.len() {
+            x.dims4()?
+        } else {
+            dims
+        };
+        let g = Geometry::new(input, w.dims4()?, *stride, *padding)?;
+        dims = g.output_shape().dims4()?;
+        geometry.push(g);
+        params.push(w.to_dtype(dtype)?.contiguous()?);
+        params.push(b.to_dtype(dtype)?.contiguous()?);
+    }
+    let out = geometry[convs.len() - 1].output_shape();
+    if downsample.is_some_and(|_| geometry[convs.len()].output_shape() != out)
+        || (downsample.is_none() && out.dims() != x.dims())
+    {
+        candle_core::bail!(
+            "{NAME}: the residual path's shape does not match the block's output {:?}",
+            out.dims()
+        );
+    }
+    let x = x.contiguous()?;
+    let op = ResidualBlock {
+        geometry,
+        convs: convs.len(),
+        params,
+        saved: Mutex::new(None),
+        keep_activations: x.track_op(),
+    };
+    if x.track_op() {
+        x.apply_op1(op)
+    } else {
+        x.apply_op1_no_bwd(&op)
+    }
+}
+
+/// The ReLU outputs inside the block, per float type.
+enum Saved {
+    F32(Vec<Vec<f32>>),
+    F64(Vec<Vec<f64>>),
+}
+
+trait Elem: Float + WithDType {
+    fn wrap(s: Vec<Vec<Self>>) -> Saved;
+    fn unwrap(s: &Saved) -> Option<&[Vec<Self>]>;
+}
+
+impl Elem for f32 {
+    fn wrap(s: Vec<Vec<f32>>) -> Saved {
+        Saved::F32(s)
+    }
+    fn unwrap(s: &Saved) -> Option<&[Vec<f32>]> {
+        match s {
+            Saved::F32(s) => Some(s),
+            Saved::F64(_) => None,
+        }
+    }
+}
+
+impl Elem for f64 {
+    fn wrap(s: Vec<Vec<f64>>) -> Saved {
+        Saved::F64(s)
+    }
+    fn unwrap(s: &Saved) -> Option<&[Vec<f64>]> {
+        match s {
+            Saved::F64(s) => Some(s),
+            Saved::F32(_) => None,
+        }
+    }
+}
+
+struct ResidualBlock {
+    /// The convolutions' shapes, then the downsample's.
+    geometry: Vec<Geometry>,
+    convs: usize,
+    /// Weight and bias of each convolution, then the downsample's.
+    params: Vec<Tensor>,
+    saved: Mutex<Option<Saved>>,
+    keep_activations: bool,
+}
+
+fn relu_in_place<T: Elem>(v: &mut [T]) {
+    v.par_chunks_mut(CHUNK).for_each(|c| {
+        for v in c {
+            *v = if *v > T::zero() { *v } else { T::zero() };
+        }
+    });
+}
+
+/// g ← g ⊙ [y > 0].
+fn mask_in_place<T: Elem>(g: &mut [T], y: &[T]) {
+    g.par_chunks_mut(CHUNK)
+        .zip(y.par_chunks(CHUNK))
+        .for_each(|(g, y)| {
+            for (g, &y) in g.iter_mut().zip(y) {
+                *g = if y > T::zero() { *g } else { T::zero() };
+            }
+        });
+}
+
+/// a ← a + b.
+fn add_in_place<T: Elem>(a: &mut [T], b: &[T]) {
+    a.par_chunks_mut(CHUNK)
+        .zip(b.par_chunks(CHUNK))
+        .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, &b)| *a += b));
+}
+
+impl ResidualBlock {
+    fn downsample(&self) -> Option<&Geometry> {
+        self.geometry.get(self.convs)
+    }
+
+    fn forward<T: Elem>(&self, x: &[T], p: &[&[T]]) -> (Vec<T>, Vec<Vec<T>>) {
+        let mut inner: Vec<Vec<T>> = Vec::with_capacity(self.convs - 1);
+        let mut z = Vec::new();
+        for i in 0..self.convs {
+            let input = inner.last().map_or(x, |a| a.as_slice());
+            let mut h = self.geometry[i].forward(input, p[2 * i], Some(p[2 * i + 1]));
+            if i + 1 < self.convs {
+                relu_in_place(&mut h);
+                inner.push(h);
+            } else {
+                z = h;
+            }
+        }
+        match self.downsample() {
+            Some(g) => {
+                let d = 2 * self.convs;
+                add_in_place(&mut z, &g.forward(x, p[d], Some(p[d + 1])));
+            }
+            None => add_in_place(&mut z, x),
+        }
+        relu_in_place(&mut z);
+        (z, inner)
+    }
+
+    fn backward<T: Elem>(&self, inner: &[Vec<T>], y: &[T], p: &[&[T]], dy: &[T]) -> Vec<T> {
+        let mut g = dy.to_vec();
+        mask_in_place(&mut g, y);
+        let mut d = self.geometry[self.convs - 1].input_grad(&g, p[2 * (self.convs - 1)]);
+        for i in (0..self.convs - 1).rev() {
+            mask_in_place(&mut d, &inner[i]);
+            d = self.geometry[i].input_grad(&d, p[2 * i]);
+        }
+        match self.downsample() {
+            Some(ds) => add_in_place(&mut d, &ds.input_grad(&g, p[2 * self.convs])),
+            None => add_in_place(&mut d, &g),
+        }
+        d
+    }
+
+    fn run_forward<T: Elem>(&self, x: &[T]) -> candle_core::Result<CpuStorage> {
+        let (y, inner) = with_slices(NAME, &self.params, |p| self.forward(x, p))?;
+        if self.keep_activations {
+            *self.saved.lock().expect("not poisoned") = Some(T::wrap(inner));
+        }
+        Ok(T::to_cpu_storage_owned(y))
+    }
+
+    fn run_backward<T: Elem>(&self, y: &[T], dy: &[T]) -> candle_core::Result<CpuStorage> {
+        let saved = self.saved.lock().expect("not poisoned");
+        let Some(inner) = saved.as_ref().and_then(T::unwrap) else {
+            candle_core::bail!("{NAME}: backward without the forward's activations");
+        };
+        let dx = with_slices(NAME, &self.params, |p| self.backward(inner, y, p, dy))?;
+        Ok(T::to_cpu_storage_owned(dx))
+    }
+}
+
+impl CustomOp1 for ResidualBlock {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = match s {
+            CpuStorage::F32(x) => self.run_forward(contiguous(x, l, NAME)?)?,
+            CpuStorage::F64(x) => self.run_forward(contiguous(x, l, NAME)?)?,
+            _ => candle_core::bail!("{NAME}: f32 or f64 only"),
+        };
+        Ok((out, self.geometry[self.convs - 1].output_shape()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let grad = grad.detach().contiguous()?;
+        Ok(Some(y.detach().apply_op2_no_bwd(&grad, &Backward(self))?))
+    }
+}
+
+/// dx from (y, dy), with the block's saved activations.
+struct Backward<'a>(&'a ResidualBlock);
+
+impl candle_core::CustomOp2 for Backward<'_> {
+    fn name(&self) -> &'static str {
+        "finelens-residual-block-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = match (s1, s2) {
+            (CpuStorage::F32(y), CpuStorage::F32(dy)) => self
+                .0
+                .run_backward(contiguous(y, l1, NAME)?, contiguous(dy, l2, NAME)?)?,
+            (CpuStorage::F64(y), CpuStorage::F64(dy)) => self
+                .0
+                .run_backward(contiguous(y, l1, NAME)?, contiguous(dy, l2, NAME)?)?,
+            _ => candle_core::bail!("{NAME}: f32 or f64 only, the same for y and dy"),
+        };
+        Ok((out, self.0.geometry[0].input_shape()))
+    }
+}
