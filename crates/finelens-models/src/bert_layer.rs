@@ -19,14 +19,13 @@
 //!   dr₁ = LN₁′(dx₁), dC = dr₁·W_o, dP_h = dC_h V_hᵀ, dV_h = P_hᵀ dC_h, dS_h = softmax′(dP_h)/√d,
 //!   dQ_h = dS_h K_h, dK_h = dS_hᵀ Q_h, dx = dr₁ + [dQ dK dV]·[W_q W_k W_v].
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 use crate::gelu::{self, Erf};
-use crate::kernel::{contiguous, gemm_into, gemm_serial_into, with_slices, View};
+use crate::kernel::{gemm_into, gemm_serial_into, try_run1, with_slices, Kept, View};
 use crate::layer_norm::LayerNorm;
 use crate::softmax::{softmax_backward_in_place, softmax_in_place};
 
@@ -110,7 +109,7 @@ pub(crate) fn bert_layer(
         eps,
         keep,
         params,
-        saved: Mutex::new(None),
+        saved: Kept::default(),
         keep_activations: x.track_op(),
     };
     if x.track_op() {
@@ -156,48 +155,18 @@ struct Saved<T> {
     r2: Vec<T>,
 }
 
-enum SavedAny {
-    F32(Saved<f32>),
-    F64(Saved<f64>),
-}
-
 /// The float types the op runs on.
-trait Elem: Erf + WithDType {
-    fn wrap(s: Saved<Self>) -> SavedAny;
-    fn unwrap(s: &SavedAny) -> Option<&Saved<Self>>;
-}
+trait Elem: Erf + WithDType {}
 
-impl Elem for f32 {
-    fn wrap(s: Saved<f32>) -> SavedAny {
-        SavedAny::F32(s)
-    }
-    fn unwrap(s: &SavedAny) -> Option<&Saved<f32>> {
-        match s {
-            SavedAny::F32(s) => Some(s),
-            SavedAny::F64(_) => None,
-        }
-    }
-}
-
-impl Elem for f64 {
-    fn wrap(s: Saved<f64>) -> SavedAny {
-        SavedAny::F64(s)
-    }
-    fn unwrap(s: &SavedAny) -> Option<&Saved<f64>> {
-        match s {
-            SavedAny::F64(s) => Some(s),
-            SavedAny::F32(_) => None,
-        }
-    }
-}
+impl<T: Erf + WithDType> Elem for T {}
 
 struct BertLayer {
     dims: Dims,
     eps: f64,
     keep: Option<Arc<Vec<bool>>>,
     params: Vec<Tensor>,
-    /// The forward's activations, for the backward (only when x is tracked).
-    saved: Mutex<Option<SavedAny>>,
+    /// The forward's activations, a [`Saved`], for the backward (only when x is tracked).
+    saved: Kept,
     keep_activations: bool,
 }
 
@@ -425,21 +394,18 @@ impl BertLayer {
         dx
     }
 
-    fn run_forward<T: Elem>(&self, x: &[T]) -> candle_core::Result<CpuStorage> {
+    fn run_forward<T: Elem>(&self, x: &[T]) -> candle_core::Result<Vec<T>> {
         let (y, saved) = with_slices(NAME, &self.params, |p| self.forward(x, p))?;
         if self.keep_activations {
-            *self.saved.lock().expect("not poisoned") = Some(T::wrap(saved));
+            self.saved.put(saved);
         }
-        Ok(T::to_cpu_storage_owned(y))
+        Ok(y)
     }
 
-    fn run_backward<T: Elem>(&self, dy: &[T]) -> candle_core::Result<CpuStorage> {
-        let saved = self.saved.lock().expect("not poisoned");
-        let Some(s) = saved.as_ref().and_then(T::unwrap) else {
-            candle_core::bail!("{NAME}: backward without the forward's activations");
-        };
-        let dx = with_slices(NAME, &self.params, |p| self.backward(s, p, dy))?;
-        Ok(T::to_cpu_storage_owned(dx))
+    fn run_backward<T: Elem>(&self, dy: &[T]) -> candle_core::Result<Vec<T>> {
+        self.saved.with(NAME, |s: &Saved<T>| {
+            with_slices(NAME, &self.params, |p| self.backward(s, p, dy))
+        })?
     }
 }
 
@@ -449,11 +415,12 @@ impl CustomOp1 for BertLayer {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = match s {
-            CpuStorage::F32(x) => self.run_forward(contiguous(x, l, NAME)?)?,
-            CpuStorage::F64(x) => self.run_forward(contiguous(x, l, NAME)?)?,
-            other => candle_core::bail!("{NAME}: f32 or f64 only, got {:?}", other.dtype()),
-        };
+        let out = try_run1(
+            NAME,
+            (s, l),
+            |x| self.run_forward(x),
+            |x| self.run_forward(x),
+        )?;
         Ok((out, l.shape().clone()))
     }
 
@@ -472,11 +439,12 @@ impl CustomOp1 for Backward<'_> {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = match s {
-            CpuStorage::F32(dy) => self.0.run_backward(contiguous(dy, l, NAME)?)?,
-            CpuStorage::F64(dy) => self.0.run_backward(contiguous(dy, l, NAME)?)?,
-            other => candle_core::bail!("{NAME}: f32 or f64 only, got {:?}", other.dtype()),
-        };
+        let out = try_run1(
+            NAME,
+            (s, l),
+            |dy| self.0.run_backward(dy),
+            |dy| self.0.run_backward(dy),
+        )?;
         Ok((out, l.shape().clone()))
     }
 }

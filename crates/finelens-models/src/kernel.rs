@@ -46,13 +46,23 @@ pub(crate) fn with_slices<T: candle_core::WithDType, R>(
 /// One operand's kernel, on f32 or f64 storage.
 pub(crate) fn run1(
     op: &str,
-    (s, l): (&CpuStorage, &Layout),
+    operand: (&CpuStorage, &Layout),
     f32: impl FnOnce(&[f32]) -> Vec<f32>,
     f64: impl FnOnce(&[f64]) -> Vec<f64>,
 ) -> candle_core::Result<CpuStorage> {
+    try_run1(op, operand, |a| Ok(f32(a)), |a| Ok(f64(a)))
+}
+
+/// [`run1`] for a kernel that can fail.
+pub(crate) fn try_run1(
+    op: &str,
+    (s, l): (&CpuStorage, &Layout),
+    f32: impl FnOnce(&[f32]) -> candle_core::Result<Vec<f32>>,
+    f64: impl FnOnce(&[f64]) -> candle_core::Result<Vec<f64>>,
+) -> candle_core::Result<CpuStorage> {
     Ok(match s {
-        CpuStorage::F32(a) => CpuStorage::F32(f32(contiguous(a, l, op)?)),
-        CpuStorage::F64(a) => CpuStorage::F64(f64(contiguous(a, l, op)?)),
+        CpuStorage::F32(a) => CpuStorage::F32(f32(contiguous(a, l, op)?)?),
+        CpuStorage::F64(a) => CpuStorage::F64(f64(contiguous(a, l, op)?)?),
         other => candle_core::bail!(
             "{op}: only f32 and f64 are supported, got {:?}",
             other.dtype()
@@ -63,17 +73,34 @@ pub(crate) fn run1(
 /// Two operands' kernel, on f32 or f64 storage (both the same).
 pub(crate) fn run2(
     op: &str,
-    (s1, l1): (&CpuStorage, &Layout),
-    (s2, l2): (&CpuStorage, &Layout),
+    first: (&CpuStorage, &Layout),
+    second: (&CpuStorage, &Layout),
     f32: impl FnOnce(&[f32], &[f32]) -> Vec<f32>,
     f64: impl FnOnce(&[f64], &[f64]) -> Vec<f64>,
 ) -> candle_core::Result<CpuStorage> {
+    try_run2(
+        op,
+        first,
+        second,
+        |a, b| Ok(f32(a, b)),
+        |a, b| Ok(f64(a, b)),
+    )
+}
+
+/// [`run2`] for a kernel that can fail.
+pub(crate) fn try_run2(
+    op: &str,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    f32: impl FnOnce(&[f32], &[f32]) -> candle_core::Result<Vec<f32>>,
+    f64: impl FnOnce(&[f64], &[f64]) -> candle_core::Result<Vec<f64>>,
+) -> candle_core::Result<CpuStorage> {
     Ok(match (s1, s2) {
         (CpuStorage::F32(a), CpuStorage::F32(b)) => {
-            CpuStorage::F32(f32(contiguous(a, l1, op)?, contiguous(b, l2, op)?))
+            CpuStorage::F32(f32(contiguous(a, l1, op)?, contiguous(b, l2, op)?)?)
         }
         (CpuStorage::F64(a), CpuStorage::F64(b)) => {
-            CpuStorage::F64(f64(contiguous(a, l1, op)?, contiguous(b, l2, op)?))
+            CpuStorage::F64(f64(contiguous(a, l1, op)?, contiguous(b, l2, op)?)?)
         }
         (a, b) => candle_core::bail!(
             "{op}: operands must be both f32 or both f64, got {:?} and {:?}",
@@ -81,6 +108,29 @@ pub(crate) fn run2(
             b.dtype()
         ),
     })
+}
+
+/// What a fused op's forward keeps for its backward, of whichever float type it ran on.
+#[derive(Default)]
+pub(crate) struct Kept(std::sync::Mutex<Option<Box<dyn std::any::Any + Send>>>);
+
+impl Kept {
+    pub fn put<S: std::any::Any + Send>(&self, s: S) {
+        *self.0.lock().expect("not poisoned") = Some(Box::new(s));
+    }
+
+    /// `f` on what the forward kept; an error when it kept nothing of type S.
+    pub fn with<S: std::any::Any, R>(
+        &self,
+        op: &str,
+        f: impl FnOnce(&S) -> R,
+    ) -> candle_core::Result<R> {
+        let kept = self.0.lock().expect("not poisoned");
+        match kept.as_ref().and_then(|k| k.downcast_ref::<S>()) {
+            Some(s) => Ok(f(s)),
+            None => candle_core::bail!("{op}: backward without the forward's activations"),
+        }
+    }
 }
 
 /// Three operands' kernel, on f32 or f64 storage (all the same).

@@ -14,14 +14,12 @@
 //!   dx = W₁ᵀ ⋆ d₂ + (g or W_dᵀ ⋆ g): the ReLU masks read off the outputs, as the composed ops
 //!   (and PyTorch's `threshold_backward`) do, so the gradient at exactly 0 is 0.
 
-use std::sync::Mutex;
-
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, WithDType};
 use num_traits::Float;
 use rayon::prelude::*;
 
 use crate::conv::Geometry;
-use crate::kernel::{contiguous, with_slices};
+use crate::kernel::{try_run1, try_run2, with_slices, Kept};
 
 const NAME: &str = "finelens-residual-block";
 
@@ -71,7 +69,7 @@ pub(crate) fn residual_block(
         geometry,
         convs: convs.len(),
         params,
-        saved: Mutex::new(None),
+        saved: Kept::default(),
         keep_activations: x.track_op(),
     };
     if x.track_op() {
@@ -81,40 +79,10 @@ pub(crate) fn residual_block(
     }
 }
 
-/// The ReLU outputs inside the block, per float type.
-enum Saved {
-    F32(Vec<Vec<f32>>),
-    F64(Vec<Vec<f64>>),
-}
+/// The float types the op runs on.
+trait Elem: Float + WithDType {}
 
-trait Elem: Float + WithDType {
-    fn wrap(s: Vec<Vec<Self>>) -> Saved;
-    fn unwrap(s: &Saved) -> Option<&[Vec<Self>]>;
-}
-
-impl Elem for f32 {
-    fn wrap(s: Vec<Vec<f32>>) -> Saved {
-        Saved::F32(s)
-    }
-    fn unwrap(s: &Saved) -> Option<&[Vec<f32>]> {
-        match s {
-            Saved::F32(s) => Some(s),
-            Saved::F64(_) => None,
-        }
-    }
-}
-
-impl Elem for f64 {
-    fn wrap(s: Vec<Vec<f64>>) -> Saved {
-        Saved::F64(s)
-    }
-    fn unwrap(s: &Saved) -> Option<&[Vec<f64>]> {
-        match s {
-            Saved::F64(s) => Some(s),
-            Saved::F32(_) => None,
-        }
-    }
-}
+impl<T: Float + WithDType> Elem for T {}
 
 struct ResidualBlock {
     /// The convolutions' shapes, then the downsample's.
@@ -122,7 +90,8 @@ struct ResidualBlock {
     convs: usize,
     /// Weight and bias of each convolution, then the downsample's.
     params: Vec<Tensor>,
-    saved: Mutex<Option<Saved>>,
+    /// The ReLU outputs inside the block (`Vec<Vec<T>>`), for the backward.
+    saved: Kept,
     keep_activations: bool,
 }
 
@@ -196,21 +165,18 @@ impl ResidualBlock {
         d
     }
 
-    fn run_forward<T: Elem>(&self, x: &[T]) -> candle_core::Result<CpuStorage> {
+    fn run_forward<T: Elem>(&self, x: &[T]) -> candle_core::Result<Vec<T>> {
         let (y, inner) = with_slices(NAME, &self.params, |p| self.forward(x, p))?;
         if self.keep_activations {
-            *self.saved.lock().expect("not poisoned") = Some(T::wrap(inner));
+            self.saved.put(inner);
         }
-        Ok(T::to_cpu_storage_owned(y))
+        Ok(y)
     }
 
-    fn run_backward<T: Elem>(&self, y: &[T], dy: &[T]) -> candle_core::Result<CpuStorage> {
-        let saved = self.saved.lock().expect("not poisoned");
-        let Some(inner) = saved.as_ref().and_then(T::unwrap) else {
-            candle_core::bail!("{NAME}: backward without the forward's activations");
-        };
-        let dx = with_slices(NAME, &self.params, |p| self.backward(inner, y, p, dy))?;
-        Ok(T::to_cpu_storage_owned(dx))
+    fn run_backward<T: Elem>(&self, y: &[T], dy: &[T]) -> candle_core::Result<Vec<T>> {
+        self.saved.with(NAME, |inner: &Vec<Vec<T>>| {
+            with_slices(NAME, &self.params, |p| self.backward(inner, y, p, dy))
+        })?
     }
 }
 
@@ -220,11 +186,12 @@ impl CustomOp1 for ResidualBlock {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = match s {
-            CpuStorage::F32(x) => self.run_forward(contiguous(x, l, NAME)?)?,
-            CpuStorage::F64(x) => self.run_forward(contiguous(x, l, NAME)?)?,
-            _ => candle_core::bail!("{NAME}: f32 or f64 only"),
-        };
+        let out = try_run1(
+            NAME,
+            (s, l),
+            |x| self.run_forward(x),
+            |x| self.run_forward(x),
+        )?;
         Ok((out, self.geometry[self.convs - 1].output_shape()))
     }
 
@@ -249,15 +216,13 @@ impl candle_core::CustomOp2 for Backward<'_> {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = match (s1, s2) {
-            (CpuStorage::F32(y), CpuStorage::F32(dy)) => self
-                .0
-                .run_backward(contiguous(y, l1, NAME)?, contiguous(dy, l2, NAME)?)?,
-            (CpuStorage::F64(y), CpuStorage::F64(dy)) => self
-                .0
-                .run_backward(contiguous(y, l1, NAME)?, contiguous(dy, l2, NAME)?)?,
-            _ => candle_core::bail!("{NAME}: f32 or f64 only, the same for y and dy"),
-        };
+        let out = try_run2(
+            NAME,
+            (s1, l1),
+            (s2, l2),
+            |y, dy| self.0.run_backward(y, dy),
+            |y, dy| self.0.run_backward(y, dy),
+        )?;
         Ok((out, self.0.geometry[0].input_shape()))
     }
 }
