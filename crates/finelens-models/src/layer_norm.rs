@@ -83,58 +83,31 @@ impl LayerNorm {
 
     /// dx alone (γ and β frozen), in place: `g` holds dy on entry.
     pub fn input_grad_in_place<T: Float + Send + Sync>(&self, x: &[T], w: &[T], g: &mut [T]) {
-        let d = self.d;
-        g.par_chunks_mut(d)
-            .zip(x.par_chunks(d))
+        g.par_chunks_mut(self.d)
+            .zip(x.par_chunks(self.d))
             .with_min_len(16)
-            .for_each(|(g, x)| {
-                let (mean, inv) = self.stats(x);
-                let (mut g_mean, mut gx_mean) = (0f64, 0f64);
-                for j in 0..d {
-                    let xh = (x[j].to_f64().unwrap() - mean) * inv;
-                    let gj = g[j].to_f64().unwrap() * w[j].to_f64().unwrap();
-                    g_mean += gj;
-                    gx_mean += gj * xh;
-                }
-                g_mean /= d as f64;
-                gx_mean /= d as f64;
-                for j in 0..d {
-                    let xh = (x[j].to_f64().unwrap() - mean) * inv;
-                    let gj = g[j].to_f64().unwrap() * w[j].to_f64().unwrap();
-                    g[j] = T::from((gj - g_mean - xh * gx_mean) * inv).unwrap();
-                }
-            });
+            .for_each(|(g, x)| row_input_grad(x, w, self.stats(x), g));
     }
 
     /// dx, and (dγ, dβ) as one 2×D buffer.
     fn backward<T: Float + Send + Sync>(&self, x: &[T], w: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
         let d = self.d;
-        let mut dx = vec![T::zero(); x.len()];
+        let mut dx = dy.to_vec();
         let partial: Vec<Vec<f64>> = dx
             .par_chunks_mut(BLOCK * d)
-            .zip(x.par_chunks(BLOCK * d).zip(dy.par_chunks(BLOCK * d)))
-            .map(|(dx, (x, dy))| {
+            .zip(x.par_chunks(BLOCK * d))
+            .map(|(dx, x)| {
                 // Σ dγ and Σ dβ of this block's rows.
                 let mut sums = vec![0f64; 2 * d];
-                for ((dx, x), dy) in dx.chunks_mut(d).zip(x.chunks(d)).zip(dy.chunks(d)) {
+                for (g, x) in dx.chunks_mut(d).zip(x.chunks(d)) {
                     let (mean, inv) = self.stats(x);
-                    let (mut g_mean, mut gx_mean) = (0f64, 0f64);
                     for j in 0..d {
                         let xh = (x[j].to_f64().unwrap() - mean) * inv;
-                        let dyj = dy[j].to_f64().unwrap();
-                        let g = dyj * w[j].to_f64().unwrap();
-                        g_mean += g;
-                        gx_mean += g * xh;
+                        let dyj = g[j].to_f64().unwrap();
                         sums[j] += dyj * xh;
                         sums[d + j] += dyj;
                     }
-                    g_mean /= d as f64;
-                    gx_mean /= d as f64;
-                    for j in 0..d {
-                        let xh = (x[j].to_f64().unwrap() - mean) * inv;
-                        let g = dy[j].to_f64().unwrap() * w[j].to_f64().unwrap();
-                        dx[j] = T::from((g - g_mean - xh * gx_mean) * inv).unwrap();
-                    }
+                    row_input_grad(x, w, (mean, inv), g);
                 }
                 sums
             })
@@ -146,6 +119,26 @@ impl LayerNorm {
             }
         }
         (dx, total.into_iter().map(|v| T::from(v).unwrap()).collect())
+    }
+}
+
+/// One row's dx = (g − mean(g) − x̂·mean(g·x̂))/σ, g = dy·γ, in place (`g` holds dy on entry),
+/// from the row's (μ, 1/σ); in f64.
+fn row_input_grad<T: Float>(x: &[T], w: &[T], (mean, inv): (f64, f64), g: &mut [T]) {
+    let d = x.len();
+    let (mut g_mean, mut gx_mean) = (0f64, 0f64);
+    for j in 0..d {
+        let xh = (x[j].to_f64().unwrap() - mean) * inv;
+        let gj = g[j].to_f64().unwrap() * w[j].to_f64().unwrap();
+        g_mean += gj;
+        gx_mean += gj * xh;
+    }
+    g_mean /= d as f64;
+    gx_mean /= d as f64;
+    for j in 0..d {
+        let xh = (x[j].to_f64().unwrap() - mean) * inv;
+        let gj = g[j].to_f64().unwrap() * w[j].to_f64().unwrap();
+        g[j] = T::from((gj - g_mean - xh * gx_mean) * inv).unwrap();
     }
 }
 
