@@ -129,6 +129,16 @@ fn argmax<T: Float>(
     best.map(|(i, _)| i)
 }
 
+/// The larger of `m` and `v`, or NaN when either is (PyTorch's max pool propagates NaNs).
+#[inline]
+fn nan_max<T: Float>(m: T, v: T) -> T {
+    if v > m || v.is_nan() {
+        v
+    } else {
+        m
+    }
+}
+
 struct MaxPool2d {
     pool: Pool2d,
     /// Backward by DeepLIFT's rescale rule (the batch: inputs, then references).
@@ -144,17 +154,29 @@ impl PlaneKernel for MaxPool2d {
         let p = self.pool;
         let (oh, ow) = (p.out_len(h)?, p.out_len(w)?);
         let mut out = vec![T::zero(); n * c * oh * ow];
+        // Separably: each input row's maxima over the windows' columns, then each output row's
+        // maximum of those over the window's rows — the same values as the 2-D scan (a NaN wins
+        // either way), in k + k comparisons per output rather than k², and a vertical pass that
+        // vectorises.
+        let columns: Vec<_> = (0..ow).map(|ox| p.window(ox, w)).collect();
         out.par_chunks_mut(oh * ow)
             .zip(x.par_chunks(h * w))
             .for_each(|(o, plane)| {
-                for oy in 0..oh {
+                let mut across = vec![T::neg_infinity(); h * ow];
+                for (row, line) in across.chunks_mut(ow).zip(plane.chunks(w)) {
+                    for (m, &(x0, x1, _)) in row.iter_mut().zip(&columns) {
+                        *m = line[x0..x1]
+                            .iter()
+                            .fold(T::neg_infinity(), |m, &v| nan_max(m, v));
+                    }
+                }
+                for (oy, o) in o.chunks_mut(ow).enumerate() {
                     let (y0, y1, _) = p.window(oy, h);
-                    for ox in 0..ow {
-                        let (x0, x1, _) = p.window(ox, w);
-                        o[oy * ow + ox] = match argmax(plane, w, (y0, y1), (x0, x1)) {
-                            Some(i) => plane[i],
-                            None => T::neg_infinity(),
-                        };
+                    o.fill(T::neg_infinity());
+                    for row in across[y0 * ow..y1 * ow].chunks(ow) {
+                        for (m, &v) in o.iter_mut().zip(row) {
+                            *m = nan_max(*m, v);
+                        }
                     }
                 }
             });
@@ -583,6 +605,43 @@ mod tests {
         let y = max_pool2d(&x, Pool2d::new(3, 2, 1)).unwrap();
         let v: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(v, vec![5.0, 7.0, 13.0, 15.0]);
+    }
+
+    /// The separable forward gives the 2-D scan's values — the first maximum the backward
+    /// routes to — on every case's geometry, with ties and NaNs (which must win their windows).
+    #[test]
+    fn separable_max_pool_matches_the_window_scan() {
+        for (i, &(k, s, p, h, w)) in CASES.iter().enumerate() {
+            let pool = Pool2d::new(k, s, p);
+            let (n, c) = (2, 3);
+            let mut x: Vec<f64> = (0..n * c * h * w)
+                .map(|j| ((j * 7919 + i * 31) % 13) as f64 - 6.0)
+                .collect();
+            let at = (i * 5) % x.len();
+            x[at] = f64::NAN;
+            let t = Tensor::from_vec(x.clone(), (n, c, h, w), &Device::Cpu).unwrap();
+            let y: Vec<f64> = max_pool2d(&t, pool)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let (oh, ow) = (pool.out_len(h).unwrap(), pool.out_len(w).unwrap());
+            for (q, plane) in x.chunks(h * w).enumerate() {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let (y0, y1, _) = pool.window(oy, h);
+                        let (x0, x1, _) = pool.window(ox, w);
+                        let want = plane[argmax(plane, w, (y0, y1), (x0, x1)).unwrap()];
+                        let got = y[(q * oh + oy) * ow + ox];
+                        assert!(
+                            got == want || (got.is_nan() && want.is_nan()),
+                            "case {i}, plane {q}, ({oy}, {ox}): {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]
