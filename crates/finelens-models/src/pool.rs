@@ -154,29 +154,27 @@ impl PlaneKernel for MaxPool2d {
         let p = self.pool;
         let (oh, ow) = (p.out_len(h)?, p.out_len(w)?);
         let mut out = vec![T::zero(); n * c * oh * ow];
-        // Separably: each input row's maxima over the windows' columns, then each output row's
-        // maximum of those over the window's rows — the same values as the 2-D scan (a NaN wins
-        // either way), in k + k comparisons per output rather than k², and a vertical pass that
-        // vectorises.
+        // Separably: for each output row, the window's rows' maximum at every input column
+        // (whole rows at a time, which vectorises), then the windows' maxima along that one row
+        // — the same values as the 2-D scan (a NaN wins either way), in k + k comparisons per
+        // output rather than k², and only the second pass strided.
         let columns: Vec<_> = (0..ow).map(|ox| p.window(ox, w)).collect();
         out.par_chunks_mut(oh * ow)
             .zip(x.par_chunks(h * w))
             .for_each(|(o, plane)| {
-                let mut across = vec![T::neg_infinity(); h * ow];
-                for (row, line) in across.chunks_mut(ow).zip(plane.chunks(w)) {
-                    for (m, &(x0, x1, _)) in row.iter_mut().zip(&columns) {
-                        *m = line[x0..x1]
-                            .iter()
-                            .fold(T::neg_infinity(), |m, &v| nan_max(m, v));
-                    }
-                }
+                let mut down = vec![T::neg_infinity(); w];
                 for (oy, o) in o.chunks_mut(ow).enumerate() {
                     let (y0, y1, _) = p.window(oy, h);
-                    o.fill(T::neg_infinity());
-                    for row in across[y0 * ow..y1 * ow].chunks(ow) {
-                        for (m, &v) in o.iter_mut().zip(row) {
+                    down.fill(T::neg_infinity());
+                    for line in plane[y0 * w..y1 * w].chunks(w) {
+                        for (m, &v) in down.iter_mut().zip(line) {
                             *m = nan_max(*m, v);
                         }
+                    }
+                    for (m, &(x0, x1, _)) in o.iter_mut().zip(&columns) {
+                        *m = down[x0..x1]
+                            .iter()
+                            .fold(T::neg_infinity(), |m, &v| nan_max(m, v));
                     }
                 }
             });
