@@ -129,6 +129,24 @@ fn argmax<T: Float>(
     best.map(|(i, _)| i)
 }
 
+/// Index (within the plane) of the first cell of window (y0..y1, x0..x1), row-major, equal to
+/// `m` — or the first NaN when `m` is NaN: [`argmax`]'s choice, given the window's maximum.
+fn first_equal<T: Float>(
+    plane: &[T],
+    w: usize,
+    (y0, y1): (usize, usize),
+    (x0, x1): (usize, usize),
+    m: T,
+) -> Option<usize> {
+    let hit = |v: T| if m.is_nan() { v.is_nan() } else { v == m };
+    (y0..y1).find_map(|y| {
+        plane[y * w + x0..y * w + x1]
+            .iter()
+            .position(|&v| hit(v))
+            .map(|j| y * w + x0 + j)
+    })
+}
+
 /// The larger of `m` and `v`, or NaN when either is (PyTorch's max pool propagates NaNs).
 #[inline]
 fn nan_max<T: Float>(m: T, v: T) -> T {
@@ -300,15 +318,25 @@ impl MaxPool2dBackward {
         if self.rescale {
             return Ok(self.rescale(x, g, (n * c, h, w), (oh, ow)));
         }
+        // The window maxima again (the separable forward, a tenth of this pass's old cost), so
+        // each window's first maximum is the first cell equal to it — an early-exit equality
+        // scan instead of a running comparison with NaN rules at every cell.
+        let forward = MaxPool2d {
+            pool: p,
+            rescale: false,
+        };
+        let (maxima, _) = forward.run(x, (n, c, h, w))?;
         let mut dx = vec![T::zero(); n * c * h * w];
         dx.par_chunks_mut(h * w)
             .zip(x.par_chunks(h * w).zip(g.par_chunks(oh * ow)))
-            .for_each(|(d, (plane, gp))| {
+            .zip(maxima.par_chunks(oh * ow))
+            .for_each(|((d, (plane, gp)), mp)| {
                 for oy in 0..oh {
                     let (y0, y1, _) = p.window(oy, h);
                     for ox in 0..ow {
                         let (x0, x1, _) = p.window(ox, w);
-                        if let Some(i) = argmax(plane, w, (y0, y1), (x0, x1)) {
+                        let m = mp[oy * ow + ox];
+                        if let Some(i) = first_equal(plane, w, (y0, y1), (x0, x1), m) {
                             d[i] += gp[oy * ow + ox];
                         }
                     }
@@ -605,33 +633,45 @@ mod tests {
         assert_eq!(v, vec![5.0, 7.0, 13.0, 15.0]);
     }
 
-    /// The separable forward gives the 2-D scan's values — the first maximum the backward
-    /// routes to — on every case's geometry, with ties and NaNs (which must win their windows).
+    /// The separable forward gives the 2-D scan's values, and the backward routes each output's
+    /// gradient to the scan's first maximum, on every case's geometry with ties (values from five
+    /// levels) and NaNs (which must win their windows).
     #[test]
     fn separable_max_pool_matches_the_window_scan() {
         for (i, &(k, s, p, h, w)) in CASES.iter().enumerate() {
             let pool = Pool2d::new(k, s, p);
             let (n, c) = (2, 3);
             let mut x: Vec<f64> = (0..n * c * h * w)
-                .map(|j| ((j * 7919 + i * 31) % 13) as f64 - 6.0)
+                // Five levels: ties within rows and across them in most windows.
+                .map(|j| (((j * 7919 + i * 31) % 13) / 3) as f64 - 2.0)
                 .collect();
             let at = (i * 5) % x.len();
             x[at] = f64::NAN;
-            let t = Tensor::from_vec(x.clone(), (n, c, h, w), &Device::Cpu).unwrap();
-            let y: Vec<f64> = max_pool2d(&t, pool)
+            let t = Var::from_vec(x.clone(), (n, c, h, w), &Device::Cpu).unwrap();
+            let out = max_pool2d(t.as_tensor(), pool).unwrap();
+            let y: Vec<f64> = out.flatten_all().unwrap().to_vec1().unwrap();
+            let (oh, ow) = (pool.out_len(h).unwrap(), pool.out_len(w).unwrap());
+            // Distinct upstream gradients, so a wrong routing shows.
+            let r: Vec<f64> = (0..y.len()).map(|j| 1.0 + j as f64).collect();
+            let rt = Tensor::from_vec(r.clone(), out.dims(), &Device::Cpu).unwrap();
+            let grads = (&out * &rt).unwrap().sum_all().unwrap().backward().unwrap();
+            let dx: Vec<f64> = grads
+                .get(&t)
                 .unwrap()
                 .flatten_all()
                 .unwrap()
                 .to_vec1()
                 .unwrap();
-            let (oh, ow) = (pool.out_len(h).unwrap(), pool.out_len(w).unwrap());
+            let mut want_dx = vec![0.0; x.len()];
             for (q, plane) in x.chunks(h * w).enumerate() {
                 for oy in 0..oh {
                     for ox in 0..ow {
                         let (y0, y1, _) = pool.window(oy, h);
                         let (x0, x1, _) = pool.window(ox, w);
-                        let want = plane[argmax(plane, w, (y0, y1), (x0, x1)).unwrap()];
-                        let got = y[(q * oh + oy) * ow + ox];
+                        let first = argmax(plane, w, (y0, y1), (x0, x1)).unwrap();
+                        let (want, o) = (plane[first], (q * oh + oy) * ow + ox);
+                        want_dx[q * h * w + first] += r[o];
+                        let got = y[o];
                         assert!(
                             got == want || (got.is_nan() && want.is_nan()),
                             "case {i}, plane {q}, ({oy}, {ox}): {got} vs {want}"
@@ -639,6 +679,10 @@ mod tests {
                     }
                 }
             }
+            assert_eq!(
+                dx, want_dx,
+                "case {i}: gradient routed elsewhere than the first maximum"
+            );
         }
     }
 
