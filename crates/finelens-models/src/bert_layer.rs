@@ -25,7 +25,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 use crate::gelu::{self, Erf};
-use crate::kernel::{gemm_into, gemm_serial_into, try_run1, with_slices, Kept, View};
+use crate::kernel::{gemm_into, gemm_serial_into, try_run1, Kept, View};
 use crate::layer_norm::LayerNorm;
 use crate::softmax::{softmax_backward_in_place, softmax_in_place};
 
@@ -395,17 +395,15 @@ impl BertLayer {
     }
 
     fn run_forward<T: Elem>(&self, x: &[T]) -> candle_core::Result<Vec<T>> {
-        let (y, saved) = with_slices(NAME, &self.params, |p| self.forward(x, p))?;
-        if self.keep_activations {
-            self.saved.put(saved);
-        }
-        Ok(y)
+        let keep = self.keep_activations;
+        self.saved
+            .forward(NAME, &self.params, keep, |p| self.forward(x, p))
     }
 
     fn run_backward<T: Elem>(&self, dy: &[T]) -> candle_core::Result<Vec<T>> {
-        self.saved.with(NAME, |s: &Saved<T>| {
-            with_slices(NAME, &self.params, |p| self.backward(s, p, dy))
-        })?
+        self.saved.backward(NAME, &self.params, |s: &Saved<T>, p| {
+            self.backward(s, p, dy)
+        })
     }
 }
 

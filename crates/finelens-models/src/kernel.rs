@@ -115,12 +115,40 @@ pub(crate) fn try_run2(
 pub(crate) struct Kept(std::sync::Mutex<Option<Box<dyn std::any::Any + Send>>>);
 
 impl Kept {
-    pub fn put<S: std::any::Any + Send>(&self, s: S) {
+    /// A fused op's forward on its frozen `params` (read in place): the output, and what it
+    /// returns for the backward put here when `keep` (a backward will follow).
+    pub fn forward<T: candle_core::WithDType, S: std::any::Any + Send>(
+        &self,
+        op: &str,
+        params: &[Tensor],
+        keep: bool,
+        forward: impl FnOnce(&[&[T]]) -> (Vec<T>, S),
+    ) -> candle_core::Result<Vec<T>> {
+        let (y, kept) = with_slices(op, params, forward)?;
+        if keep {
+            self.put(kept);
+        }
+        Ok(y)
+    }
+
+    /// The matching backward: `backward` on what the forward kept and the frozen `params`.
+    pub fn backward<T: candle_core::WithDType, S: std::any::Any>(
+        &self,
+        op: &str,
+        params: &[Tensor],
+        backward: impl FnOnce(&S, &[&[T]]) -> Vec<T>,
+    ) -> candle_core::Result<Vec<T>> {
+        self.with(op, |kept: &S| {
+            with_slices(op, params, |p| backward(kept, p))
+        })?
+    }
+
+    fn put<S: std::any::Any + Send>(&self, s: S) {
         *self.0.lock().expect("not poisoned") = Some(Box::new(s));
     }
 
     /// `f` on what the forward kept; an error when it kept nothing of type S.
-    pub fn with<S: std::any::Any, R>(
+    fn with<S: std::any::Any, R>(
         &self,
         op: &str,
         f: impl FnOnce(&S) -> R,

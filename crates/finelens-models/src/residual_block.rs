@@ -19,7 +19,7 @@ use num_traits::Float;
 use rayon::prelude::*;
 
 use crate::conv::Geometry;
-use crate::kernel::{try_run1, try_run2, with_slices, Kept};
+use crate::kernel::{try_run1, try_run2, Kept};
 
 const NAME: &str = "finelens-residual-block";
 
@@ -166,17 +166,16 @@ impl ResidualBlock {
     }
 
     fn run_forward<T: Elem>(&self, x: &[T]) -> candle_core::Result<Vec<T>> {
-        let (y, inner) = with_slices(NAME, &self.params, |p| self.forward(x, p))?;
-        if self.keep_activations {
-            self.saved.put(inner);
-        }
-        Ok(y)
+        let keep = self.keep_activations;
+        self.saved
+            .forward(NAME, &self.params, keep, |p| self.forward(x, p))
     }
 
     fn run_backward<T: Elem>(&self, y: &[T], dy: &[T]) -> candle_core::Result<Vec<T>> {
-        self.saved.with(NAME, |inner: &Vec<Vec<T>>| {
-            with_slices(NAME, &self.params, |p| self.backward(inner, y, p, dy))
-        })?
+        self.saved
+            .backward(NAME, &self.params, |inner: &Vec<Vec<T>>, p| {
+                self.backward(inner, y, p, dy)
+            })
     }
 }
 
