@@ -10,10 +10,10 @@
 //! window size clipped to the padded input (`count_include_pad=True`) or by the number of real
 //! input cells it covers (`count_include_pad=False`).
 
-use crate::kernel::contiguous;
+use crate::kernel::{contiguous, run3};
 use crate::rules::{backward_rule, BackwardRule};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor, WithDType};
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -212,11 +212,12 @@ impl CustomOp1 for MaxPool2d {
     fn bwd(
         &self,
         arg: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         let grad_res = grad_res.contiguous()?;
-        Ok(Some(arg.apply_op2_no_bwd(
+        Ok(Some(arg.apply_op3_no_bwd(
+            res,
             &grad_res,
             &MaxPool2dBackward {
                 pool: self.pool,
@@ -297,93 +298,77 @@ impl MaxPool2dBackward {
         dx
     }
 
+    /// dx from the input `x`, the forward's output `y` (its window maxima) and `g`.
     fn bwd<T: Float + WithDType + std::ops::AddAssign>(
         &self,
         x: &[T],
+        y: &[T],
         g: &[T],
-        n: usize,
-        c: usize,
-        h: usize,
-        w: usize,
-    ) -> candle_core::Result<Vec<T>> {
-        let p = self.pool;
-        let (oh, ow) = (p.out_len(h)?, p.out_len(w)?);
-        if g.len() != n * c * oh * ow {
-            candle_core::bail!(
-                "max-pool2d backward: gradient has {} elements, expected {}",
-                g.len(),
-                n * c * oh * ow
-            );
-        }
+        (n, c, h, w): (usize, usize, usize, usize),
+        (oh, ow): (usize, usize),
+    ) -> Vec<T> {
         if self.rescale {
-            return Ok(self.rescale(x, g, (n * c, h, w), (oh, ow)));
+            return self.rescale(x, g, (n * c, h, w), (oh, ow));
         }
-        // The window maxima again (the separable forward, about a sixth of the old scan's
-        // cost), so each window's first maximum is the first cell equal to it — an early-exit
-        // equality scan instead of a running comparison with NaN rules at every cell.
-        let forward = MaxPool2d {
-            pool: p,
-            rescale: false,
-        };
-        let (maxima, _) = forward.run(x, (n, c, h, w))?;
+        // Each window's first maximum is the first cell equal to the window's maximum, which
+        // the forward computed: an early-exit equality scan instead of a running comparison
+        // with NaN rules at every cell.
+        let p = self.pool;
         let mut dx = vec![T::zero(); n * c * h * w];
         dx.par_chunks_mut(h * w)
             .zip(x.par_chunks(h * w).zip(g.par_chunks(oh * ow)))
-            .zip(maxima.par_chunks(oh * ow))
-            .for_each(|((d, (plane, gp)), mp)| {
+            .zip(y.par_chunks(oh * ow))
+            .for_each(|((d, (plane, gp)), yp)| {
                 for oy in 0..oh {
                     let (y0, y1, _) = p.window(oy, h);
                     for ox in 0..ow {
                         let (x0, x1, _) = p.window(ox, w);
-                        let m = mp[oy * ow + ox];
+                        let m = yp[oy * ow + ox];
                         if let Some(i) = first_equal(plane, w, (y0, y1), (x0, x1), m) {
                             d[i] += gp[oy * ow + ox];
                         }
                     }
                 }
             });
-        Ok(dx)
+        dx
     }
 }
 
-impl CustomOp2 for MaxPool2dBackward {
+impl CustomOp3 for MaxPool2dBackward {
     fn name(&self) -> &'static str {
         "finelens-max-pool2d-backward"
     }
 
+    /// (x, y, g): the input, the forward's output and the output's gradient.
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, c, h, w) = dims4(l1, self.name())?;
-        let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(self.bwd(
-                contiguous(x, l1, self.name())?,
-                contiguous(g, l2, self.name())?,
-                n,
-                c,
-                h,
-                w,
-            )?),
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(self.bwd(
-                contiguous(x, l1, self.name())?,
-                contiguous(g, l2, self.name())?,
-                n,
-                c,
-                h,
-                w,
-            )?),
-            _ => candle_core::bail!(
-                "{}: unsupported dtypes {:?}/{:?}",
-                self.name(),
-                s1.dtype(),
-                s2.dtype()
-            ),
-        };
-        Ok((out, l1.shape().clone()))
+        let dims @ (n, c, h, w) = dims4(l1, self.name())?;
+        let out = (self.pool.out_len(h)?, self.pool.out_len(w)?);
+        let expected = n * c * out.0 * out.1;
+        for (what, l) in [("output", l2), ("gradient", l3)] {
+            if l.shape().elem_count() != expected {
+                candle_core::bail!(
+                    "max-pool2d backward: the {what} has {} elements, expected {expected}",
+                    l.shape().elem_count()
+                );
+            }
+        }
+        let storage = run3(
+            self.name(),
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            |x, y, g| self.bwd(x, y, g, dims, out),
+            |x, y, g| self.bwd(x, y, g, dims, out),
+        )?;
+        Ok((storage, l1.shape().clone()))
     }
 }
 
