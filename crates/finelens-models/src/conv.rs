@@ -17,6 +17,10 @@
 //! images at a time through one reused column buffer; a group holds just enough images that the
 //! GEMM has [`COLUMNS`] columns, so a late-stage layer (7×7 or 2×2 pixels per image) still feeds
 //! both cores and reads the kernel once per group rather than once per image.
+//!
+//! 3×3 stride-1 layers on planes of 14×14 or more — most of a ResNet's arithmetic at 224 px —
+//! take Winograd's F(2×2, 3×3) instead, forward and input gradient alike ([`crate::winograd`]);
+//! the kernel gradient always runs here.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use num_traits::Float;
@@ -24,6 +28,7 @@ use rayon::prelude::*;
 
 use crate::kernel::{gemm_into, run2, run3, View};
 use crate::rules::LrpLayer;
+use crate::winograd::Winograd;
 
 /// Output columns a GEMM should have at least (as images of one group), when the batch allows:
 /// GEMMs of a few hundred columns spend more on packing and on waking the second core than on
@@ -271,7 +276,38 @@ impl Geometry {
         View::rows(data, self.c_out, width)
     }
 
+    /// The 3×3, stride-1, padding-1 layers' shapes for [`Winograd`], when this is one.
+    fn winograd(&self) -> Option<Winograd> {
+        let wg = Winograd {
+            n: self.n,
+            c_in: self.c_in,
+            c_out: self.c_out,
+            h: self.h,
+            w: self.w,
+        };
+        (self.k == 3 && self.stride == 1 && self.padding == 1 && wg.pays()).then_some(wg)
+    }
+
     pub(crate) fn forward<T: Float + Send + Sync + 'static>(
+        &self,
+        x: &[T],
+        w: &[T],
+        bias: Option<&[T]>,
+    ) -> Vec<T> {
+        match self.winograd() {
+            Some(wg) => wg.forward(x, w, bias),
+            None => self.im2col_forward(x, w, bias),
+        }
+    }
+
+    pub(crate) fn input_grad<T: Float + Send + Sync + 'static>(&self, dy: &[T], w: &[T]) -> Vec<T> {
+        match self.winograd() {
+            Some(wg) => wg.input_grad(dy, w),
+            None => self.im2col_input_grad(dy, w),
+        }
+    }
+
+    pub(crate) fn im2col_forward<T: Float + Send + Sync + 'static>(
         &self,
         x: &[T],
         w: &[T],
@@ -321,7 +357,11 @@ impl Geometry {
         y
     }
 
-    pub(crate) fn input_grad<T: Float + Send + Sync + 'static>(&self, dy: &[T], w: &[T]) -> Vec<T> {
+    pub(crate) fn im2col_input_grad<T: Float + Send + Sync + 'static>(
+        &self,
+        dy: &[T],
+        w: &[T],
+    ) -> Vec<T> {
         let (l, r) = (self.pixels(), self.rows());
         let mut dx = vec![T::zero(); self.n * self.c_in * self.h * self.w];
         let mut cols = vec![T::zero(); r * self.group() * l];

@@ -388,3 +388,65 @@ fn gemm_on<T: Float + 'static>(
         );
     }
 }
+
+/// A work buffer of at least `len` values, taken from this thread's pool and given back on drop,
+/// for large temporaries that a kernel overwrites before it reads them: allocating and zeroing
+/// them on every call cost as much as a 56×56 Winograd convolution's transforms (tens of MB a
+/// call). The contents are whatever the previous user left. At most [`SCRATCH_KEPT`] buffers
+/// stay in a thread's pool.
+pub(crate) struct Scratch<T: 'static>(Vec<T>);
+
+/// Buffers a thread's pool keeps between calls (a Winograd call uses three).
+const SCRATCH_KEPT: usize = 4;
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Vec<Box<dyn std::any::Any>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl<T: Float + 'static> Scratch<T> {
+    pub(crate) fn new(len: usize) -> Self {
+        // The largest pooled buffer of this type, so that small requests do not take the one a
+        // large request would have to grow again.
+        let taken = SCRATCH.with(|pool| {
+            let mut pool = pool.borrow_mut();
+            let at = (0..pool.len())
+                .filter_map(|i| pool[i].downcast_ref::<Vec<T>>().map(|v| (i, v.len())))
+                .max_by_key(|&(_, n)| n)
+                .map(|(i, _)| i);
+            at.map(|i| pool.swap_remove(i))
+        });
+        let mut v = taken
+            .and_then(|b| b.downcast::<Vec<T>>().ok())
+            .map_or_else(Vec::new, |b| *b);
+        if v.len() < len {
+            v.resize(len, T::zero());
+        }
+        Self(v)
+    }
+}
+
+impl<T: 'static> Drop for Scratch<T> {
+    fn drop(&mut self) {
+        let v = std::mem::take(&mut self.0);
+        SCRATCH.with(|pool| {
+            let mut pool = pool.borrow_mut();
+            if pool.len() < SCRATCH_KEPT {
+                pool.push(Box::new(v));
+            }
+        });
+    }
+}
+
+impl<T: 'static> std::ops::Deref for Scratch<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        &self.0
+    }
+}
+
+impl<T: 'static> std::ops::DerefMut for Scratch<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        &mut self.0
+    }
+}

@@ -26,6 +26,7 @@ pub mod rules;
 pub mod softmax;
 #[cfg(test)]
 mod testutil;
+mod winograd;
 
 pub use bert::{Bert, BertConfig, BertSpec, TextHead, TokenBatch};
 pub use checkpoint::{Checkpoint, Metadata};
