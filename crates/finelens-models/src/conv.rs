@@ -741,6 +741,45 @@ mod tests {
         }
     }
 
+    /// A layer large enough to take the Winograd path (checked, so that the test follows the
+    /// dispatch if its thresholds move): value and both gradients against candle's conv2d in
+    /// f64, with and without a bias, at an odd height.
+    #[test]
+    fn winograd_layers_match_candle() {
+        let (dims, c_out) = ((3, 4, 15, 14), 5);
+        let g = Geometry::new(dims, (c_out, dims.1, 3, 3), 1, 1).unwrap();
+        assert!(
+            g.winograd().is_some(),
+            "the case no longer takes the Winograd path"
+        );
+        let (x, w) = operands(dims, c_out, 3, 77);
+        let b = Var::from_tensor(&randn(c_out, 0.0, 1.0, DType::F64, 78)).unwrap();
+        let r = randn((3, c_out, 15, 14), 0.0, 1.0, DType::F64, 79);
+        let reference = x
+            .conv2d(&w, 1, 1, 1, 1)
+            .unwrap()
+            .broadcast_add(&b.reshape((1, c_out, 1, 1)).unwrap())
+            .unwrap();
+        for (name, ours) in [
+            ("plain", conv2d(&x, &w, 1, 1).unwrap()),
+            ("biased", conv2d_biased(&x, &w, &b, 1, 1).unwrap()),
+        ] {
+            let want = if name == "plain" {
+                x.conv2d(&w, 1, 1, 1, 1).unwrap()
+            } else {
+                reference.clone()
+            };
+            let err = max_abs_diff(&ours, &want);
+            assert!(err < 1e-12, "{name}: forward off by {err}");
+            let g0 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g1 = (&want * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            for (v, what) in [(&x, "input"), (&w, "kernel")] {
+                let err = max_abs_diff(g0.get(v).unwrap(), g1.get(v).unwrap());
+                assert!(err < 1e-10, "{name}: {what} gradient off by {err}");
+            }
+        }
+    }
+
     #[test]
     fn untracked_operands_get_no_gradient() {
         let x = Var::from_tensor(&randn((1, 2, 5, 5), 0.0, 1.0, DType::F32, 1)).unwrap();
