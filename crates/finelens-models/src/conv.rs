@@ -26,7 +26,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
 
-use crate::kernel::{gemm_into, run2, run3, View};
+use crate::kernel::{gemm_into, run2, run3, Scratch, View};
 use crate::rules::LrpLayer;
 use crate::winograd::Winograd;
 
@@ -315,15 +315,12 @@ impl Geometry {
     ) -> Vec<T> {
         let (l, r) = (self.pixels(), self.rows());
         let mut y = vec![T::zero(); self.n * self.c_out * l];
-        let mut cols = vec![T::zero(); r * self.group() * l];
-        let mut out = vec![
-            T::zero();
-            if self.group() > 1 {
-                self.c_out * self.group() * l
-            } else {
-                0
-            }
-        ];
+        let mut cols = Scratch::new(r * self.group() * l);
+        let mut out = Scratch::new(if self.group() > 1 {
+            self.c_out * self.group() * l
+        } else {
+            0
+        });
         let kernel = View::rows(w, self.c_out, r);
         for (n0, gs) in self.groups() {
             let width = gs * l;
@@ -364,15 +361,12 @@ impl Geometry {
     ) -> Vec<T> {
         let (l, r) = (self.pixels(), self.rows());
         let mut dx = vec![T::zero(); self.n * self.c_in * self.h * self.w];
-        let mut cols = vec![T::zero(); r * self.group() * l];
-        let mut buf = vec![
-            T::zero();
-            if self.group() > 1 {
-                self.c_out * self.group() * l
-            } else {
-                0
-            }
-        ];
+        let mut cols = Scratch::new(r * self.group() * l);
+        let mut buf = Scratch::new(if self.group() > 1 {
+            self.c_out * self.group() * l
+        } else {
+            0
+        });
         let kernel_t = View::rows(w, self.c_out, r).t();
         for (n0, gs) in self.groups() {
             let width = gs * l;
@@ -386,15 +380,12 @@ impl Geometry {
     fn kernel_grad<T: Float + Send + Sync + 'static>(&self, dy: &[T], x: &[T]) -> Vec<T> {
         let (l, r) = (self.pixels(), self.rows());
         let mut dw = vec![T::zero(); self.c_out * r];
-        let mut cols = vec![T::zero(); r * self.group() * l];
-        let mut buf = vec![
-            T::zero();
-            if self.group() > 1 {
-                self.c_out * self.group() * l
-            } else {
-                0
-            }
-        ];
+        let mut cols = Scratch::new(r * self.group() * l);
+        let mut buf = Scratch::new(if self.group() > 1 {
+            self.c_out * self.group() * l
+        } else {
+            0
+        });
         for (i, (n0, gs)) in self.groups().enumerate() {
             let width = gs * l;
             self.im2col(x, n0, gs, &mut cols);

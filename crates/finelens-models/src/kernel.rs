@@ -396,7 +396,7 @@ fn gemm_on<T: Float + 'static>(
 /// stay in a thread's pool.
 pub(crate) struct Scratch<T: 'static>(Vec<T>);
 
-/// Buffers a thread's pool keeps between calls (a Winograd call uses three).
+/// Buffers a thread's pool keeps between calls (a Winograd call uses three, im2col two).
 const SCRATCH_KEPT: usize = 4;
 
 thread_local! {
@@ -406,15 +406,22 @@ thread_local! {
 
 impl<T: Float + 'static> Scratch<T> {
     pub(crate) fn new(len: usize) -> Self {
-        // The largest pooled buffer of this type, so that small requests do not take the one a
-        // large request would have to grow again.
+        if len == 0 {
+            return Self(Vec::new());
+        }
+        // The smallest pooled buffer that is long enough, else the longest (grown): a small
+        // request does not take the buffer a large one would then have to allocate again.
         let taken = SCRATCH.with(|pool| {
             let mut pool = pool.borrow_mut();
-            let at = (0..pool.len())
+            let lens: Vec<(usize, usize)> = (0..pool.len())
                 .filter_map(|i| pool[i].downcast_ref::<Vec<T>>().map(|v| (i, v.len())))
-                .max_by_key(|&(_, n)| n)
-                .map(|(i, _)| i);
-            at.map(|i| pool.swap_remove(i))
+                .collect();
+            let fits = lens
+                .iter()
+                .filter(|&&(_, n)| n >= len)
+                .min_by_key(|&&(_, n)| n);
+            let at = fits.or_else(|| lens.iter().max_by_key(|&&(_, n)| n));
+            at.map(|&(i, _)| pool.swap_remove(i))
         });
         let mut v = taken
             .and_then(|b| b.downcast::<Vec<T>>().ok())
@@ -429,6 +436,9 @@ impl<T: Float + 'static> Scratch<T> {
 impl<T: 'static> Drop for Scratch<T> {
     fn drop(&mut self) {
         let v = std::mem::take(&mut self.0);
+        if v.is_empty() {
+            return;
+        }
         SCRATCH.with(|pool| {
             let mut pool = pool.borrow_mut();
             if pool.len() < SCRATCH_KEPT {
@@ -448,5 +458,36 @@ impl<T: 'static> std::ops::Deref for Scratch<T> {
 impl<T: 'static> std::ops::DerefMut for Scratch<T> {
     fn deref_mut(&mut self) -> &mut [T] {
         &mut self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A buffer comes back to the next request that fits (no allocation), a small request takes
+    /// the smallest buffer that fits rather than the largest, types do not mix, and the pool
+    /// keeps at most SCRATCH_KEPT buffers.
+    #[test]
+    fn scratch_reuses_the_best_fitting_buffer() {
+        // Each test runs on its own thread: this pool starts empty.
+        let (big, small) = (Scratch::<f32>::new(1000), Scratch::<f32>::new(10));
+        let (big_at, small_at) = (big.as_ptr(), small.as_ptr());
+        drop((big, small));
+        let a = Scratch::<f32>::new(5);
+        assert_eq!(
+            a.as_ptr(),
+            small_at,
+            "a small request took the large buffer"
+        );
+        let b = Scratch::<f32>::new(600);
+        assert_eq!(b.as_ptr(), big_at);
+        assert!(b.len() >= 600);
+        let c = Scratch::<f64>::new(5);
+        assert!(c.iter().all(|&v| v == 0.0), "a new buffer starts zeroed");
+        drop((a, b, c));
+        let many: Vec<Scratch<f32>> = (0..SCRATCH_KEPT + 3).map(|_| Scratch::new(8)).collect();
+        drop(many);
+        assert_eq!(SCRATCH.with(|pool| pool.borrow().len()), SCRATCH_KEPT);
     }
 }
