@@ -447,19 +447,11 @@ mod tests {
     use super::*;
     use crate::conv::Geometry;
 
+    /// `len` standard normal values, seeded.
     fn seeded(len: usize, seed: u64) -> Vec<f64> {
-        // A small LCG: values in [−1, 1), different per seed.
-        let mut s = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (0..len)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
-            })
-            .collect()
+        crate::testutil::randn(len, 0.0, 1.0, candle_core::DType::F64, seed)
+            .to_vec1()
+            .unwrap()
     }
 
     /// Odd and even sizes, a single row and column, more output than input channels and fewer.
