@@ -392,9 +392,9 @@ fn gemm_on<T: Float + 'static>(
 /// A work buffer of at least `len` values, taken from this thread's pool and given back on drop,
 /// for large temporaries that a kernel overwrites before it reads them: allocating and zeroing
 /// them on every call cost as much as a 56×56 Winograd convolution's transforms (tens of MB a
-/// call). The contents are whatever the previous user left. At most [`SCRATCH_KEPT`] buffers
-/// stay in a thread's pool.
-pub(crate) struct Scratch<T: 'static>(Vec<T>);
+/// call). It derefs to exactly `len` values, whatever the previous user left in them. At most
+/// [`SCRATCH_KEPT`] buffers stay in a thread's pool.
+pub(crate) struct Scratch<T: 'static>(Vec<T>, usize);
 
 /// Buffers a thread's pool keeps between calls (a Winograd call uses three, im2col two).
 const SCRATCH_KEPT: usize = 4;
@@ -407,7 +407,7 @@ thread_local! {
 impl<T: Float + 'static> Scratch<T> {
     pub(crate) fn new(len: usize) -> Self {
         if len == 0 {
-            return Self(Vec::new());
+            return Self(Vec::new(), 0);
         }
         // The smallest pooled buffer that is long enough, else the longest (grown): a small
         // request does not take the buffer a large one would then have to allocate again.
@@ -429,7 +429,7 @@ impl<T: Float + 'static> Scratch<T> {
         if v.len() < len {
             v.resize(len, T::zero());
         }
-        Self(v)
+        Self(v, len)
     }
 }
 
@@ -451,13 +451,13 @@ impl<T: 'static> Drop for Scratch<T> {
 impl<T: 'static> std::ops::Deref for Scratch<T> {
     type Target = [T];
     fn deref(&self) -> &[T] {
-        &self.0
+        &self.0[..self.1]
     }
 }
 
 impl<T: 'static> std::ops::DerefMut for Scratch<T> {
     fn deref_mut(&mut self) -> &mut [T] {
-        &mut self.0
+        &mut self.0[..self.1]
     }
 }
 
@@ -482,7 +482,7 @@ mod tests {
         );
         let b = Scratch::<f32>::new(600);
         assert_eq!(b.as_ptr(), big_at);
-        assert!(b.len() >= 600);
+        assert_eq!(b.len(), 600);
         let c = Scratch::<f64>::new(5);
         assert!(c.iter().all(|&v| v == 0.0), "a new buffer starts zeroed");
         drop((a, b, c));
