@@ -26,7 +26,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
 
-use crate::kernel::{gemm_into, run2, run3, Scratch, View};
+use crate::kernel::{gemm_into, run2, run3, transpose_into, Scratch, View};
 use crate::rules::LrpLayer;
 use crate::winograd::Winograd;
 
@@ -377,12 +377,16 @@ impl Geometry {
         dx
     }
 
+    /// dW = dY·X̂ᵀ, computed as its transpose X̂·dYᵀ and transposed back: `gemm` packs the
+    /// left-hand factor of its (column-major) product into micro-panels, and for dW that factor
+    /// is X̂ (9·C_in × N·L, rows along the long axis) where for dWᵀ it is dY (C_out × N·L,
+    /// 9·C_in/C_out times smaller). Packing X̂ took as long as the product itself at 64 px.
     fn kernel_grad<T: Float + Send + Sync + 'static>(&self, dy: &[T], x: &[T]) -> Vec<T> {
-        let (l, r) = (self.pixels(), self.rows());
-        let mut dw = vec![T::zero(); self.c_out * r];
+        let (l, r, c_out) = (self.pixels(), self.rows(), self.c_out);
+        let mut dwt = Scratch::new(r * c_out);
         let mut cols = Scratch::new(r * self.group() * l);
         let mut buf = Scratch::new(if self.group() > 1 {
-            self.c_out * self.group() * l
+            c_out * self.group() * l
         } else {
             0
         });
@@ -391,13 +395,15 @@ impl Geometry {
             self.im2col(x, n0, gs, &mut cols);
             let dy = self.dy_group(dy, n0, gs, &mut buf);
             gemm_into(
-                &mut dw,
-                r,
-                dy,
-                View::rows(&cols[..r * width], r, width).t(),
+                &mut dwt,
+                c_out,
+                View::rows(&cols[..r * width], r, width),
+                dy.t(),
                 i > 0,
             );
         }
+        let mut dw = vec![T::zero(); c_out * r];
+        transpose_into(&dwt, r, c_out, &mut dw);
         dw
     }
 }
@@ -735,6 +741,27 @@ mod tests {
     /// A layer large enough to take the Winograd path (checked, so that the test follows the
     /// dispatch if its thresholds move): value and both gradients against candle's conv2d in
     /// f64, with and without a bias, at an odd height.
+    /// The kernel gradient sums over groups of images (each GEMM has about COLUMNS columns):
+    /// a batch of three groups, one of them short, against candle's.
+    #[test]
+    fn kernel_gradient_sums_over_image_groups() {
+        let (dims, c_out, k) = ((5, 3, 21, 21), 4, 5);
+        let g = Geometry::new(dims, (c_out, dims.1, k, k), 1, 2).unwrap();
+        assert_eq!(
+            g.groups().collect::<Vec<_>>(),
+            [(0, 2), (2, 2), (4, 1)],
+            "the case no longer splits the batch"
+        );
+        let (x, w) = operands(dims, c_out, k, 91);
+        let r = randn((5, c_out, 21, 21), 0.0, 1.0, DType::F64, 92);
+        let ours = (conv2d(&x, &w, 1, 2).unwrap() * &r).unwrap();
+        let theirs = (x.conv2d(&w, 2, 1, 1, 1).unwrap() * &r).unwrap();
+        let g0 = ours.sum_all().unwrap().backward().unwrap();
+        let g1 = theirs.sum_all().unwrap().backward().unwrap();
+        let err = max_abs_diff(g0.get(&w).unwrap(), g1.get(&w).unwrap());
+        assert!(err < 1e-10, "kernel gradient off by {err}");
+    }
+
     #[test]
     fn winograd_layers_match_candle() {
         let (dims, c_out) = ((3, 4, 15, 14), 5);

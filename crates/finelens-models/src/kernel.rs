@@ -389,6 +389,41 @@ fn gemm_on<T: Float + 'static>(
     }
 }
 
+/// `dst` (cols × rows, row-major) = the transpose of `src` (rows × cols, row-major), in 32 × 32
+/// tiles so that both sides move whole cache lines (element by element, the strided side missed
+/// the cache on every write: 9% of a 64-px training step for the kernel gradients), one band of
+/// 32 destination rows per task.
+pub(crate) fn transpose_into<T: Copy + Send + Sync>(
+    src: &[T],
+    rows: usize,
+    cols: usize,
+    dst: &mut [T],
+) {
+    const TILE: usize = 32;
+    assert!(
+        src.len() == rows * cols && dst.len() == rows * cols,
+        "transpose_into: operands out of shape"
+    );
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    use rayon::prelude::*;
+    dst.par_chunks_mut(TILE * rows)
+        .enumerate()
+        .for_each(|(band, out)| {
+            let c0 = band * TILE;
+            let cw = out.len() / rows;
+            for r0 in (0..rows).step_by(TILE) {
+                for r in r0..(r0 + TILE).min(rows) {
+                    let line = &src[r * cols + c0..][..cw];
+                    for (c, &v) in line.iter().enumerate() {
+                        out[c * rows + r] = v;
+                    }
+                }
+            }
+        });
+}
+
 /// A work buffer of at least `len` values, taken from this thread's pool and given back on drop,
 /// for large temporaries that a kernel overwrites before it reads them: allocating and zeroing
 /// them on every call cost as much as a 56×56 Winograd convolution's transforms (tens of MB a
@@ -464,6 +499,34 @@ impl<T: 'static> std::ops::DerefMut for Scratch<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every element lands at its transposed place, for shapes that are and are not multiples
+    /// of the tile, and one-wide ones.
+    #[test]
+    fn transpose_moves_every_element() {
+        for (rows, cols) in [
+            (1, 1),
+            (1, 70),
+            (70, 1),
+            (32, 32),
+            (33, 65),
+            (100, 7),
+            (64, 576),
+        ] {
+            let src: Vec<u32> = (0..(rows * cols) as u32).collect();
+            let mut dst = vec![u32::MAX; rows * cols];
+            transpose_into(&src, rows, cols, &mut dst);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(
+                        dst[c * rows + r],
+                        src[r * cols + c],
+                        "{rows}×{cols} at ({r}, {c})"
+                    );
+                }
+            }
+        }
+    }
 
     /// A buffer comes back to the next request that fits (no allocation), a small request takes
     /// the smallest buffer that fits rather than the largest, types do not mix, and the pool
