@@ -143,6 +143,7 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     keep_freed_memory();
+    finelens_models::kernel::serial_candle_elementwise();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         // --help and --version.
