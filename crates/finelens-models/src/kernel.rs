@@ -403,17 +403,19 @@ fn gemm_on<T: Float + 'static>(
     }
 }
 
-/// `dst` (cols × rows, row-major) = the transpose of `src` (rows × cols, row-major), in 32 × 32
-/// tiles so that both sides move whole cache lines (element by element, the strided side missed
-/// the cache on every write: 9% of a 64-px training step for the kernel gradients), one band of
-/// 32 destination rows per task.
-pub(crate) fn transpose_into<T: Copy + Send + Sync>(
+/// `dst` (cols × rows, row-major) = the transpose of `src` (rows × cols, row-major), one band of
+/// [`BAND`] destination rows per task. Each 16 × BAND block goes through a buffer on the stack,
+/// so every destination cache line is written whole, at once: written in place, a band's rows
+/// (a power-of-two-ish stride apart for conv kernels: 4,608 floats for 512 × 3 × 3) fell into
+/// two cache sets, and the lines being filled evicted each other (3 ms for a 512 × 4,608 kernel).
+pub(crate) fn transpose_into<T: Float + Send + Sync>(
     src: &[T],
     rows: usize,
     cols: usize,
     dst: &mut [T],
 ) {
-    const TILE: usize = 32;
+    const BAND: usize = 32;
+    const LINE: usize = 16;
     assert!(
         src.len() == rows * cols && dst.len() == rows * cols,
         "transpose_into: operands out of shape"
@@ -422,17 +424,21 @@ pub(crate) fn transpose_into<T: Copy + Send + Sync>(
         return;
     }
     use rayon::prelude::*;
-    dst.par_chunks_mut(TILE * rows)
+    dst.par_chunks_mut(BAND * rows)
         .enumerate()
         .for_each(|(band, out)| {
-            let c0 = band * TILE;
+            let c0 = band * BAND;
             let cw = out.len() / rows;
-            for r0 in (0..rows).step_by(TILE) {
-                for r in r0..(r0 + TILE).min(rows) {
-                    let line = &src[r * cols + c0..][..cw];
-                    for (c, &v) in line.iter().enumerate() {
-                        out[c * rows + r] = v;
+            let mut buf = [[T::zero(); LINE]; BAND];
+            for r0 in (0..rows).step_by(LINE) {
+                let rh = LINE.min(rows - r0);
+                for (i, line) in src[r0 * cols..].chunks(cols).take(rh).enumerate() {
+                    for (b, &v) in buf.iter_mut().zip(&line[c0..c0 + cw]) {
+                        b[i] = v;
                     }
+                }
+                for (c, b) in buf.iter().take(cw).enumerate() {
+                    out[c * rows + r0..][..rh].copy_from_slice(&b[..rh]);
                 }
             }
         });
@@ -527,8 +533,8 @@ mod tests {
             (100, 7),
             (64, 576),
         ] {
-            let src: Vec<u32> = (0..(rows * cols) as u32).collect();
-            let mut dst = vec![u32::MAX; rows * cols];
+            let src: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+            let mut dst = vec![f32::NAN; rows * cols];
             transpose_into(&src, rows, cols, &mut dst);
             for r in 0..rows {
                 for c in 0..cols {
