@@ -114,14 +114,24 @@ pub(crate) fn folded(
     bn: &BatchNorm2d,
     mode: Mode,
 ) -> Result<Option<(Tensor, Tensor)>> {
-    let Some((scale, shift)) = bn.affine(mode)? else {
+    let Some((weight, scale, shift)) = affine_parts(conv, bn, mode)? else {
         return Ok(None);
     };
     let c_out = scale.dim(0)?;
-    let weight = conv
-        .weight
-        .broadcast_mul(&scale.reshape((c_out, 1, 1, 1))?)?;
+    let weight = weight.broadcast_mul(&scale.reshape((c_out, 1, 1, 1))?)?;
     Ok(Some((weight, shift)))
+}
+
+/// The convolution and its batch norm as s ⊙ (W ∗ x) + t, (W, s, t), where the batch norm is
+/// affine: for an op that applies s itself rather than scaling every weight on every pass.
+pub(crate) fn affine_parts(
+    conv: &Conv2d,
+    bn: &BatchNorm2d,
+    mode: Mode,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    Ok(bn
+        .affine(mode)?
+        .map(|(scale, shift)| (conv.weight.clone(), scale, shift)))
 }
 
 /// `nn.Linear`: y = x Wᵀ + b.

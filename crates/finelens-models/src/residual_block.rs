@@ -26,8 +26,9 @@ const NAME: &str = "finelens-residual-block";
 /// Values per rayon task of the element-wise passes.
 const CHUNK: usize = 1 << 14;
 
-/// One folded convolution: weight (C_out × C_in × k × k), bias, stride, padding.
-pub(crate) type Folded = (Tensor, Tensor, usize, usize);
+/// One convolution with its batch norm folded in, s ⊙ (W ∗ x) + t: weight W (C_out × C_in × k ×
+/// k), scale s, shift t, stride, padding.
+pub(crate) type Folded = (Tensor, Tensor, Tensor, usize, usize);
 
 /// The block of `convs` (a ReLU after each but the last) and `downsample` on `x` (N × C × H × W),
 /// differentiable in `x` only (the parameters must not be tracked).
@@ -41,9 +42,9 @@ pub(crate) fn residual_block(
     }
     let dtype = x.dtype();
     let mut geometry = Vec::with_capacity(convs.len() + 1);
-    let mut params = Vec::with_capacity(2 * convs.len() + 2);
+    let mut params = Vec::with_capacity(3 * convs.len() + 3);
     let mut dims = x.dims4()?;
-    for (w, b, stride, padding) in convs.iter().chain(downsample) {
+    for (w, s, t, stride, padding) in convs.iter().chain(downsample) {
         let input = if geometry.len() == convs.len() {
             x.dims4()?
         } else {
@@ -52,8 +53,9 @@ pub(crate) fn residual_block(
         let g = Geometry::new(input, w.dims4()?, *stride, *padding)?;
         dims = g.output_shape().dims4()?;
         geometry.push(g);
-        params.push(w.to_dtype(dtype)?.contiguous()?);
-        params.push(b.to_dtype(dtype)?.contiguous()?);
+        for p in [w, s, t] {
+            params.push(p.to_dtype(dtype)?.contiguous()?);
+        }
     }
     let out = geometry[convs.len() - 1].output_shape();
     if downsample.is_some_and(|_| geometry[convs.len()].output_shape() != out)
@@ -88,7 +90,7 @@ struct ResidualBlock {
     /// The convolutions' shapes, then the downsample's.
     geometry: Vec<Geometry>,
     convs: usize,
-    /// Weight and bias of each convolution, then the downsample's.
+    /// Weight, scale and shift of each convolution, then the downsample's.
     params: Vec<Tensor>,
     /// The ReLU outputs inside the block (`Vec<Vec<T>>`), for the backward.
     saved: Kept,
@@ -131,7 +133,8 @@ impl ResidualBlock {
         let mut z = Vec::new();
         for i in 0..self.convs {
             let input = inner.last().map_or(x, |a| a.as_slice());
-            let mut h = self.geometry[i].forward(input, p[2 * i], Some(p[2 * i + 1]));
+            let (w, s, t) = (p[3 * i], p[3 * i + 1], p[3 * i + 2]);
+            let mut h = self.geometry[i].forward(input, w, Some(s), Some(t));
             if i + 1 < self.convs {
                 relu_in_place(&mut h);
                 inner.push(h);
@@ -141,8 +144,8 @@ impl ResidualBlock {
         }
         match self.downsample() {
             Some(g) => {
-                let d = 2 * self.convs;
-                add_in_place(&mut z, &g.forward(x, p[d], Some(p[d + 1])));
+                let d = 3 * self.convs;
+                add_in_place(&mut z, &g.forward(x, p[d], Some(p[d + 1]), Some(p[d + 2])));
             }
             None => add_in_place(&mut z, x),
         }
@@ -153,13 +156,17 @@ impl ResidualBlock {
     fn backward<T: Elem>(&self, inner: &[Vec<T>], y: &[T], p: &[&[T]], dy: &[T]) -> Vec<T> {
         let mut g = dy.to_vec();
         mask_in_place(&mut g, y);
-        let mut d = self.geometry[self.convs - 1].input_grad(&g, p[2 * (self.convs - 1)]);
-        for i in (0..self.convs - 1).rev() {
+        let last = self.convs - 1;
+        let mut d = self.geometry[last].input_grad(&g, p[3 * last], Some(p[3 * last + 1]));
+        for i in (0..last).rev() {
             mask_in_place(&mut d, &inner[i]);
-            d = self.geometry[i].input_grad(&d, p[2 * i]);
+            d = self.geometry[i].input_grad(&d, p[3 * i], Some(p[3 * i + 1]));
         }
         match self.downsample() {
-            Some(ds) => add_in_place(&mut d, &ds.input_grad(&g, p[2 * self.convs])),
+            Some(ds) => {
+                let d3 = 3 * self.convs;
+                add_in_place(&mut d, &ds.input_grad(&g, p[d3], Some(p[d3 + 1])))
+            }
             None => add_in_place(&mut d, &g),
         }
         d

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::describe::{InputKind, ModelDescription, Stage};
 use crate::error::{ModelError, Result};
 use crate::nn::{
-    bn_specs, conv_bn, conv_specs, folded, linear_specs, BatchNorm2d, Conv2d, Linear, Mode,
+    affine_parts, bn_specs, conv_bn, conv_specs, linear_specs, BatchNorm2d, Conv2d, Linear, Mode,
 };
 use crate::params::{ParamSpec, ParamStore};
 use crate::pool::{max_pool2d, Pool2d};
@@ -323,10 +323,11 @@ impl Block {
         if backward_rule() != BackwardRule::Gradient || !x.device().is_cpu() {
             return Ok(None);
         }
+        // The scale stays apart from the kernel: the op applies it where it costs least.
         let fold = |(conv, bn): &(Conv2d, BatchNorm2d)| -> Result<Option<Folded>> {
-            Ok(folded(conv, bn, mode)?
-                .filter(|(w, b)| !w.track_op() && !b.track_op())
-                .map(|(w, b)| (w, b, conv.stride, conv.padding)))
+            Ok(affine_parts(conv, bn, mode)?
+                .filter(|(w, s, t)| !w.track_op() && !s.track_op() && !t.track_op())
+                .map(|(w, s, t)| (w, s, t, conv.stride, conv.padding)))
         };
         let mut convs = Vec::with_capacity(self.convs.len());
         for cb in &self.convs {

@@ -88,14 +88,16 @@ impl Winograd {
             && self.n * direct.saturating_sub(ours) >= KERNEL_TRANSFORM_COST
     }
 
-    /// Y = conv(x, w) (+ a bias per output channel): x N×C_in×H×W, w C_out×C_in×3×3.
+    /// Y = conv(x, s ⊙ w) (+ a bias per output channel): x N×C_in×H×W, w C_out×C_in×3×3, s a
+    /// scale per output channel (a folded batch norm's, applied in the kernel transform).
     pub(crate) fn forward<T: Float + Send + Sync + 'static>(
         &self,
         x: &[T],
         w: &[T],
+        scale: Option<&[T]>,
         bias: Option<&[T]>,
     ) -> Vec<T> {
-        let u = transform_kernel(w, self.c_out, self.c_in, false);
+        let u = transform_kernel(w, scale, self.c_out, self.c_in, false);
         self.convolve(
             x,
             self.c_in,
@@ -107,8 +109,13 @@ impl Winograd {
     }
 
     /// dX = conv(dY, rot180(w) with C_in and C_out swapped), the forward's adjoint.
-    pub(crate) fn input_grad<T: Float + Send + Sync + 'static>(&self, dy: &[T], w: &[T]) -> Vec<T> {
-        let u = transform_kernel(w, self.c_out, self.c_in, true);
+    pub(crate) fn input_grad<T: Float + Send + Sync + 'static>(
+        &self,
+        dy: &[T],
+        w: &[T],
+        scale: Option<&[T]>,
+    ) -> Vec<T> {
+        let u = transform_kernel(w, scale, self.c_out, self.c_in, true);
         self.convolve(
             dy,
             self.c_out,
@@ -383,6 +390,7 @@ fn transform_output<'a, T: Float + 'a>(
 /// on every call).
 fn transform_kernel<T: Float + Send + Sync + 'static>(
     w: &[T],
+    scale: Option<&[T]>,
     c_out: usize,
     c_in: usize,
     adjoint: bool,
@@ -402,15 +410,18 @@ fn transform_kernel<T: Float + Send + Sync + 'static>(
             let mut taps = vec![T::zero(); 21 * cols];
             let (taps, gg) = taps.split_at_mut(9 * cols);
             for i in 0..cols {
+                // The output channel's scale: o's in the forward, i's in the adjoint.
                 if adjoint {
                     let k = &w[(i * c_in + o) * 9..][..9];
+                    let s = scale.map_or(T::one(), |s| s[i]);
                     for t in 0..9 {
-                        taps[t * cols + i] = k[8 - t];
+                        taps[t * cols + i] = s * k[8 - t];
                     }
                 } else {
                     let k = &w[(o * c_in + i) * 9..][..9];
+                    let s = scale.map_or(T::one(), |s| s[o]);
                     for t in 0..9 {
-                        taps[t * cols + i] = k[t];
+                        taps[t * cols + i] = s * k[t];
                     }
                 }
             }
@@ -482,10 +493,10 @@ mod tests {
             let kernel = seeded(c_out * c_in * 9, seed + 1);
             let bias = seeded(c_out, seed + 2);
             let dy = seeded(n * c_out * h * w, seed + 3);
-            let want_y = g.im2col_forward(&x, &kernel, Some(&bias));
-            let want_dx = g.im2col_input_grad(&dy, &kernel);
-            let u = transform_kernel(&kernel, c_out, c_in, false);
-            let ut = transform_kernel(&kernel, c_out, c_in, true);
+            let want_y = g.im2col_forward(&x, &kernel, None, Some(&bias));
+            let want_dx = g.im2col_input_grad(&dy, &kernel, None);
+            let u = transform_kernel(&kernel, None, c_out, c_in, false);
+            let ut = transform_kernel(&kernel, None, c_out, c_in, true);
             let slots = n * Slots::of(h, w).len();
             for target in 1..=slots + 1 {
                 let chunks = wg.chunks(target);
@@ -504,8 +515,11 @@ mod tests {
                 }
             }
             // The public entry points pick their own chunk.
-            assert_eq!(wg.forward(&x, &kernel, Some(&bias)).len(), want_y.len());
-            assert_eq!(wg.input_grad(&dy, &kernel).len(), want_dx.len());
+            assert_eq!(
+                wg.forward(&x, &kernel, None, Some(&bias)).len(),
+                want_y.len()
+            );
+            assert_eq!(wg.input_grad(&dy, &kernel, None).len(), want_dx.len());
         }
     }
 
@@ -524,7 +538,7 @@ mod tests {
         };
         let x = seeded(n * c_in * h * w, 7);
         let kernel = seeded(c_out * c_in * 9, 8);
-        let exact = g.im2col_forward(&x, &kernel, None);
+        let exact = g.im2col_forward(&x, &kernel, None, None);
         let x32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
         let k32: Vec<f32> = kernel.iter().map(|&v| v as f32).collect();
         let err = |y: &[f32]| {
@@ -533,8 +547,8 @@ mod tests {
                 .map(|(&a, &b)| (a as f64 - b).abs())
                 .fold(0.0, f64::max)
         };
-        let direct = err(&g.im2col_forward(&x32, &k32, None));
-        let ours = err(&wg.forward(&x32, &k32, None));
+        let direct = err(&g.im2col_forward(&x32, &k32, None, None));
+        let ours = err(&wg.forward(&x32, &k32, None, None));
         let scale = exact.iter().map(|v| v.abs()).fold(0.0, f64::max);
         assert!(
             ours <= 2.0 * direct + 1e-6 * scale,
