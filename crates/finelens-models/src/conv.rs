@@ -7,7 +7,9 @@
 //! tiles with strided single-element writes. Here, with X̂ = im2col(X) (C_in·k·k rows, one column
 //! per output pixel) and W reshaped to C_out × (C_in·k·k):
 //!
-//! * forward: Y = W · X̂ (+ a bias per output channel, where batch norm was folded in);
+//! * forward: Y = W · X̂ (+ a bias per output channel, where batch norm was folded in; a frozen
+//!   block's batch-norm scale comes apart from W and multiplies W's rows or Y's, whichever are
+//!   fewer, rather than every weight on every pass);
 //! * input:   dX = col2im(Wᵀ · dY), the adjoint of the forward, only when X is tracked;
 //! * kernel:  dW = Σ dY · X̂ᵀ, only when W is tracked (a trainable `Var`); the bias: Σ dY.
 //!

@@ -40,8 +40,9 @@ pub(crate) fn contiguous<'a, T>(
 }
 
 /// `f` on the values of `tensors` (CPU, contiguous, of type T), read in place: the frozen
-/// parameters an op holds beside its graph operands.
-pub(crate) fn with_slices<T: candle_core::WithDType, R>(
+/// parameters an op holds beside its graph operands, or an optimiser's parameters, gradients and
+/// moments.
+pub fn with_slices<T: candle_core::WithDType, R>(
     op: &str,
     tensors: &[Tensor],
     f: impl FnOnce(&[&[T]]) -> R,

@@ -13,6 +13,11 @@
 //! * backward: g = dy ⊙ [y > 0], then back through the chain dₗ = (Wₗᵀ ⋆ dₗ₊₁) ⊙ [aₗ > 0], and
 //!   dx = W₁ᵀ ⋆ d₂ + (g or W_dᵀ ⋆ g): the ReLU masks read off the outputs, as the composed ops
 //!   (and PyTorch's `threshold_backward`) do, so the gradient at exactly 0 is 0.
+//!
+//! A folded weight is Wᵢ = sᵢ ⊙ Kᵢ, the convolution's kernel K scaled per output channel by its
+//! batch norm's γ/σ; the op takes K and s apart and the convolutions apply s where it is cheapest
+//! ([`Geometry::forward`]), so a pass reads each kernel once instead of first writing a scaled
+//! copy of all of them.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, WithDType};
 use num_traits::Float;

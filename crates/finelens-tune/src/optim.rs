@@ -3,7 +3,9 @@
 //! how a backbone trains at a fraction of the head's rate (discriminative fine-tuning).
 
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
+use finelens_models::kernel::with_slices;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TuneError};
@@ -188,67 +190,195 @@ impl Optimizer {
             // candle's backward detaches every gradient except a leaf variable's, whose gradient
             // still carries the op that made it — and through it the whole step's forward graph.
             // Kept in a momentum buffer, each step's graph would stay alive (≈ 65 MB a step for
-            // resnet-mini at batch 32, until the process is killed). Detach before keeping state.
-            let g = &g.detach();
+            // resnet-mini at batch 32, until the process is killed). The update below reads the
+            // gradient's values only and keeps new tensors, never the gradient itself.
+            let g = g.detach().contiguous()?;
             let p = s.var.as_detached_tensor();
             let lr = lr * s.lr_mult;
-            let next = match self.config {
+            let rule = match self.config {
                 OptimizerConfig::Sgd {
                     momentum,
                     nesterov,
                     weight_decay,
-                } => {
-                    let g = if weight_decay > 0.0 && s.decay {
-                        (g + (&p * weight_decay)?)?
-                    } else {
-                        g.clone()
-                    };
-                    let d = if momentum > 0.0 {
-                        let b = match &s.first {
-                            Some(b) => ((b * momentum)? + &g)?,
-                            None => g.clone(),
-                        };
-                        s.first = Some(b.clone());
-                        if nesterov {
-                            (&g + (b * momentum)?)?
-                        } else {
-                            b
-                        }
-                    } else {
-                        g
-                    };
-                    (&p - (d * lr)?)?
-                }
+                } => Rule::Sgd {
+                    lr,
+                    momentum,
+                    nesterov,
+                    weight_decay: if s.decay { weight_decay } else { 0.0 },
+                },
                 OptimizerConfig::Adamw {
                     beta1,
                     beta2,
                     eps,
                     weight_decay,
-                } => {
-                    let p = if s.decay {
-                        (&p * (1.0 - lr * weight_decay))?
+                } => Rule::Adamw {
+                    lr,
+                    beta1,
+                    beta2,
+                    eps,
+                    shrink: if s.decay {
+                        1.0 - lr * weight_decay
                     } else {
-                        p
-                    };
-                    let m = match &s.first {
-                        Some(m) => ((m * beta1)? + (g * (1.0 - beta1))?)?,
-                        None => (g * (1.0 - beta1))?,
-                    };
-                    let v = match &s.second {
-                        Some(v) => ((v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?,
-                        None => (g.sqr()? * (1.0 - beta2))?,
-                    };
-                    let m_hat = (&m / (1.0 - beta1.powi(t)))?;
-                    let v_hat = (&v / (1.0 - beta2.powi(t)))?;
-                    s.first = Some(m);
-                    s.second = Some(v);
-                    (p - ((m_hat / (v_hat.sqrt()? + eps)?)? * lr)?)?
+                        1.0
+                    },
+                    correction1: 1.0 - beta1.powi(t),
+                    correction2: 1.0 - beta2.powi(t),
+                },
+            };
+            let (next, first, second) = match p.dtype() {
+                DType::F32 => update::<f32>(rule, &p, &g, s)?,
+                DType::F64 => update::<f64>(rule, &p, &g, s)?,
+                other => {
+                    return Err(TuneError::Config(format!(
+                        "optimiser: parameters must be f32 or f64, not {other:?}"
+                    )))
                 }
             };
+            s.first = first;
+            s.second = second;
             s.var.set(&next)?;
         }
         Ok(())
     }
+}
+
+/// One parameter's update rule at this step, its scalars resolved.
+#[derive(Clone, Copy)]
+enum Rule {
+    Sgd {
+        lr: f64,
+        momentum: f64,
+        nesterov: bool,
+        weight_decay: f64,
+    },
+    Adamw {
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+        /// 1 − ηλ, the decoupled decay's factor (1 without decay).
+        shrink: f64,
+        /// 1 − βᵗ, Adam's bias corrections.
+        correction1: f64,
+        correction2: f64,
+    },
+}
+
+/// Values per rayon task of an update.
+const CHUNK: usize = 1 << 14;
+
+/// The new parameter and moments of one parameter, in a single parallel pass over its values.
+/// Composed of candle's element-wise ops, AdamW was a dozen passes and as many allocations a
+/// tensor (single-threaded, as the CLI keeps candle's element-wise ops): resnet18 trained at 64
+/// px ran 10–15% slower with AdamW than with SGD.
+fn update<T>(
+    rule: Rule,
+    p: &Tensor,
+    g: &Tensor,
+    s: &Slot,
+) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)>
+where
+    T: num_traits::Float + candle_core::WithDType + Send + Sync,
+{
+    let c = |v: f64| T::from(v).expect("a float converts to f32 and f64");
+    let n = p.elem_count();
+    let dtype = p.dtype();
+    // Operands: p, g, then the moments kept so far (at[0], at[1] their places).
+    let mut operands = vec![p.clone(), g.clone()];
+    let mut at = [None, None];
+    for (k, m) in [&s.first, &s.second].into_iter().enumerate() {
+        if let Some(m) = m {
+            at[k] = Some(operands.len());
+            operands.push(m.to_dtype(dtype)?.contiguous()?);
+        }
+    }
+    let (next, first, second) = with_slices::<T, _>("optimiser", &operands, |v| {
+        let (p, g) = (v[0], v[1]);
+        // A moment not yet kept is zero: b₁ = μ·0 + g₁ = g₁, m₁ = β₁·0 + (1 − β₁)g₁, as torch.
+        let missing = match rule {
+            Rule::Sgd { momentum, .. } => momentum > 0.0 && at[0].is_none(),
+            Rule::Adamw { .. } => at.contains(&None),
+        };
+        let zeros = if missing {
+            vec![T::zero(); n]
+        } else {
+            Vec::new()
+        };
+        let old = |k: usize| at[k].map_or(&zeros[..], |i| v[i]);
+        let mut next = vec![T::zero(); n];
+        match rule {
+            Rule::Sgd {
+                lr,
+                momentum,
+                nesterov,
+                weight_decay,
+            } => {
+                // torch.optim.SGD: g ← ∇ + λp; b ← μb + g (b₀ = g); step along b, or g + μb.
+                let (lr, mu, wd) = (c(lr), c(momentum), c(weight_decay));
+                if momentum == 0.0 {
+                    next.par_chunks_mut(CHUNK)
+                        .zip(p.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+                        .for_each(|(next, (p, g))| {
+                            for ((next, &p), &g) in next.iter_mut().zip(p).zip(g) {
+                                *next = p - lr * (g + wd * p);
+                            }
+                        });
+                    return (next, None, None);
+                }
+                let mut b = vec![T::zero(); n];
+                next.par_chunks_mut(CHUNK)
+                    .zip(b.par_chunks_mut(CHUNK))
+                    .zip(p.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+                    .zip(old(0).par_chunks(CHUNK))
+                    .for_each(|(((next, b), (p, g)), old)| {
+                        for i in 0..next.len() {
+                            let gi = g[i] + wd * p[i];
+                            b[i] = mu * old[i] + gi;
+                            let d = if nesterov { gi + mu * b[i] } else { b[i] };
+                            next[i] = p[i] - lr * d;
+                        }
+                    });
+                (next, Some(b), None)
+            }
+            Rule::Adamw {
+                lr,
+                beta1,
+                beta2,
+                eps,
+                shrink,
+                correction1,
+                correction2,
+            } => {
+                // torch.optim.AdamW: p ← (1 − ηλ)p; m ← β₁m + (1 − β₁)g; v ← β₂v + (1 − β₂)g²;
+                // p ← p − η m̂ / (√v̂ + ε), m̂ = m / (1 − β₁ᵗ), v̂ = v / (1 − β₂ᵗ).
+                let (lr, b1, b2, eps) = (c(lr), c(beta1), c(beta2), c(eps));
+                let (shrink, c1, c2) = (c(shrink), c(correction1), c(correction2));
+                let one = T::one();
+                let (mut m, mut sq) = (vec![T::zero(); n], vec![T::zero(); n]);
+                next.par_chunks_mut(CHUNK)
+                    .zip(p.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+                    .zip(m.par_chunks_mut(CHUNK).zip(sq.par_chunks_mut(CHUNK)))
+                    .zip(old(0).par_chunks(CHUNK).zip(old(1).par_chunks(CHUNK)))
+                    .for_each(|(((next, (p, g)), (m, sq)), (om, ov))| {
+                        for i in 0..next.len() {
+                            let gi = g[i];
+                            m[i] = b1 * om[i] + (one - b1) * gi;
+                            sq[i] = b2 * ov[i] + (one - b2) * gi * gi;
+                            let step = (m[i] / c1) / ((sq[i] / c2).sqrt() + eps);
+                            next[i] = shrink * p[i] - lr * step;
+                        }
+                    });
+                (next, Some(m), Some(sq))
+            }
+        }
+    })?;
+    let shape = p.shape();
+    let tensor = |v: Vec<T>| Tensor::from_vec(v, shape, p.device());
+    Ok((
+        tensor(next)?,
+        first.map(tensor).transpose()?,
+        second.map(tensor).transpose()?,
+    ))
 }
 
 #[cfg(test)]
@@ -337,5 +467,125 @@ mod tests {
         assert!(OptimizerConfig::sgd(1.0, false, 0.0).check().is_err());
         assert!(OptimizerConfig::sgd(0.0, true, 0.0).check().is_err());
         assert!(OptimizerConfig::sgd(0.9, false, -1.0).check().is_err());
+    }
+
+    /// Several steps on parameters longer than a task's chunk, with and without weight decay and
+    /// at two learning-rate multipliers, the gradient changing every step (g = p ⊙ a + b, a and b
+    /// fixed), against torch's update rules written out element by element in f64.
+    #[test]
+    fn updates_match_the_rules_element_by_element() {
+        use rand::{Rng, SeedableRng};
+        let n = 3 * CHUNK + 17;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let mut draw = || -> Vec<f64> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
+        let (p0, a, b) = (draw(), draw(), draw());
+        let grad = |p: &[f64]| -> Vec<f64> { (0..n).map(|i| p[i] * a[i] + b[i]).collect() };
+        let configs = [
+            OptimizerConfig::sgd(0.0, false, 0.1),
+            OptimizerConfig::sgd(0.9, false, 0.0),
+            OptimizerConfig::sgd(0.8, true, 0.05),
+            OptimizerConfig::adamw(0.0),
+            OptimizerConfig::adamw(0.3),
+        ];
+        for config in configs {
+            for dtype in [DType::F64, DType::F32] {
+                let dev = candle_core::Device::Cpu;
+                let var = |m: f64| {
+                    let t = Tensor::from_vec(p0.iter().map(|v| v * m).collect(), n, &dev);
+                    Var::from_tensor(&t.unwrap().to_dtype(dtype).unwrap()).unwrap()
+                };
+                // (variable, lr multiplier, decay)
+                let params = vec![(var(1.0), 1.0, true), (var(-0.5), 0.25, false)];
+                let mut opt = Optimizer::with_decay(config, params.clone()).unwrap();
+                let mut want: Vec<Vec<f64>> =
+                    vec![p0.clone(), p0.iter().map(|v| -0.5 * v).collect()];
+                let mut moments = vec![(vec![0.0; n], vec![0.0; n]); 2];
+                let lr = 0.05;
+                for t in 1..=4 {
+                    // The loss Σ ½a p² + b p has gradient p ⊙ a + b.
+                    let (a_t, b_t) = (
+                        Tensor::from_vec(a.clone(), n, &dev)
+                            .unwrap()
+                            .to_dtype(dtype)
+                            .unwrap(),
+                        Tensor::from_vec(b.clone(), n, &dev)
+                            .unwrap()
+                            .to_dtype(dtype)
+                            .unwrap(),
+                    );
+                    let loss = params
+                        .iter()
+                        .map(|(v, _, _)| {
+                            let p = v.as_tensor();
+                            ((p.sqr().unwrap() * &a_t).unwrap() * 0.5).unwrap()
+                                + (p * &b_t).unwrap()
+                        })
+                        .map(|l| l.unwrap().sum_all().unwrap())
+                        .reduce(|x, y| (x + y).unwrap())
+                        .unwrap();
+                    opt.step(&loss.backward().unwrap(), lr).unwrap();
+                    for (k, &(mult, decay)) in [(1.0, true), (0.25, false)].iter().enumerate() {
+                        let (p, (m1, m2)) = (&mut want[k], &mut moments[k]);
+                        let g = grad(p);
+                        let lr = lr * mult;
+                        for i in 0..n {
+                            match config {
+                                OptimizerConfig::Sgd {
+                                    momentum,
+                                    nesterov,
+                                    weight_decay,
+                                } => {
+                                    let gi = g[i] + if decay { weight_decay } else { 0.0 } * p[i];
+                                    let d = if momentum > 0.0 {
+                                        m1[i] = if t == 1 { gi } else { momentum * m1[i] + gi };
+                                        if nesterov {
+                                            gi + momentum * m1[i]
+                                        } else {
+                                            m1[i]
+                                        }
+                                    } else {
+                                        gi
+                                    };
+                                    p[i] -= lr * d;
+                                }
+                                OptimizerConfig::Adamw {
+                                    beta1,
+                                    beta2,
+                                    eps,
+                                    weight_decay,
+                                } => {
+                                    if decay {
+                                        p[i] *= 1.0 - lr * weight_decay;
+                                    }
+                                    m1[i] = beta1 * m1[i] + (1.0 - beta1) * g[i];
+                                    m2[i] = beta2 * m2[i] + (1.0 - beta2) * g[i] * g[i];
+                                    let m_hat = m1[i] / (1.0 - beta1.powi(t));
+                                    let v_hat = m2[i] / (1.0 - beta2.powi(t));
+                                    p[i] -= lr * m_hat / (v_hat.sqrt() + eps);
+                                }
+                            }
+                        }
+                    }
+                }
+                let tol = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
+                for (k, (v, _, _)) in params.iter().enumerate() {
+                    let got: Vec<f64> = v
+                        .as_tensor()
+                        .to_dtype(DType::F64)
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap();
+                    let err = got
+                        .iter()
+                        .zip(&want[k])
+                        .map(|(x, y)| (x - y).abs())
+                        .fold(0.0, f64::max);
+                    assert!(
+                        err < tol,
+                        "{config:?} {dtype:?} parameter {k}: off by {err}"
+                    );
+                }
+            }
+        }
     }
 }
