@@ -18,9 +18,10 @@ pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 /// as rayon has), whose threads then spin 25,000 rounds waiting for the next op: on 2 cores a
 /// third thread spinning beside rayon's two, ≈ 11% of a 64-px training step's samples. Without
 /// that pool (`CANDLE_NUM_THREADS=1`) training at 64 px ran ≈ 10% faster (5 alternating runs,
-/// median 129 → 142 images/s) and the explain benchmark's forward passes 10–25%; the ops it
-/// serialises are memory-bound adds and fills. Call first thing in `main`, before any thread
-/// starts; a user's own `CANDLE_NUM_THREADS` wins.
+/// median 129 → 142 images/s), and explaining, text fine-tuning and text attributions measured
+/// the same or faster (two alternating runs each: the machine's noise); the ops it serialises
+/// are memory-bound adds and fills. Call first thing in `main`, before any other thread starts
+/// (setting the environment is only sound then); a user's own `CANDLE_NUM_THREADS` wins.
 pub fn serial_candle_elementwise() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");

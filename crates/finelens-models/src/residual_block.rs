@@ -31,7 +31,7 @@ const NAME: &str = "finelens-residual-block";
 /// Values per rayon task of the element-wise passes.
 const CHUNK: usize = 1 << 14;
 
-/// One convolution with its batch norm folded in, s ⊙ (W ∗ x) + t: weight W (C_out × C_in × k ×
+/// One convolution with its batch norm folded in, s ⊙ (K ∗ x) + t: kernel K (C_out × C_in × k ×
 /// k), scale s, shift t, stride, padding.
 pub(crate) type Folded = (Tensor, Tensor, Tensor, usize, usize);
 
