@@ -807,9 +807,6 @@ mod tests {
         }
     }
 
-    /// A layer large enough to take the Winograd path (checked, so that the test follows the
-    /// dispatch if its thresholds move): value and both gradients against candle's conv2d in
-    /// f64, with and without a bias, at an odd height.
     /// A per-output-channel scale given apart (a folded batch norm's) gives what the scaled
     /// kernel gives, forward and input gradient, on each path: Winograd (scale in the kernel
     /// transform), im2col scaling the kernel (fewer weights than outputs) and im2col scaling the
@@ -893,6 +890,9 @@ mod tests {
         assert!(err < 1e-10, "kernel gradient off by {err}");
     }
 
+    /// A layer large enough to take the Winograd path (checked, so that the test follows the
+    /// dispatch if its thresholds move): value and both gradients against candle's conv2d in
+    /// f64, with and without a bias, at an odd height.
     #[test]
     fn winograd_layers_match_candle() {
         let (dims, c_out) = ((3, 4, 15, 14), 5);

@@ -469,6 +469,58 @@ mod tests {
         assert!(OptimizerConfig::sgd(0.9, false, -1.0).check().is_err());
     }
 
+    /// One step of torch's rule for `config` written out element by element in f64: parameter
+    /// `p` with gradient `g`, moments `m1`, `m2` (zero before the first step), step `t`.
+    #[allow(clippy::too_many_arguments)]
+    fn torch_step(
+        config: OptimizerConfig,
+        t: i32,
+        lr: f64,
+        decay: bool,
+        p: &mut [f64],
+        g: &[f64],
+        m1: &mut [f64],
+        m2: &mut [f64],
+    ) {
+        for i in 0..p.len() {
+            match config {
+                OptimizerConfig::Sgd {
+                    momentum,
+                    nesterov,
+                    weight_decay,
+                } => {
+                    let gi = g[i] + if decay { weight_decay } else { 0.0 } * p[i];
+                    let d = if momentum > 0.0 {
+                        m1[i] = if t == 1 { gi } else { momentum * m1[i] + gi };
+                        if nesterov {
+                            gi + momentum * m1[i]
+                        } else {
+                            m1[i]
+                        }
+                    } else {
+                        gi
+                    };
+                    p[i] -= lr * d;
+                }
+                OptimizerConfig::Adamw {
+                    beta1,
+                    beta2,
+                    eps,
+                    weight_decay,
+                } => {
+                    if decay {
+                        p[i] *= 1.0 - lr * weight_decay;
+                    }
+                    m1[i] = beta1 * m1[i] + (1.0 - beta1) * g[i];
+                    m2[i] = beta2 * m2[i] + (1.0 - beta2) * g[i] * g[i];
+                    let m_hat = m1[i] / (1.0 - beta1.powi(t));
+                    let v_hat = m2[i] / (1.0 - beta2.powi(t));
+                    p[i] -= lr * m_hat / (v_hat.sqrt() + eps);
+                }
+            }
+        }
+    }
+
     /// Several steps on parameters longer than a task's chunk, with and without weight decay and
     /// at two learning-rate multipliers, the gradient changing every step (g = p ⊙ a + b, a and b
     /// fixed), against torch's update rules written out element by element in f64.
@@ -487,32 +539,33 @@ mod tests {
             OptimizerConfig::adamw(0.0),
             OptimizerConfig::adamw(0.3),
         ];
+        // (multiplier of p₀, lr multiplier, decay) per parameter.
+        let setups = [(1.0, 1.0, true), (-0.5, 0.25, false)];
+        let (dev, lr) = (candle_core::Device::Cpu, 0.05);
         for config in configs {
             for dtype in [DType::F64, DType::F32] {
-                let dev = candle_core::Device::Cpu;
-                let var = |m: f64| {
-                    let t = Tensor::from_vec(p0.iter().map(|v| v * m).collect(), n, &dev);
-                    Var::from_tensor(&t.unwrap().to_dtype(dtype).unwrap()).unwrap()
+                let tensor = |v: Vec<f64>| {
+                    Tensor::from_vec(v, n, &dev)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap()
                 };
-                // (variable, lr multiplier, decay)
-                let params = vec![(var(1.0), 1.0, true), (var(-0.5), 0.25, false)];
+                let (a_t, b_t) = (tensor(a.clone()), tensor(b.clone()));
+                let params: Vec<(Var, f64, bool)> = setups
+                    .iter()
+                    .map(|&(m, mult, decay)| {
+                        let p = tensor(p0.iter().map(|v| v * m).collect());
+                        (Var::from_tensor(&p).unwrap(), mult, decay)
+                    })
+                    .collect();
                 let mut opt = Optimizer::with_decay(config, params.clone()).unwrap();
-                let mut want: Vec<Vec<f64>> =
-                    vec![p0.clone(), p0.iter().map(|v| -0.5 * v).collect()];
-                let mut moments = vec![(vec![0.0; n], vec![0.0; n]); 2];
-                let lr = 0.05;
+                let mut want: Vec<Vec<f64>> = setups
+                    .iter()
+                    .map(|&(m, _, _)| p0.iter().map(|v| v * m).collect())
+                    .collect();
+                let mut moments = vec![(vec![0.0; n], vec![0.0; n]); setups.len()];
                 for t in 1..=4 {
                     // The loss Σ ½a p² + b p has gradient p ⊙ a + b.
-                    let (a_t, b_t) = (
-                        Tensor::from_vec(a.clone(), n, &dev)
-                            .unwrap()
-                            .to_dtype(dtype)
-                            .unwrap(),
-                        Tensor::from_vec(b.clone(), n, &dev)
-                            .unwrap()
-                            .to_dtype(dtype)
-                            .unwrap(),
-                    );
                     let loss = params
                         .iter()
                         .map(|(v, _, _)| {
@@ -524,47 +577,11 @@ mod tests {
                         .reduce(|x, y| (x + y).unwrap())
                         .unwrap();
                     opt.step(&loss.backward().unwrap(), lr).unwrap();
-                    for (k, &(mult, decay)) in [(1.0, true), (0.25, false)].iter().enumerate() {
-                        let (p, (m1, m2)) = (&mut want[k], &mut moments[k]);
+                    for ((p, (m1, m2)), &(_, mult, decay)) in
+                        want.iter_mut().zip(&mut moments).zip(&setups)
+                    {
                         let g = grad(p);
-                        let lr = lr * mult;
-                        for i in 0..n {
-                            match config {
-                                OptimizerConfig::Sgd {
-                                    momentum,
-                                    nesterov,
-                                    weight_decay,
-                                } => {
-                                    let gi = g[i] + if decay { weight_decay } else { 0.0 } * p[i];
-                                    let d = if momentum > 0.0 {
-                                        m1[i] = if t == 1 { gi } else { momentum * m1[i] + gi };
-                                        if nesterov {
-                                            gi + momentum * m1[i]
-                                        } else {
-                                            m1[i]
-                                        }
-                                    } else {
-                                        gi
-                                    };
-                                    p[i] -= lr * d;
-                                }
-                                OptimizerConfig::Adamw {
-                                    beta1,
-                                    beta2,
-                                    eps,
-                                    weight_decay,
-                                } => {
-                                    if decay {
-                                        p[i] *= 1.0 - lr * weight_decay;
-                                    }
-                                    m1[i] = beta1 * m1[i] + (1.0 - beta1) * g[i];
-                                    m2[i] = beta2 * m2[i] + (1.0 - beta2) * g[i] * g[i];
-                                    let m_hat = m1[i] / (1.0 - beta1.powi(t));
-                                    let v_hat = m2[i] / (1.0 - beta2.powi(t));
-                                    p[i] -= lr * m_hat / (v_hat.sqrt() + eps);
-                                }
-                            }
-                        }
+                        torch_step(config, t, lr * mult, decay, p, &g, m1, m2);
                     }
                 }
                 let tol = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
