@@ -56,14 +56,15 @@ fn channel_values(s: &CpuStorage, l: &Layout, op: &str) -> candle_core::Result<V
     })
 }
 
-/// Per channel c: out = p[c]·u + q[c]·(v − m[c]) + r[c] over plane-aligned u and, if given, v.
-/// Missing coefficients are 0.
+/// Per channel c: out = p[c]·u + q[c]·(v − m[c]) + r[c] over plane-aligned u and, if given, v,
+/// then max(out, 0) with `relu`. Missing coefficients are 0.
 #[derive(Debug, Clone, Default)]
 struct Combine {
     p: Vec<f64>,
     q: Vec<f64>,
     m: Vec<f64>,
     r: Vec<f64>,
+    relu: bool,
 }
 
 impl Combine {
@@ -89,6 +90,12 @@ impl Combine {
                         for (o, &a) in o.iter_mut().zip(u) {
                             *o = p * a + r;
                         }
+                    }
+                }
+                // A second sweep over a plane still in cache rather than a branch per value.
+                if self.relu {
+                    for o in o.iter_mut() {
+                        *o = o.max(T::zero());
                     }
                 }
             });
@@ -250,18 +257,23 @@ pub fn batch_moments(x: &Tensor) -> candle_core::Result<(Vec<f64>, Vec<f64>)> {
 }
 
 /// Train-mode batch norm, y = γ·(x − μ)/√(σ² + ε) + β with the batch's mean μ and biased variance
-/// σ² per channel, as one op whose backward accounts for μ and σ² depending on x. Returns y and the
-/// μ and σ² it used (for the running statistics).
+/// σ² per channel, as one op whose backward accounts for μ and σ² depending on x; with `relu`,
+/// max(y, 0) in the same op (its gradient masked by the output, as [`crate::relu::relu`]'s): one
+/// graph node instead of two, so the backward neither sweeps the activations for the ReLU nor
+/// hands the batch norm's output a zero-filled gradient to add to. Returns y and the μ and σ² it
+/// used (for the running statistics).
 pub fn batch_norm_train(
     x: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,
     eps: f64,
+    relu: bool,
 ) -> candle_core::Result<(Tensor, Vec<f64>, Vec<f64>)> {
     let (mean, var) = batch_moments(x)?;
     let op = TrainMode {
         inv_std: var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect(),
         mean: mean.clone(),
+        relu,
     };
     let x = x.contiguous()?;
     let y = if x.track_op() || gamma.track_op() || beta.track_op() {
@@ -272,10 +284,12 @@ pub fn batch_norm_train(
     Ok((y, mean, var))
 }
 
-/// Train-mode batch norm with the batch statistics fixed at forward time.
+/// Train-mode batch norm with the batch statistics fixed at forward time, and a ReLU after it or
+/// not.
 struct TrainMode {
     mean: Vec<f64>,
     inv_std: Vec<f64>,
+    relu: bool,
 }
 
 impl TrainMode {
@@ -294,6 +308,7 @@ impl TrainMode {
                 .map(|((b, p), m)| b - p * m)
                 .collect(),
             p,
+            relu: self.relu,
             ..Combine::default()
         }
     }
@@ -326,10 +341,18 @@ impl CustomOp3 for TrainMode {
         x: &Tensor,
         gamma: &Tensor,
         beta: &Tensor,
-        _y: &Tensor,
+        y: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let count = Planes::of(x.shape())?.count() as f64;
+        // The ReLU's backward first: dy·[y > 0] is the batch norm's output gradient.
+        let masked;
+        let grad = if self.relu {
+            masked = crate::relu::relu_backward(y, grad)?;
+            &masked
+        } else {
+            grad
+        };
         // (Σ dy, Σ dy·(x − μ)) per channel; Σ dy·x̂ = Σ dy·(x − μ)/σ.
         let sums = Sums {
             m: self.mean.clone(),
@@ -355,6 +378,7 @@ impl CustomOp3 for TrainMode {
                 r: (0..p.len()).map(|c| -p[c] * d_beta[c] / count).collect(),
                 m: self.mean.clone(),
                 p,
+                ..Combine::default()
             };
             Some(k.apply(grad, Some(x))?)
         } else {
@@ -514,10 +538,16 @@ mod tests {
     }
 
     fn ours_train(x: &Tensor, g: &Tensor, b: &Tensor) -> Tensor {
-        batch_norm_train(x, g, b, 1e-5).unwrap().0
+        batch_norm_train(x, g, b, 1e-5, false).unwrap().0
     }
     fn reference_train(x: &Tensor, g: &Tensor, b: &Tensor) -> Tensor {
         composed_train(x, g, b, 1e-5)
+    }
+    fn ours_train_relu(x: &Tensor, g: &Tensor, b: &Tensor) -> Tensor {
+        batch_norm_train(x, g, b, 1e-5, true).unwrap().0
+    }
+    fn reference_train_relu(x: &Tensor, g: &Tensor, b: &Tensor) -> Tensor {
+        crate::relu::relu(&composed_train(x, g, b, 1e-5)).unwrap()
     }
     fn ours_affine(x: &Tensor, s: &Tensor, t: &Tensor) -> Tensor {
         channel_affine(x, s, t).unwrap()
@@ -532,6 +562,7 @@ mod tests {
             let seed = 7 * i as u64;
             for (name, ours, reference) in [
                 ("train", ours_train as Forward, reference_train as Forward),
+                ("train + relu", ours_train_relu, reference_train_relu),
                 ("affine", ours_affine, reference_affine),
             ] {
                 let f64_err = compare(ours, reference, dims, DType::F64, seed);
@@ -548,24 +579,31 @@ mod tests {
         }
     }
 
-    /// The train-mode backward against central differences of L = Σ r ⊙ BN(x) in f64: x enters
-    /// through the batch statistics too, which is what the hand-written dx has to get right.
+    /// The train-mode backward against central differences of L = Σ r ⊙ BN(x) in f64, and of
+    /// L = Σ r ⊙ relu(BN(x)): x enters through the batch statistics too, which is what the
+    /// hand-written dx has to get right.
     #[test]
     fn train_gradients_match_finite_differences() {
+        for relu in [false, true] {
+            train_gradients_match_finite_differences_with(relu);
+        }
+    }
+
+    fn train_gradients_match_finite_differences_with(relu: bool) {
         let dims = (3, 2, 3, 5);
         let x = Var::from_tensor(&randn(dims, 0.3, 1.5, DType::F64, 41)).unwrap();
         let g = Var::from_tensor(&randn(2, 1.0, 0.5, DType::F64, 42)).unwrap();
         let b = Var::from_tensor(&randn(2, 0.0, 0.5, DType::F64, 43)).unwrap();
         let r = randn(dims, 0.0, 1.0, DType::F64, 44);
         let loss = |x: &Tensor, g: &Tensor, b: &Tensor| -> f64 {
-            (batch_norm_train(x, g, b, 1e-5).unwrap().0 * &r)
+            (batch_norm_train(x, g, b, 1e-5, relu).unwrap().0 * &r)
                 .unwrap()
                 .sum_all()
                 .unwrap()
                 .to_scalar()
                 .unwrap()
         };
-        let grads = (batch_norm_train(&x, &g, &b, 1e-5).unwrap().0 * &r)
+        let grads = (batch_norm_train(&x, &g, &b, 1e-5, relu).unwrap().0 * &r)
             .unwrap()
             .sum_all()
             .unwrap()
@@ -594,7 +632,7 @@ mod tests {
             for (j, (a, e)) in ours.iter().zip(&fd).enumerate() {
                 assert!(
                     (a - e).abs() < 1e-6 * (1.0 + e.abs()),
-                    "operand {k}[{j}]: {a} vs {e}"
+                    "relu {relu}, operand {k}[{j}]: {a} vs {e}"
                 );
             }
         }
@@ -647,7 +685,7 @@ mod tests {
         assert!(g.get(&x).is_some() && g.get(&s).is_none() && g.get(&t).is_none());
         let img = randn((2, 3, 4, 4), 0.0, 1.0, DType::F32, 4);
         let gv = Var::from_tensor(&s).unwrap();
-        let g = batch_norm_train(&img, &gv, &t, 1e-5)
+        let g = batch_norm_train(&img, &gv, &t, 1e-5, false)
             .unwrap()
             .0
             .sum_all()

@@ -234,6 +234,20 @@ impl Pointwise {
             x.apply_op1_no_bwd(&Forward(self))
         }
     }
+
+    /// dx = g(s, dy) outside the graph, s the op's saved input or output: for an op that ends
+    /// in this one (a batch norm ending in a ReLU).
+    pub fn backward_of(
+        &'static self,
+        saved: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let grad = grad.detach().contiguous()?;
+        saved
+            .detach()
+            .contiguous()?
+            .apply_op2_no_bwd(&grad, &Backward(self))
+    }
 }
 
 struct Forward(&'static Pointwise);
@@ -250,10 +264,7 @@ impl CustomOp1 for Forward {
 
     fn bwd(&self, x: &Tensor, y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let saved = if self.0.from_output { y } else { x };
-        let grad = grad.detach().contiguous()?;
-        Ok(Some(
-            saved.detach().apply_op2_no_bwd(&grad, &Backward(self.0))?,
-        ))
+        Ok(Some(self.0.backward_of(saved, grad)?))
     }
 }
 

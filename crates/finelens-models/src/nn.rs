@@ -108,6 +108,14 @@ pub fn conv_bn(conv: &Conv2d, bn: &BatchNorm2d, x: &Tensor, mode: Mode) -> Resul
     }
 }
 
+/// relu(bn(conv(x))): [`conv_bn`] then a ReLU, which a train-mode batch norm applies itself.
+pub fn conv_bn_relu(conv: &Conv2d, bn: &BatchNorm2d, x: &Tensor, mode: Mode) -> Result<Tensor> {
+    match folded(conv, bn, mode)? {
+        Some(_) => Ok(crate::relu::relu(&conv_bn(conv, bn, x, mode)?)?),
+        None => bn.forward_relu(&conv.forward(x)?, mode),
+    }
+}
+
 /// The convolution with its batch norm folded in, (W·s, t), where the batch norm is affine.
 pub(crate) fn folded(
     conv: &Conv2d,
@@ -208,9 +216,22 @@ impl BatchNorm2d {
     }
 
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        self.forward_then(x, mode, false)
+    }
+
+    /// relu(bn(x)). In train mode the ReLU runs inside the batch norm's op (one graph node: see
+    /// [`crate::batch_norm::batch_norm_train`]) when ReLUs take their plain gradient; otherwise,
+    /// and for the affine (eval-mode) layer, it is the ReLU op after it.
+    pub fn forward_relu(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        self.forward_then(x, mode, true)
+    }
+
+    fn forward_then(&self, x: &Tensor, mode: Mode, relu: bool) -> Result<Tensor> {
         if let Some((scale, shift)) = self.affine(mode)? {
-            return Ok(crate::batch_norm::channel_affine(x, &scale, &shift)?);
+            let y = crate::batch_norm::channel_affine(x, &scale, &shift)?;
+            return Ok(if relu { crate::relu::relu(&y)? } else { y });
         }
+        let fused = relu && crate::rules::backward_rule() == crate::rules::BackwardRule::Gradient;
         let (n, _, h, w) = x.dims4()?;
         let count = n * h * w;
         if count < 2 {
@@ -220,7 +241,12 @@ impl BatchNorm2d {
             )));
         }
         let (y, mean, var) =
-            crate::batch_norm::batch_norm_train(x, &self.weight, &self.bias, BN_EPS)?;
+            crate::batch_norm::batch_norm_train(x, &self.weight, &self.bias, BN_EPS, fused)?;
+        let y = if relu && !fused {
+            crate::relu::relu(&y)?
+        } else {
+            y
+        };
 
         let m = BN_MOMENTUM;
         let dtype = self.running_mean.dtype();

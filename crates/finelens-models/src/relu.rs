@@ -33,6 +33,12 @@ pub fn relu(x: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
+/// The plain ReLU's backward outside the graph, dx = dy·[y > 0] from the output y: for a batch
+/// norm that applies the ReLU itself ([`crate::batch_norm::batch_norm_train`]).
+pub(crate) fn relu_backward(y: &Tensor, dy: &Tensor) -> candle_core::Result<Tensor> {
+    OP.backward_of(y, dy)
+}
+
 static OP: Pointwise = Pointwise {
     names: ("finelens-relu", "finelens-relu-backward"),
     from_output: true,

@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 use crate::describe::{InputKind, ModelDescription, Stage};
 use crate::error::{ModelError, Result};
 use crate::nn::{
-    affine_parts, bn_specs, conv_bn, conv_specs, linear_specs, BatchNorm2d, Conv2d, Linear, Mode,
+    affine_parts, bn_specs, conv_bn, conv_bn_relu, conv_specs, linear_specs, BatchNorm2d, Conv2d,
+    Linear, Mode,
 };
 use crate::params::{ParamSpec, ParamStore};
 use crate::pool::{max_pool2d, Pool2d};
@@ -301,10 +302,11 @@ impl Block {
         let mut h = x.clone();
         let last = self.convs.len() - 1;
         for (i, (conv, bn)) in self.convs.iter().enumerate() {
-            h = conv_bn(conv, bn, &h, mode)?;
-            if i != last {
-                h = relu(&h)?;
-            }
+            h = if i != last {
+                conv_bn_relu(conv, bn, &h, mode)?
+            } else {
+                conv_bn(conv, bn, &h, mode)?
+            };
         }
         let identity = match &self.downsample {
             Some((conv, bn)) => conv_bn(conv, bn, x, mode)?,
@@ -498,13 +500,14 @@ pub trait Classifier {
 impl Classifier for ResNet {
     fn forward_hooked(&self, x: &Tensor, mode: Mode, mut hook: Option<Hook>) -> Result<Tensor> {
         let h = if hook.is_none() {
-            // Nobody taps conv1 or bn1: fold an eval-mode bn1 into conv1, as in the blocks.
-            conv_bn(&self.conv1, &self.bn1, x, mode)?
+            // Nobody taps conv1, bn1 or relu: fold an eval-mode bn1 into conv1, as in the blocks,
+            // or let a train-mode one apply the ReLU.
+            conv_bn_relu(&self.conv1, &self.bn1, x, mode)?
         } else {
             let h = tap(&mut hook, "conv1", self.conv1.forward(x)?)?;
-            tap(&mut hook, "bn1", self.bn1.forward(&h, mode)?)?
+            let h = tap(&mut hook, "bn1", self.bn1.forward(&h, mode)?)?;
+            tap(&mut hook, "relu", relu(&h)?)?
         };
-        let h = tap(&mut hook, "relu", relu(&h)?)?;
         let mut h = tap(&mut hook, "maxpool", max_pool2d(&h, STEM_POOL)?)?;
         for (li, blocks) in self.layers.iter().enumerate() {
             for b in blocks {
