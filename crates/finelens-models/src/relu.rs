@@ -6,11 +6,11 @@
 //! `threshold_backward` does (so the gradient at exactly 0 is 0, PyTorch's convention; candle's
 //! is 1).
 
-use candle_core::Tensor;
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
 
-use crate::kernel::Pointwise;
+use crate::kernel::{run2, Pointwise};
 use crate::rules::{backward_rule, BackwardRule, DEEPLIFT_EPS};
 
 /// Values per rayon task: small tensors are not worth a split.
@@ -37,6 +37,74 @@ pub fn relu(x: &Tensor) -> candle_core::Result<Tensor> {
 /// norm that applies the ReLU itself ([`crate::batch_norm::batch_norm_train`]).
 pub(crate) fn relu_backward(y: &Tensor, dy: &Tensor) -> candle_core::Result<Tensor> {
     OP.backward_of(y, dy)
+}
+
+/// relu(a + b) as one op: a residual block's last step. Under the plain gradient both operands
+/// get dy·[y > 0] — one graph node and one sweep each way, where the sum and the ReLU were two
+/// nodes (candle's add runs on the calling thread alone, and each node's input gradient is
+/// zeros plus the gradient: an allocation and two more sweeps). Under the rules that change a
+/// ReLU's backward it is the two ops.
+pub fn add_relu(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    if backward_rule() != BackwardRule::Gradient {
+        return relu(&(a + b)?);
+    }
+    if a.dims() != b.dims() {
+        candle_core::bail!("add_relu: shapes {:?} and {:?} differ", a.dims(), b.dims());
+    }
+    let (a, b) = (a.contiguous()?, b.contiguous()?);
+    if a.track_op() || b.track_op() {
+        a.apply_op2(&b, AddRelu)
+    } else {
+        a.apply_op2_no_bwd(&b, &AddRelu)
+    }
+}
+
+struct AddRelu;
+
+impl CustomOp2 for AddRelu {
+    fn name(&self) -> &'static str {
+        "finelens-add-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = run2(
+            self.name(),
+            (s1, l1),
+            (s2, l2),
+            add_relu_kernel,
+            add_relu_kernel,
+        )?;
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = relu_backward(y, grad)?;
+        Ok((a.track_op().then(|| g.clone()), b.track_op().then_some(g)))
+    }
+}
+
+fn add_relu_kernel<T: Float + Send + Sync>(a: &[T], b: &[T]) -> Vec<T> {
+    let mut out = vec![T::zero(); a.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+        .for_each(|(o, (a, b))| {
+            for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+                *o = (a + b).max(T::zero());
+            }
+        });
+    out
 }
 
 static OP: Pointwise = Pointwise {
@@ -182,6 +250,58 @@ mod tests {
             vec![0.0, 0.0, 1.0]
         );
         assert!(!relu(&x.as_tensor().detach()).unwrap().track_op());
+    }
+
+    /// relu(a + b) as one op against the sum then the ReLU: the same values and both operands'
+    /// gradients, in f32 and f64 over several rayon chunks; an untracked operand gets none, and
+    /// under a rule that changes the ReLU's backward it is the two ops (guided backprop's mask).
+    #[test]
+    fn add_relu_is_the_sum_then_the_relu() {
+        for dtype in [DType::F32, DType::F64] {
+            let a = Var::from_tensor(&randn((3, 5, 61, 59), 0.0, 1.0, dtype, 11)).unwrap();
+            let b = Var::from_tensor(&randn((3, 5, 61, 59), 0.0, 1.0, dtype, 12)).unwrap();
+            let r = randn(a.dims(), 0.0, 1.0, dtype, 13);
+            let ours = add_relu(&a, &b).unwrap();
+            let composed = relu(&(a.as_tensor() + b.as_tensor()).unwrap()).unwrap();
+            assert_eq!(max_abs_diff(&ours, &composed), 0.0);
+            let g0 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g1 = (&composed * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for v in [&a, &b] {
+                assert_eq!(max_abs_diff(g0.get(v).unwrap(), g1.get(v).unwrap()), 0.0);
+            }
+            let frozen = b.as_tensor().detach();
+            let g = (add_relu(&a, &frozen).unwrap() * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            assert!(g.get(&frozen).is_none());
+            assert_eq!(max_abs_diff(g.get(&a).unwrap(), g0.get(&a).unwrap()), 0.0);
+        }
+        use crate::rules::{with_backward_rule, BackwardRule};
+        let dev = &candle_core::Device::Cpu;
+        let a = Var::from_tensor(&Tensor::new(&[1.0f64, 2.0, -3.0], dev).unwrap()).unwrap();
+        let b = Tensor::new(&[0.5f64, -1.0, 1.0], dev).unwrap();
+        let dy = Tensor::new(&[1.0f64, -1.0, 1.0], dev).unwrap();
+        let g = with_backward_rule(BackwardRule::GuidedBackprop, || {
+            (add_relu(&a, &b).unwrap() * &dy)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap()
+        });
+        assert_eq!(
+            g.get(&a).unwrap().to_vec1::<f64>().unwrap(),
+            vec![1.0, 0.0, 0.0]
+        );
+        assert!(add_relu(&a, &b.reshape((3, 1)).unwrap()).is_err());
     }
 
     /// The rules' backward passes, element by element: guided dy·[y > 0]·[dy > 0],

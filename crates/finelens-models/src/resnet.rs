@@ -15,7 +15,7 @@ use crate::nn::{
 };
 use crate::params::{ParamSpec, ParamStore};
 use crate::pool::{max_pool2d, Pool2d};
-use crate::relu::relu;
+use crate::relu::{add_relu, relu};
 use crate::residual_block::{residual_block, Folded};
 use crate::rules::{backward_rule, BackwardRule};
 
@@ -312,7 +312,7 @@ impl Block {
             Some((conv, bn)) => conv_bn(conv, bn, x, mode)?,
             None => x.clone(),
         };
-        Ok(relu(&(h + identity)?)?)
+        Ok(add_relu(&h, &identity)?)
     }
 }
 
