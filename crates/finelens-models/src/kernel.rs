@@ -29,12 +29,8 @@ pub fn serial_candle_elementwise() {
     }
 }
 
-/// The contiguous values of one operand.
-pub(crate) fn contiguous<'a, T>(
-    data: &'a [T],
-    layout: &Layout,
-    op: &str,
-) -> candle_core::Result<&'a [T]> {
+/// The contiguous values of one operand (a custom op's storage and layout).
+pub fn contiguous<'a, T>(data: &'a [T], layout: &Layout, op: &str) -> candle_core::Result<&'a [T]> {
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
         None => candle_core::bail!("{op}: operands must be contiguous"),
@@ -42,9 +38,8 @@ pub(crate) fn contiguous<'a, T>(
 }
 
 /// `f` on the values of `tensors` (CPU, contiguous, of type T), read in place: the frozen
-/// parameters an op holds beside its graph operands, or an optimiser's parameters, gradients and
-/// moments.
-pub fn with_slices<T: candle_core::WithDType, R>(
+/// parameters an op holds beside its graph operands.
+pub(crate) fn with_slices<T: candle_core::WithDType, R>(
     op: &str,
     tensors: &[Tensor],
     f: impl FnOnce(&[&[T]]) -> R,

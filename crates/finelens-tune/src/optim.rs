@@ -4,7 +4,6 @@
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
-use finelens_models::kernel::with_slices;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -97,8 +96,84 @@ struct Slot {
     lr_mult: f64,
     /// Whether weight decay applies (not to biases and LayerNorm weights in transformer recipes).
     decay: bool,
-    first: Option<Tensor>,
-    second: Option<Tensor>,
+    /// The momentum buffer or Adam's first moment, and Adam's second, in the parameter's float
+    /// type: plain memory, which each step rewrites in place.
+    first: Option<Buffer>,
+    second: Option<Buffer>,
+}
+
+/// A moment buffer's values.
+#[derive(Debug, Clone)]
+enum Buffer {
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+}
+
+impl Buffer {
+    /// The buffer as a tensor of `like`'s shape (a copy: the buffer goes on changing).
+    fn tensor(&self, like: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Buffer::F32(v) => Tensor::from_slice(v, like.shape(), like.device()),
+            Buffer::F64(v) => Tensor::from_slice(v, like.shape(), like.device()),
+        }
+    }
+
+    /// A tensor's values in `dtype` (the parameter's).
+    fn of(t: &Tensor, dtype: DType) -> Result<Self> {
+        let t = t.to_dtype(dtype)?.flatten_all()?;
+        Ok(match dtype {
+            DType::F32 => Buffer::F32(t.to_vec1()?),
+            DType::F64 => Buffer::F64(t.to_vec1()?),
+            other => {
+                return Err(TuneError::Config(format!(
+                    "optimiser: parameters must be f32 or f64, not {other:?}"
+                )))
+            }
+        })
+    }
+}
+
+/// The float types a parameter can have, with their [`Buffer`] and storage variants.
+trait Element: num_traits::Float + candle_core::WithDType + Send + Sync {
+    fn buffer(b: &mut Buffer) -> Option<&mut Vec<Self>>;
+    fn wrap(v: Vec<Self>) -> Buffer;
+    fn storage(s: &mut candle_core::CpuStorage) -> Option<&mut Vec<Self>>;
+}
+
+impl Element for f32 {
+    fn buffer(b: &mut Buffer) -> Option<&mut Vec<Self>> {
+        match b {
+            Buffer::F32(v) => Some(v),
+            Buffer::F64(_) => None,
+        }
+    }
+    fn wrap(v: Vec<Self>) -> Buffer {
+        Buffer::F32(v)
+    }
+    fn storage(s: &mut candle_core::CpuStorage) -> Option<&mut Vec<Self>> {
+        match s {
+            candle_core::CpuStorage::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+}
+
+impl Element for f64 {
+    fn buffer(b: &mut Buffer) -> Option<&mut Vec<Self>> {
+        match b {
+            Buffer::F64(v) => Some(v),
+            Buffer::F32(_) => None,
+        }
+    }
+    fn wrap(v: Vec<Self>) -> Buffer {
+        Buffer::F64(v)
+    }
+    fn storage(s: &mut candle_core::CpuStorage) -> Option<&mut Vec<Self>> {
+        match s {
+            candle_core::CpuStorage::F64(v) => Some(v),
+            _ => None,
+        }
+    }
 }
 
 pub struct Optimizer {
@@ -143,12 +218,19 @@ impl Optimizer {
     /// The moments (momentum buffer, or Adam's first and second moments) per parameter, in the
     /// order the parameters were given, and the step count: what a resumed run needs.
     pub fn state(&self) -> OptimizerState {
+        let tensor = |b: &Option<Buffer>, like: &Tensor| {
+            b.as_ref()
+                .map(|b| b.tensor(like).expect("a buffer has its parameter's length"))
+        };
         OptimizerState {
             steps: self.steps,
             moments: self
                 .slots
                 .iter()
-                .map(|s| (s.first.clone(), s.second.clone()))
+                .map(|s| {
+                    let like = s.var.as_tensor();
+                    (tensor(&s.first, like), tensor(&s.second, like))
+                })
                 .collect(),
         }
     }
@@ -172,8 +254,9 @@ impl Optimizer {
                     )));
                 }
             }
-            slot.first = first;
-            slot.second = second;
+            let dtype = slot.var.dtype();
+            slot.first = first.map(|m| Buffer::of(&m, dtype)).transpose()?;
+            slot.second = second.map(|m| Buffer::of(&m, dtype)).transpose()?;
         }
         self.steps = state.steps;
         Ok(())
@@ -193,7 +276,6 @@ impl Optimizer {
             // resnet-mini at batch 32, until the process is killed). The update below reads the
             // gradient's values only and keeps new tensors, never the gradient itself.
             let g = g.detach().contiguous()?;
-            let p = s.var.as_detached_tensor();
             let lr = lr * s.lr_mult;
             let rule = match self.config {
                 OptimizerConfig::Sgd {
@@ -225,18 +307,15 @@ impl Optimizer {
                     correction2: 1.0 - beta2.powi(t),
                 },
             };
-            let (next, first, second) = match p.dtype() {
-                DType::F32 => update::<f32>(rule, &p, &g, s)?,
-                DType::F64 => update::<f64>(rule, &p, &g, s)?,
+            match s.var.dtype() {
+                DType::F32 => update::<f32>(rule, s, &g)?,
+                DType::F64 => update::<f64>(rule, s, &g)?,
                 other => {
                     return Err(TuneError::Config(format!(
                         "optimiser: parameters must be f32 or f64, not {other:?}"
                     )))
                 }
-            };
-            s.first = first;
-            s.second = second;
-            s.var.set(&next)?;
+            }
         }
         Ok(())
     }
@@ -267,118 +346,156 @@ enum Rule {
 /// Values per rayon task of an update.
 const CHUNK: usize = 1 << 14;
 
-/// The new parameter and moments of one parameter, in a single parallel pass over its values.
-/// Composed of candle's element-wise ops, AdamW was a dozen passes and as many allocations a
-/// tensor (single-threaded, as the CLI keeps candle's element-wise ops): resnet18 trained at 64
-/// px ran 10–15% slower with AdamW than with SGD.
-fn update<T>(
-    rule: Rule,
-    p: &Tensor,
-    g: &Tensor,
-    s: &Slot,
-) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)>
-where
-    T: num_traits::Float + candle_core::WithDType + Send + Sync,
-{
-    let c = |v: f64| T::from(v).expect("a float converts to f32 and f64");
-    let n = p.elem_count();
-    let dtype = p.dtype();
-    // Operands: p, g, then the moments kept so far (at[0], at[1] their places).
-    let mut operands = vec![p.clone(), g.clone()];
-    let mut at = [None, None];
-    for (k, m) in [&s.first, &s.second].into_iter().enumerate() {
-        if let Some(m) = m {
-            at[k] = Some(operands.len());
-            operands.push(m.to_dtype(dtype)?.contiguous()?);
+/// One parameter's step in place, in a single parallel pass over its values: the parameter's
+/// storage and its moment buffers are rewritten where they are. Composed of candle's element-wise
+/// ops, AdamW was a dozen passes and as many allocations a tensor; one pass into new tensors,
+/// then `Var::set`'s copy, still allocated and zero-filled three tensors the size of the model
+/// and swept it twice more (resnet18's AdamW step 12–13 ms).
+fn update<T: Element>(rule: Rule, s: &mut Slot, g: &Tensor) -> Result<()> {
+    let n = s.var.elem_count();
+    if g.elem_count() != n || g.dtype() != s.var.dtype() {
+        return Err(TuneError::Config(format!(
+            "optimiser: a gradient of shape {:?} ({:?}) for a parameter of shape {:?} ({:?})",
+            g.dims(),
+            g.dtype(),
+            s.var.dims(),
+            s.var.dtype()
+        )));
+    }
+    // A moment not yet kept is zero: b₁ = μ·0 + g₁ = g₁, m₁ = β₁·0 + (1 − β₁)g₁, as torch.
+    let needs = match rule {
+        Rule::Sgd { momentum, .. } => [momentum > 0.0, false],
+        Rule::Adamw { .. } => [true, true],
+    };
+    for (slot, need) in [&mut s.first, &mut s.second].into_iter().zip(needs) {
+        if need && slot.is_none() {
+            *slot = Some(T::wrap(vec![T::zero(); n]));
         }
     }
-    let (next, first, second) = with_slices::<T, _>("optimiser", &operands, |v| {
-        let (p, g) = (v[0], v[1]);
-        // A moment not yet kept is zero: b₁ = μ·0 + g₁ = g₁, m₁ = β₁·0 + (1 − β₁)g₁, as torch.
-        let missing = match rule {
-            Rule::Sgd { momentum, .. } => momentum > 0.0 && at[0].is_none(),
-            Rule::Adamw { .. } => at.contains(&None),
-        };
-        let zeros = if missing {
-            vec![T::zero(); n]
-        } else {
-            Vec::new()
-        };
-        let old = |k: usize| at[k].map_or(&zeros[..], |i| v[i]);
-        let mut next = vec![T::zero(); n];
-        match rule {
-            Rule::Sgd {
-                lr,
-                momentum,
-                nesterov,
-                weight_decay,
-            } => {
-                // torch.optim.SGD: g ← ∇ + λp; b ← μb + g (b₀ = g); step along b, or g + μb.
-                let (lr, mu, wd) = (c(lr), c(momentum), c(weight_decay));
-                if momentum == 0.0 {
-                    next.par_chunks_mut(CHUNK)
-                        .zip(p.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-                        .for_each(|(next, (p, g))| {
-                            for ((next, &p), &g) in next.iter_mut().zip(p).zip(g) {
-                                *next = p - lr * (g + wd * p);
-                            }
-                        });
-                    return (next, None, None);
-                }
-                let mut b = vec![T::zero(); n];
-                next.par_chunks_mut(CHUNK)
-                    .zip(b.par_chunks_mut(CHUNK))
-                    .zip(p.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-                    .zip(old(0).par_chunks(CHUNK))
-                    .for_each(|(((next, b), (p, g)), old)| {
-                        for i in 0..next.len() {
-                            let gi = g[i] + wd * p[i];
-                            b[i] = mu * old[i] + gi;
-                            let d = if nesterov { gi + mu * b[i] } else { b[i] };
-                            next[i] = p[i] - lr * d;
-                        }
-                    });
-                (next, Some(b), None)
-            }
-            Rule::Adamw {
-                lr,
-                beta1,
-                beta2,
-                eps,
-                shrink,
-                correction1,
-                correction2,
-            } => {
-                // torch.optim.AdamW: p ← (1 − ηλ)p; m ← β₁m + (1 − β₁)g; v ← β₂v + (1 − β₂)g²;
-                // p ← p − η m̂ / (√v̂ + ε), m̂ = m / (1 − β₁ᵗ), v̂ = v / (1 − β₂ᵗ).
-                let (lr, b1, b2, eps) = (c(lr), c(beta1), c(beta2), c(eps));
-                let (shrink, c1, c2) = (c(shrink), c(correction1), c(correction2));
-                let one = T::one();
-                let (mut m, mut sq) = (vec![T::zero(); n], vec![T::zero(); n]);
-                next.par_chunks_mut(CHUNK)
-                    .zip(p.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-                    .zip(m.par_chunks_mut(CHUNK).zip(sq.par_chunks_mut(CHUNK)))
-                    .zip(old(0).par_chunks(CHUNK).zip(old(1).par_chunks(CHUNK)))
-                    .for_each(|(((next, (p, g)), (m, sq)), (om, ov))| {
-                        for i in 0..next.len() {
-                            let gi = g[i];
-                            m[i] = b1 * om[i] + (one - b1) * gi;
-                            sq[i] = b2 * ov[i] + (one - b2) * gi * gi;
-                            let step = (m[i] / c1) / ((sq[i] / c2).sqrt() + eps);
-                            next[i] = shrink * p[i] - lr * step;
-                        }
-                    });
-                (next, Some(m), Some(sq))
-            }
+    let moment = |b: &mut Option<Buffer>| -> Result<Vec<T>> {
+        match b.as_mut().map(|b| T::buffer(b).map(std::mem::take)) {
+            None => Ok(Vec::new()),
+            Some(Some(v)) if v.len() == n => Ok(v),
+            Some(_) => Err(TuneError::Config(
+                "optimiser: a moment buffer does not fit its parameter".into(),
+            )),
         }
-    })?;
-    let shape = p.shape();
-    let tensor = |v: Vec<T>| Tensor::from_vec(v, shape, p.device());
-    Ok((
-        tensor(next)?,
-        first.map(tensor).transpose()?,
-        second.map(tensor).transpose()?,
-    ))
+    };
+    let step = Step {
+        rule,
+        moments: std::cell::RefCell::new((moment(&mut s.first)?, moment(&mut s.second)?)),
+    };
+    let result = s.var.as_tensor().inplace_op2(g, &step);
+    // The buffers go back whatever happened, so that a failed step loses no state.
+    let (first, second) = step.moments.into_inner();
+    for (slot, v) in [(&mut s.first, first), (&mut s.second, second)] {
+        if let Some(b) = slot.as_mut().and_then(T::buffer) {
+            *b = v;
+        }
+    }
+    Ok(result?)
+}
+
+/// The update as an in-place op on the parameter's storage, reading the gradient's, with the
+/// moment buffers it rewrites.
+struct Step<T> {
+    rule: Rule,
+    moments: std::cell::RefCell<(Vec<T>, Vec<T>)>,
+}
+
+impl<T: Element> candle_core::InplaceOp2 for Step<T> {
+    fn name(&self) -> &'static str {
+        "finelens-optimiser-step"
+    }
+
+    fn cpu_fwd(
+        &self,
+        p: &mut candle_core::CpuStorage,
+        lp: &candle_core::Layout,
+        g: &candle_core::CpuStorage,
+        lg: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        let name = self.name();
+        let g = finelens_models::kernel::contiguous(T::cpu_storage_as_slice(g)?, lg, name)?;
+        let Some((start, end)) = lp.contiguous_offsets() else {
+            candle_core::bail!("{name}: the parameter is not contiguous");
+        };
+        let Some(p) = T::storage(p) else {
+            candle_core::bail!("{name}: the parameter's storage is not {:?}", T::DTYPE);
+        };
+        let p = &mut p[start..end];
+        let mut moments = self.moments.borrow_mut();
+        let (first, second) = &mut *moments;
+        apply(self.rule, p, g, first, second);
+        Ok(())
+    }
+}
+
+/// The rule over one parameter's values, `first` and `second` empty where the rule keeps none.
+fn apply<T: Element>(rule: Rule, p: &mut [T], g: &[T], first: &mut [T], second: &mut [T]) {
+    let c = |v: f64| T::from(v).expect("a float converts to f32 and f64");
+    match rule {
+        Rule::Sgd {
+            lr,
+            momentum,
+            nesterov,
+            weight_decay,
+        } => {
+            // torch.optim.SGD: g ← ∇ + λp; b ← μb + g (b₀ = g); step along b, or g + μb.
+            let (lr, mu, wd) = (c(lr), c(momentum), c(weight_decay));
+            if momentum == 0.0 {
+                p.par_chunks_mut(CHUNK)
+                    .zip(g.par_chunks(CHUNK))
+                    .for_each(|(p, g)| {
+                        for (p, &g) in p.iter_mut().zip(g) {
+                            *p = *p - lr * (g + wd * *p);
+                        }
+                    });
+                return;
+            }
+            p.par_chunks_mut(CHUNK)
+                .zip(first.par_chunks_mut(CHUNK))
+                .zip(g.par_chunks(CHUNK))
+                .for_each(|((p, b), g)| {
+                    for ((p, b), &g) in p.iter_mut().zip(b).zip(g) {
+                        let gi = g + wd * *p;
+                        *b = mu * *b + gi;
+                        let d = if nesterov { gi + mu * *b } else { *b };
+                        *p -= lr * d;
+                    }
+                });
+        }
+        Rule::Adamw {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            shrink,
+            correction1,
+            correction2,
+        } => {
+            // torch.optim.AdamW: p ← (1 − ηλ)p; m ← β₁m + (1 − β₁)g; v ← β₂v + (1 − β₂)g²;
+            // p ← p − η m̂ / (√v̂ + ε), m̂ = m / (1 − β₁ᵗ), v̂ = v / (1 − β₂ᵗ).
+            let (lr, b1, b2, eps) = (c(lr), c(beta1), c(beta2), c(eps));
+            let (shrink, c1, c2) = (c(shrink), c(correction1), c(correction2));
+            let one = T::one();
+            p.par_chunks_mut(CHUNK)
+                .zip(g.par_chunks(CHUNK))
+                .zip(
+                    first
+                        .par_chunks_mut(CHUNK)
+                        .zip(second.par_chunks_mut(CHUNK)),
+                )
+                .for_each(|((p, g), (m, sq))| {
+                    for (((p, &g), m), sq) in p.iter_mut().zip(g).zip(m).zip(sq) {
+                        *m = b1 * *m + (one - b1) * g;
+                        *sq = b2 * *sq + (one - b2) * g * g;
+                        let step = (*m / c1) / ((*sq / c2).sqrt() + eps);
+                        *p = shrink * *p - lr * step;
+                    }
+                });
+        }
+    }
 }
 
 #[cfg(test)]
@@ -450,15 +567,61 @@ mod tests {
                 "candle now detaches leaf gradients: drop the workaround"
             );
             opt.step(&grads, 0.1).unwrap();
-            for s in &opt.slots {
-                for state in [&s.first, &s.second].into_iter().flatten() {
+            for (first, second) in opt.state().moments {
+                for state in [first, second].into_iter().flatten() {
                     assert!(
                         !state.track_op(),
                         "{config:?}: optimiser state keeps a graph alive"
                     );
                 }
+            }
+            for s in &opt.slots {
                 assert!(!s.var.as_detached_tensor().track_op());
             }
+        }
+    }
+
+    /// The moments change in place each step, so a snapshot must be a copy: a later step leaves
+    /// it alone, and an optimiser restored from it (over parameters with the snapshot's values)
+    /// takes the same next step as the one that went on.
+    #[test]
+    fn a_snapshot_is_a_copy_and_restores_the_same_next_step() {
+        let dev = &Device::Cpu;
+        let loss = |p: &Var| (p.as_tensor().sqr().unwrap().sum_all().unwrap() * 0.5).unwrap();
+        for config in [
+            OptimizerConfig::sgd(0.9, true, 0.01),
+            OptimizerConfig::adamw(0.01),
+        ] {
+            let p = Var::new(&[1f32, -2.0, 0.5], dev).unwrap();
+            let mut opt = Optimizer::new(config, vec![(p.clone(), 1.0)]).unwrap();
+            for _ in 0..2 {
+                opt.step(&loss(&p).backward().unwrap(), 0.1).unwrap();
+            }
+            let snapshot = opt.state();
+            let values = |st: &OptimizerState| -> Vec<Vec<f32>> {
+                st.moments
+                    .iter()
+                    .flat_map(|(a, b)| [a, b])
+                    .flatten()
+                    .map(|t| t.to_vec1().unwrap())
+                    .collect()
+            };
+            let before = values(&snapshot);
+            let q = Var::new(p.to_vec1::<f32>().unwrap().as_slice(), dev).unwrap();
+            opt.step(&loss(&p).backward().unwrap(), 0.1).unwrap();
+            assert_eq!(
+                values(&snapshot),
+                before,
+                "{config:?}: a step changed a snapshot"
+            );
+            let mut resumed = Optimizer::new(config, vec![(q.clone(), 1.0)]).unwrap();
+            resumed.restore(snapshot).unwrap();
+            resumed.step(&loss(&q).backward().unwrap(), 0.1).unwrap();
+            assert_eq!(
+                q.to_vec1::<f32>().unwrap(),
+                p.to_vec1::<f32>().unwrap(),
+                "{config:?}"
+            );
         }
     }
 
