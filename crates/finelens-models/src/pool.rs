@@ -315,17 +315,17 @@ impl MaxPool2dBackward {
         // with NaN rules at every cell.
         let p = self.pool;
         let mut dx = vec![T::zero(); n * c * h * w];
+        // The windows once a call, not once an output cell (as the forward does).
+        let rows: Vec<_> = (0..oh).map(|oy| p.window(oy, h)).collect();
+        let columns: Vec<_> = (0..ow).map(|ox| p.window(ox, w)).collect();
         dx.par_chunks_mut(h * w)
             .zip(x.par_chunks(h * w).zip(g.par_chunks(oh * ow)))
             .zip(y.par_chunks(oh * ow))
             .for_each(|((d, (plane, gp)), yp)| {
-                for oy in 0..oh {
-                    let (y0, y1, _) = p.window(oy, h);
-                    for ox in 0..ow {
-                        let (x0, x1, _) = p.window(ox, w);
-                        let m = yp[oy * ow + ox];
+                for (&(y0, y1, _), (yr, gr)) in rows.iter().zip(yp.chunks(ow).zip(gp.chunks(ow))) {
+                    for ((&(x0, x1, _), &m), &gv) in columns.iter().zip(yr).zip(gr) {
                         if let Some(i) = first_equal(plane, w, (y0, y1), (x0, x1), m) {
-                            d[i] += gp[oy * ow + ox];
+                            d[i] += gv;
                         }
                     }
                 }
