@@ -111,7 +111,10 @@ pub fn conv_bn(conv: &Conv2d, bn: &BatchNorm2d, x: &Tensor, mode: Mode) -> Resul
 /// relu(bn(conv(x))): [`conv_bn`] then a ReLU, which a train-mode batch norm applies itself.
 pub fn conv_bn_relu(conv: &Conv2d, bn: &BatchNorm2d, x: &Tensor, mode: Mode) -> Result<Tensor> {
     match folded(conv, bn, mode)? {
-        Some(_) => Ok(crate::relu::relu(&conv_bn(conv, bn, x, mode)?)?),
+        Some((weight, shift)) => {
+            let y = crate::conv::conv2d_biased(x, &weight, &shift, conv.stride, conv.padding)?;
+            Ok(crate::relu::relu(&y)?)
+        }
         None => bn.forward_relu(&conv.forward(x)?, mode),
     }
 }
