@@ -274,7 +274,7 @@ impl Optimizer {
             // still carries the op that made it — and through it the whole step's forward graph.
             // Kept in a momentum buffer, each step's graph would stay alive (≈ 65 MB a step for
             // resnet-mini at batch 32, until the process is killed). The update below reads the
-            // gradient's values only and keeps new tensors, never the gradient itself.
+            // gradient's values only, into the parameter and buffers of its own.
             let g = g.detach().contiguous()?;
             let lr = lr * s.lr_mult;
             let rule = match self.config {
@@ -372,18 +372,25 @@ fn update<T: Element>(rule: Rule, s: &mut Slot, g: &Tensor) -> Result<()> {
             *slot = Some(T::wrap(vec![T::zero(); n]));
         }
     }
-    let moment = |b: &mut Option<Buffer>| -> Result<Vec<T>> {
-        match b.as_mut().map(|b| T::buffer(b).map(std::mem::take)) {
-            None => Ok(Vec::new()),
-            Some(Some(v)) if v.len() == n => Ok(v),
-            Some(_) => Err(TuneError::Config(
-                "optimiser: a moment buffer does not fit its parameter".into(),
-            )),
-        }
+    // Checked before any buffer is taken out, so that an error leaves the state as it was.
+    let fits = |b: &mut Option<Buffer>| {
+        b.as_mut()
+            .is_none_or(|b| T::buffer(b).is_some_and(|v| v.len() == n))
+    };
+    if !fits(&mut s.first) || !fits(&mut s.second) {
+        return Err(TuneError::Config(
+            "optimiser: a moment buffer does not fit its parameter".into(),
+        ));
+    }
+    let take = |b: &mut Option<Buffer>| -> Vec<T> {
+        b.as_mut()
+            .and_then(T::buffer)
+            .map(std::mem::take)
+            .unwrap_or_default()
     };
     let step = Step {
         rule,
-        moments: std::cell::RefCell::new((moment(&mut s.first)?, moment(&mut s.second)?)),
+        moments: std::cell::RefCell::new((take(&mut s.first), take(&mut s.second))),
     };
     let result = s.var.as_tensor().inplace_op2(g, &step);
     // The buffers go back whatever happened, so that a failed step loses no state.
