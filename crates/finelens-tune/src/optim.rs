@@ -102,75 +102,51 @@ struct Slot {
     second: Option<Buffer>,
 }
 
-/// A moment buffer's values.
-#[derive(Debug, Clone)]
-enum Buffer {
-    F32(Vec<f32>),
-    F64(Vec<f64>),
+/// A moment buffer's values: plain CPU storage of the parameter's float type.
+type Buffer = candle_core::CpuStorage;
+
+/// The buffer as a tensor of `like`'s shape (a copy: the buffer goes on changing).
+fn buffer_tensor(b: &Buffer, like: &Tensor) -> candle_core::Result<Tensor> {
+    match b {
+        Buffer::F32(v) => Tensor::from_slice(v, like.shape(), like.device()),
+        Buffer::F64(v) => Tensor::from_slice(v, like.shape(), like.device()),
+        _ => candle_core::bail!("optimiser: moment buffers are f32 or f64"),
+    }
 }
 
-impl Buffer {
-    /// The buffer as a tensor of `like`'s shape (a copy: the buffer goes on changing).
-    fn tensor(&self, like: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Buffer::F32(v) => Tensor::from_slice(v, like.shape(), like.device()),
-            Buffer::F64(v) => Tensor::from_slice(v, like.shape(), like.device()),
+/// A tensor's values in `dtype` (the parameter's) as a buffer.
+fn buffer_of(t: &Tensor, dtype: DType) -> Result<Buffer> {
+    let t = t.to_dtype(dtype)?.flatten_all()?;
+    Ok(match dtype {
+        DType::F32 => Buffer::F32(t.to_vec1()?),
+        DType::F64 => Buffer::F64(t.to_vec1()?),
+        other => {
+            return Err(TuneError::Config(format!(
+                "optimiser: parameters must be f32 or f64, not {other:?}"
+            )))
         }
-    }
-
-    /// A tensor's values in `dtype` (the parameter's).
-    fn of(t: &Tensor, dtype: DType) -> Result<Self> {
-        let t = t.to_dtype(dtype)?.flatten_all()?;
-        Ok(match dtype {
-            DType::F32 => Buffer::F32(t.to_vec1()?),
-            DType::F64 => Buffer::F64(t.to_vec1()?),
-            other => {
-                return Err(TuneError::Config(format!(
-                    "optimiser: parameters must be f32 or f64, not {other:?}"
-                )))
-            }
-        })
-    }
+    })
 }
 
-/// The float types a parameter can have, with their [`Buffer`] and storage variants.
+/// The float types a parameter can have, with their values in CPU storage (a parameter's or a
+/// moment buffer's).
 trait Element: num_traits::Float + candle_core::WithDType + Send + Sync {
-    fn buffer(b: &mut Buffer) -> Option<&mut Vec<Self>>;
-    fn wrap(v: Vec<Self>) -> Buffer;
-    fn storage(s: &mut candle_core::CpuStorage) -> Option<&mut Vec<Self>>;
+    fn values(s: &mut Buffer) -> Option<&mut Vec<Self>>;
 }
 
 impl Element for f32 {
-    fn buffer(b: &mut Buffer) -> Option<&mut Vec<Self>> {
-        match b {
-            Buffer::F32(v) => Some(v),
-            Buffer::F64(_) => None,
-        }
-    }
-    fn wrap(v: Vec<Self>) -> Buffer {
-        Buffer::F32(v)
-    }
-    fn storage(s: &mut candle_core::CpuStorage) -> Option<&mut Vec<Self>> {
+    fn values(s: &mut Buffer) -> Option<&mut Vec<Self>> {
         match s {
-            candle_core::CpuStorage::F32(v) => Some(v),
+            Buffer::F32(v) => Some(v),
             _ => None,
         }
     }
 }
 
 impl Element for f64 {
-    fn buffer(b: &mut Buffer) -> Option<&mut Vec<Self>> {
-        match b {
-            Buffer::F64(v) => Some(v),
-            Buffer::F32(_) => None,
-        }
-    }
-    fn wrap(v: Vec<Self>) -> Buffer {
-        Buffer::F64(v)
-    }
-    fn storage(s: &mut candle_core::CpuStorage) -> Option<&mut Vec<Self>> {
+    fn values(s: &mut Buffer) -> Option<&mut Vec<Self>> {
         match s {
-            candle_core::CpuStorage::F64(v) => Some(v),
+            Buffer::F64(v) => Some(v),
             _ => None,
         }
     }
@@ -219,8 +195,9 @@ impl Optimizer {
     /// order the parameters were given, and the step count: what a resumed run needs.
     pub fn state(&self) -> OptimizerState {
         let tensor = |b: &Option<Buffer>, like: &Tensor| {
-            b.as_ref()
-                .map(|b| b.tensor(like).expect("a buffer has its parameter's length"))
+            b.as_ref().map(|b| {
+                buffer_tensor(b, like).expect("a buffer has its parameter's length and type")
+            })
         };
         OptimizerState {
             steps: self.steps,
@@ -255,8 +232,8 @@ impl Optimizer {
                 }
             }
             let dtype = slot.var.dtype();
-            slot.first = first.map(|m| Buffer::of(&m, dtype)).transpose()?;
-            slot.second = second.map(|m| Buffer::of(&m, dtype)).transpose()?;
+            slot.first = first.map(|m| buffer_of(&m, dtype)).transpose()?;
+            slot.second = second.map(|m| buffer_of(&m, dtype)).transpose()?;
         }
         self.steps = state.steps;
         Ok(())
@@ -369,13 +346,13 @@ fn update<T: Element>(rule: Rule, s: &mut Slot, g: &Tensor) -> Result<()> {
     };
     for (slot, need) in [&mut s.first, &mut s.second].into_iter().zip(needs) {
         if need && slot.is_none() {
-            *slot = Some(T::wrap(vec![T::zero(); n]));
+            *slot = Some(T::to_cpu_storage_owned(vec![T::zero(); n]));
         }
     }
     // Checked before any buffer is taken out, so that an error leaves the state as it was.
     let fits = |b: &mut Option<Buffer>| {
         b.as_mut()
-            .is_none_or(|b| T::buffer(b).is_some_and(|v| v.len() == n))
+            .is_none_or(|b| T::values(b).is_some_and(|v| v.len() == n))
     };
     if !fits(&mut s.first) || !fits(&mut s.second) {
         return Err(TuneError::Config(
@@ -384,7 +361,7 @@ fn update<T: Element>(rule: Rule, s: &mut Slot, g: &Tensor) -> Result<()> {
     }
     let take = |b: &mut Option<Buffer>| -> Vec<T> {
         b.as_mut()
-            .and_then(T::buffer)
+            .and_then(T::values)
             .map(std::mem::take)
             .unwrap_or_default()
     };
@@ -396,7 +373,7 @@ fn update<T: Element>(rule: Rule, s: &mut Slot, g: &Tensor) -> Result<()> {
     // The buffers go back whatever happened, so that a failed step loses no state.
     let (first, second) = step.moments.into_inner();
     for (slot, v) in [(&mut s.first, first), (&mut s.second, second)] {
-        if let Some(b) = slot.as_mut().and_then(T::buffer) {
+        if let Some(b) = slot.as_mut().and_then(T::values) {
             *b = v;
         }
     }
@@ -427,7 +404,7 @@ impl<T: Element> candle_core::InplaceOp2 for Step<T> {
         let Some((start, end)) = lp.contiguous_offsets() else {
             candle_core::bail!("{name}: the parameter is not contiguous");
         };
-        let Some(p) = T::storage(p) else {
+        let Some(p) = T::values(p) else {
             candle_core::bail!("{name}: the parameter's storage is not {:?}", T::DTYPE);
         };
         let p = &mut p[start..end];
