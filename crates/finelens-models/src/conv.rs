@@ -23,8 +23,8 @@
 //! table of each window cell's input pixel instead of copying row segments of 2–8 values.
 //!
 //! 3×3 stride-1 layers on planes of 14×14 or more — most of a ResNet's arithmetic at 224 px —
-//! take Winograd's F(2×2, 3×3) instead, forward and input gradient alike ([`crate::winograd`]);
-//! the kernel gradient always runs here.
+//! take Winograd's F(2×2, 3×3) instead, forward, input gradient and kernel gradient alike
+//! ([`crate::winograd`]).
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use num_traits::Float;
@@ -572,11 +572,27 @@ impl Geometry {
         dx
     }
 
-    /// dW = dY·X̂ᵀ, computed as its transpose X̂·dYᵀ and transposed back: `gemm` packs the
-    /// left-hand factor of its (column-major) product into micro-panels, and for dW that factor
-    /// is X̂ (9·C_in × N·L, rows along the long axis) where for dWᵀ it is dY (C_out × N·L,
-    /// 9·C_in/C_out times smaller). Packing X̂ took as long as the product itself at 64 px.
+    /// dW for [`Self::forward`]'s W: by Winograd's transforms where the forward takes them,
+    /// else through im2col.
     fn kernel_grad<T: Float + Send + Sync + 'static>(&self, dy: &[T], x: &[T]) -> Vec<T> {
+        match self.winograd() {
+            Some(wg) => wg.kernel_grad(dy, x),
+            None => self.im2col_kernel_grad(dy, x),
+        }
+    }
+
+    /// dW = dY·X̂ᵀ, computed as its transpose X̂·dYᵀ and transposed back where the images are
+    /// many: `gemm` packs the left-hand factor of its (column-major) product into micro-panels,
+    /// and for dW that factor is X̂ (9·C_in × N·L, rows along the long axis) where for dWᵀ it is
+    /// dY (C_out × N·L, 9·C_in/C_out times smaller). Packing X̂ took as long as the product
+    /// itself at 64 px. Where N·L < C_out (a 64-px ResNet's layer4 at batch 32, 224-px layer4
+    /// at batch 8) X̂ is smaller than dW, and packing it costs less than the transpose: there
+    /// dW is computed as it is.
+    pub(crate) fn im2col_kernel_grad<T: Float + Send + Sync + 'static>(
+        &self,
+        dy: &[T],
+        x: &[T],
+    ) -> Vec<T> {
         self.kernel_grad_grouped(dy, x, self.kernel_group())
     }
 
@@ -588,7 +604,13 @@ impl Geometry {
         group: usize,
     ) -> Vec<T> {
         let (l, r, c_out) = (self.pixels(), self.rows(), self.c_out);
-        let mut dwt = Scratch::new(r * c_out);
+        // Min of 15 alternating runs, per layer: 64 px at batch 32, layer4's 3×3 512 → 512
+        // (N·L = 128) 6.0 → 4.0 ms and its stride-2 256 → 512 2.2 → 1.2; 224 px at batch 8,
+        // layer4's 512 → 512 (392) 8.7 → 6.1; layer3 at 64 px (N·L = 512 = 2·C_out) the same
+        // either way, layer2 (2,048 = 16·C_out) 3.2 → 5.4 as it is.
+        let direct = group * l < c_out;
+        let mut dw = vec![T::zero(); c_out * r];
+        let mut dwt = Scratch::new(if direct { 0 } else { r * c_out });
         let mut cols = Scratch::new(r * group * l);
         let mut buf = Scratch::new(if group > 1 { c_out * group * l } else { 0 });
         for (i, (n0, gs)) in self.groups_of(group).enumerate() {
@@ -596,6 +618,10 @@ impl Geometry {
             self.im2col(x, n0, gs, &mut cols);
             let dy = self.dy_group(dy, n0, gs, None, &mut buf);
             let (xt, dyt) = (View::rows(&cols[..r * width], r, width), dy.t());
+            if direct {
+                gemm_into(&mut dw, r, dy, xt.t(), i > 0);
+                continue;
+            }
             // Split the images between the cores when they outnumber the output's larger side
             // twice over (a 64-px ResNet's stem and layer1 at batch 32: 90 → 190 and 190 → 340
             // GFLOP/s; layer2's 1,152 × 128 over 2,048 columns gained nothing measurable).
@@ -605,8 +631,9 @@ impl Geometry {
                 gemm_into(&mut dwt, c_out, xt, dyt, i > 0);
             }
         }
-        let mut dw = vec![T::zero(); c_out * r];
-        transpose_into(&dwt, r, c_out, &mut dw);
+        if !direct {
+            transpose_into(&dwt, r, c_out, &mut dw);
+        }
         dw
     }
 }
@@ -1045,37 +1072,51 @@ mod tests {
         }
     }
 
-    /// The kernel gradient sums over groups of images: a batch of five in groups of two (the
-    /// last one short) and in the groups `kernel_group` picks, against candle's, in f64.
+    /// The kernel gradient summed over groups of images equals candle's, over groups of 2 (the
+    /// last one short) and the chosen ones, both ways round: as dWᵀ transposed back (many
+    /// images, few output channels) and as dW itself (N·L < C_out: the wide layers of small
+    /// planes), stride 1 and 2.
     #[test]
     fn kernel_gradient_sums_over_image_groups() {
-        let (dims, c_out, k) = ((5, 3, 21, 21), 4, 5);
-        let g = Geometry::new(dims, (c_out, dims.1, k, k), 1, 2).unwrap();
-        assert_eq!(g.groups_of(2).collect::<Vec<_>>(), [(0, 2), (2, 2), (4, 1)]);
-        let (x, w) = operands(dims, c_out, k, 91);
-        let r = randn((5, c_out, 21, 21), 0.0, 1.0, DType::F64, 92);
-        let theirs = (x.conv2d(&w, 2, 1, 1, 1).unwrap() * &r).unwrap();
-        let expected = theirs.sum_all().unwrap().backward().unwrap();
-        let expected: Vec<f64> = expected
-            .get(&w)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let xs: Vec<f64> = x.flatten_all().unwrap().to_vec1().unwrap();
-        let dy: Vec<f64> = r.flatten_all().unwrap().to_vec1().unwrap();
-        for group in [2, g.kernel_group()] {
-            let dw = g.kernel_grad_grouped(&dy, &xs, group);
-            let err = dw
-                .iter()
-                .zip(&expected)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0, f64::max);
-            assert!(
-                err < 1e-10,
-                "groups of {group}: kernel gradient off by {err}"
-            );
+        // (input, C_out, k, stride, padding, computed as dW itself in groups of 2, all at once)
+        for (dims, c_out, k, stride, padding, direct) in [
+            ((5, 3, 21, 21), 4, 5, 1, 2, (false, false)),
+            ((5, 3, 3, 3), 24, 3, 1, 1, (true, false)),
+            ((5, 2, 4, 4), 16, 3, 2, 1, (true, false)),
+            ((5, 2, 2, 2), 24, 3, 1, 1, (true, true)),
+        ] {
+            let g = Geometry::new(dims, (c_out, dims.1, k, k), stride, padding).unwrap();
+            assert_eq!(g.groups_of(2).collect::<Vec<_>>(), [(0, 2), (2, 2), (4, 1)]);
+            let (x, w) = operands(dims, c_out, k, 91);
+            let r = randn(g.output_shape(), 0.0, 1.0, DType::F64, 92);
+            let theirs = (x.conv2d(&w, padding, stride, 1, 1).unwrap() * &r).unwrap();
+            let expected = theirs.sum_all().unwrap().backward().unwrap();
+            let expected: Vec<f64> = expected
+                .get(&w)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let xs: Vec<f64> = x.flatten_all().unwrap().to_vec1().unwrap();
+            let dy: Vec<f64> = r.flatten_all().unwrap().to_vec1().unwrap();
+            for (group, direct) in [(2, direct.0), (g.kernel_group(), direct.1)] {
+                assert_eq!(
+                    group * g.pixels() < c_out,
+                    direct,
+                    "{dims:?}, groups of {group}"
+                );
+                let dw = g.kernel_grad_grouped(&dy, &xs, group);
+                let err = dw
+                    .iter()
+                    .zip(&expected)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f64::max);
+                assert!(
+                    err < 1e-10,
+                    "{dims:?}, groups of {group}: kernel gradient off by {err}"
+                );
+            }
         }
     }
 
