@@ -719,7 +719,8 @@ impl Conv {
             None
         };
         let dw = if w.track_op() {
-            Some(grad.apply_op2_no_bwd(&x.detach(), &KernelGrad(self.0))?)
+            let dw = grad.apply_op2_no_bwd(&x.detach(), &KernelGrad(self.0))?;
+            crate::backprop::keep(w, dw)?
         } else {
             None
         };

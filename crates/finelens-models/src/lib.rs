@@ -2,6 +2,7 @@
 //! BERT-family text encoders with Hugging Face's, differentiable pooling and batch norm (candle's own have gaps, see shared/CANDLE-NOTES.md),
 //! named activation hooks, and safetensors checkpoints with metadata.
 
+pub mod backprop;
 pub mod batch_norm;
 pub mod bert;
 mod bert_layer;
@@ -28,6 +29,7 @@ pub mod softmax;
 mod testutil;
 mod winograd;
 
+pub use backprop::backward;
 pub use bert::{Bert, BertConfig, BertSpec, TextHead, TokenBatch};
 pub use checkpoint::{Checkpoint, Metadata};
 pub use describe::{InputKind, ModelDescription, Stage};

@@ -164,12 +164,13 @@ impl CustomOp3 for Dense {
             None
         };
         let dw = if w.track_op() {
-            Some(grad.apply_op2_no_bwd(&x.detach(), &Grad(*self, Wrt::Weight))?)
+            let dw = grad.apply_op2_no_bwd(&x.detach(), &Grad(*self, Wrt::Weight))?;
+            crate::backprop::keep(w, dw)?
         } else {
             None
         };
         let db = if b.track_op() {
-            Some(grad.apply_op1_no_bwd(&BiasGrad(*self))?)
+            crate::backprop::keep(b, grad.apply_op1_no_bwd(&BiasGrad(*self))?)?
         } else {
             None
         };

@@ -61,7 +61,7 @@ pub fn train_throughput(
     )?;
     let mut step = || -> Result<()> {
         let loss = cross_entropy(&model.forward(&x, Mode::Train)?, &labels)?;
-        opt.step(&loss.backward()?, 1e-3)?;
+        opt.step(&finelens_models::backward(&loss)?, 1e-3)?;
         Ok(())
     };
     step()?;
@@ -153,7 +153,7 @@ pub fn text_throughput(
     let mut step = |k: u64| -> Result<()> {
         model.reseed_dropout(k);
         let loss = cross_entropy(&model.forward(&batch_t, Mode::Train)?, &labels)?;
-        opt.step(&loss.backward()?, 2e-5)?;
+        opt.step(&finelens_models::backward(&loss)?, 2e-5)?;
         Ok(())
     };
     step(0)?;

@@ -313,7 +313,7 @@ pub fn fit_task(
                 });
             }
             lr = schedule.lr(cfg.lr, epoch * steps_per_epoch + step);
-            let mut grads = loss.backward()?;
+            let mut grads = finelens_models::backward(&loss)?;
             if let Some(max) = cfg.max_grad_norm {
                 clip_grad_norm(&mut grads, &vars, max)?;
             }
