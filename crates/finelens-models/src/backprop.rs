@@ -3,14 +3,13 @@
 //!
 //! Candle's backward gives every input of an op its gradient as `zeros + gradient` (an
 //! allocation, a zero fill and an add, on the calling thread alone; huggingface/candle#3578 and
-//! #3822 would store the first gradient as it is, both open). For
-//! a parameter that one op uses, that is a copy of a result already in hand: for a ResNet-18's
-//! 11 M weights, 45 MB zeroed, read twice and written each step, ≈ 4.4 ms of single-threaded work
-//! (min of 5 steady runs of zeros + add over its 62 parameter shapes). Inside [`backward`], the
-//! convolution and linear ops keep a parameter's gradient here instead of returning it to candle,
-//! summing if a parameter is used more than once, and [`backward`] moves the sums into the store
-//! afterwards. Outside it — explaining, tests, anyone calling candle's `backward` — nothing
-//! changes.
+//! #3822, both open, would store the first gradient as it is). For a parameter that one op uses,
+//! that is a copy of a result already in hand: for a ResNet-18's 11 M weights, 45 MB zeroed,
+//! read twice and written each step, ≈ 4.4 ms of single-threaded work (min of 5 steady runs of
+//! zeros + add over its 62 parameter shapes). Inside [`backward`], the convolution and linear ops
+//! keep a parameter's gradient here instead of returning it to candle, summing if a parameter is
+//! used more than once, and [`backward`] moves the sums into the store afterwards. Outside it —
+//! explaining, tests, anyone calling candle's `backward` — nothing changes.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
