@@ -153,12 +153,7 @@ impl Winograd {
         let hw = h * w;
         let slots = Slots::of(h, w);
         let slots_of = |p: &Piece| p.rows.len() * slots.cols;
-        let widest = chunks
-            .iter()
-            .map(|c| c.iter().map(slots_of).sum::<usize>())
-            .max()
-            .unwrap_or(0);
-        let piece = chunks.iter().flatten().map(slots_of).max().unwrap_or(0);
+        let widest = widest_chunk(slots, chunks);
         // V as [c][ξ][slot], D as [o][ξ][slot], the sums M as [ξ][o][c].
         let mut v = Scratch::new(CELLS * ci * (widest | 1));
         let mut d = Scratch::new(CELLS * co * (widest | 1));
@@ -171,18 +166,7 @@ impl Winograd {
             // cache sets.
             let qs = q | 1;
             let v = &mut v[..CELLS * ci * qs];
-            v.par_chunks_mut(CELLS * qs)
-                .enumerate()
-                .for_each(|(c, vc)| {
-                    let mut scratch = vec![T::zero(); 12 * (piece + slots.cols + 1)];
-                    let mut at = 0;
-                    for p in chunk {
-                        let plane = &x[(p.image * ci + c) * hw..][..hw];
-                        let rows = p.rows.clone();
-                        transform_input(plane, (h, w), slots, rows, &mut scratch, vc, qs, at);
-                        at += slots_of(p);
-                    }
-                });
+            self.transform_chunk(x, ci, chunk, v, qs);
             let d = &mut d[..CELLS * co * qs];
             d.par_chunks_mut(CELLS * qs)
                 .enumerate()
@@ -258,6 +242,36 @@ impl Winograd {
         }
     }
 
+    /// Bᵀ d B for every channel of `x` (N × `ci` × H × W) and every tile of `chunk`, into `v` as
+    /// [c][ξ][slot] with a cell's row of slots `stride` apart, one channel per task.
+    fn transform_chunk<T: Float + Send + Sync>(
+        &self,
+        x: &[T],
+        ci: usize,
+        chunk: &[Piece],
+        v: &mut [T],
+        stride: usize,
+    ) {
+        let (h, w) = (self.h, self.w);
+        let hw = h * w;
+        let slots = Slots::of(h, w);
+        let slots_of = |p: &Piece| p.rows.len() * slots.cols;
+        // Each task's scratch fits the chunk's longest piece.
+        let piece = chunk.iter().map(slots_of).max().unwrap_or(0);
+        v.par_chunks_mut(CELLS * stride)
+            .enumerate()
+            .for_each(|(c, vc)| {
+                let mut scratch = vec![T::zero(); 12 * (piece + slots.cols + 1)];
+                let mut at = 0;
+                for p in chunk {
+                    let plane = &x[(p.image * ci + c) * hw..][..hw];
+                    let rows = p.rows.clone();
+                    transform_input(plane, (h, w), slots, rows, &mut scratch, vc, stride, at);
+                    at += slots_of(p);
+                }
+            });
+    }
+
     /// The convolution of `x` (N × `ci` × H × W) with the transformed kernel `u` (`co` × 16 ×
     /// `ci`) into N × `co` × H × W, chunk by chunk.
     fn convolve<T: Float + Send + Sync + 'static>(
@@ -277,12 +291,7 @@ impl Winograd {
             return y;
         }
         let slots_of = |p: &Piece| p.rows.len() * slots.cols;
-        let widest = chunks
-            .iter()
-            .map(|c| c.iter().map(slots_of).sum::<usize>())
-            .max()
-            .unwrap_or(0);
-        let piece = chunks.iter().flatten().map(slots_of).max().unwrap_or(0);
+        let widest = widest_chunk(slots, chunks);
         // V as [c][ξ][slot] (each channel's rows contiguous, written by one task), the products
         // M as [ξ][o][slot] (each GEMM's destination contiguous).
         let mut v = Scratch::new(CELLS * ci * widest);
@@ -290,24 +299,7 @@ impl Winograd {
         for chunk in chunks {
             let q: usize = chunk.iter().map(slots_of).sum();
             let v = &mut v[..CELLS * ci * q];
-            v.par_chunks_mut(CELLS * q).enumerate().for_each(|(c, vc)| {
-                let mut scratch = vec![T::zero(); 12 * (piece + slots.cols + 1)];
-                let mut at = 0;
-                for p in chunk {
-                    let plane = &x[(p.image * ci + c) * hw..][..hw];
-                    transform_input(
-                        plane,
-                        (h, w),
-                        slots,
-                        p.rows.clone(),
-                        &mut scratch,
-                        vc,
-                        q,
-                        at,
-                    );
-                    at += slots_of(p);
-                }
-            });
+            self.transform_chunk(x, ci, chunk, v, q);
             let v = &*v;
             m[..CELLS * co * q]
                 .par_chunks_mut(co * q)
@@ -340,6 +332,15 @@ impl Winograd {
         }
         y
     }
+}
+
+/// The slots of the widest of `chunks`: what the work buffers must hold per cell and channel.
+fn widest_chunk(slots: Slots, chunks: &[Vec<Piece>]) -> usize {
+    chunks
+        .iter()
+        .map(|c| c.iter().map(|p| p.rows.len() * slots.cols).sum::<usize>())
+        .max()
+        .unwrap_or(0)
 }
 
 /// Tile rows `rows` of one image: a chunk's share of it.
